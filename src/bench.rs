@@ -1,0 +1,70 @@
+//! Timing for `spikeclip bench`: medians over repeated iterations after warm-up, and the peak
+//! resident memory of each case measured on its own.
+
+use std::time::Instant;
+
+use serde::Serialize;
+
+#[derive(Debug, Clone, Copy)]
+pub struct Budget {
+    pub warmup: usize,
+    pub iters: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchResult {
+    pub median_s: f64,
+    pub min_s: f64,
+    pub max_s: f64,
+    /// Peak resident set of the process while the case ran (Linux; 0 elsewhere).
+    pub peak_rss_mib: f64,
+    pub iters: usize,
+}
+
+/// Runs `step` `warmup` times untimed, then `iters` times timed.
+pub fn measure(
+    budget: Budget,
+    mut step: impl FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<BenchResult> {
+    reset_peak_rss();
+    for _ in 0..budget.warmup {
+        step()?;
+    }
+    let mut times = Vec::with_capacity(budget.iters);
+    for _ in 0..budget.iters.max(1) {
+        let start = Instant::now();
+        step()?;
+        times.push(start.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    let n = times.len();
+    let median = if n % 2 == 1 {
+        times[n / 2]
+    } else {
+        (times[n / 2 - 1] + times[n / 2]) / 2.0
+    };
+    Ok(BenchResult {
+        median_s: median,
+        min_s: times[0],
+        max_s: times[n - 1],
+        peak_rss_mib: peak_rss_mib(),
+        iters: n,
+    })
+}
+
+/// Resets the kernel's high-water mark of resident memory, so each case reports its own peak.
+fn reset_peak_rss() {
+    // Writing 5 to clear_refs resets VmHWM (Linux >= 4.0); elsewhere this is a no-op.
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+fn peak_rss_mib() -> f64 {
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return 0.0;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}

@@ -1,0 +1,10 @@
+//! Spiking neurons, the surrogate gradients that train them and the monitors that count their
+//! spikes, kept apart as SpikingJelly keeps them.
+
+pub mod lif;
+pub mod monitor;
+pub mod surrogate;
+
+pub use lif::{LifConfig, MultiStepLif};
+pub use monitor::{SpikeCounts, SpikeMonitor};
+pub use surrogate::Surrogate;
