@@ -5,14 +5,13 @@
 //! tensors per step for autograd to keep, and backprop through time is where SNN training runs
 //! out of memory (SpikingJelly issue 422). The fused op keeps nothing but its input: backward
 //! recomputes each neuron's membrane trajectory, T values held in a cache-sized buffer, and runs
-//! backprop through time in the same pass. Both passes are vectorised over neurons and parallel
-//! over chunks of them.
+//! backprop through time in the same pass. The loops themselves live in `lif_kernel`.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Module, Result, Shape, Tensor};
-use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use super::lif_kernel;
 use super::monitor::SpikeMonitor;
 use super::surrogate::Surrogate;
 
@@ -139,98 +138,6 @@ impl Module for MultiStepLif {
     }
 }
 
-/// Neurons per work item: T membrane values of this many neurons stay in L1/L2 during backward.
-const CHUNK: usize = 1024;
-
-/// The scalar constants of one configuration, computed the way SpikingJelly's Python computes
-/// them (in double precision, then rounded), so spikes match it bit for bit.
-#[derive(Clone, Copy)]
-struct Dynamics {
-    tau: f32,
-    v_th: f32,
-    v_reset: f32,
-    hard_reset: bool,
-    decay_input: bool,
-    detach_reset: bool,
-    /// `1 - 1 / tau`: how much of the membrane survives a step, and so dH[t] / dV[t-1].
-    keep: f32,
-    surrogate: Surrogate,
-}
-
-impl Dynamics {
-    fn new(cfg: &LifConfig) -> Self {
-        Self {
-            tau: cfg.tau,
-            v_th: cfg.v_threshold,
-            v_reset: cfg.v_reset.unwrap_or(0.0),
-            hard_reset: cfg.v_reset.is_some(),
-            decay_input: cfg.decay_input,
-            detach_reset: cfg.detach_reset,
-            keep: (1.0 - 1.0 / cfg.tau as f64) as f32,
-            surrogate: cfg.surrogate,
-        }
-    }
-
-    /// Membrane potential after integrating `x` from `v`, in SpikingJelly's operation order.
-    #[inline(always)]
-    fn charge(&self, v: f32, x: f32) -> f32 {
-        match (self.decay_input, self.v_reset == 0.0) {
-            (true, true) => v + (x - v) / self.tau,
-            (true, false) => v + (x - (v - self.v_reset)) / self.tau,
-            (false, true) => v * self.keep + x,
-            (false, false) => v - (v - self.v_reset) / self.tau + x,
-        }
-    }
-
-    #[inline(always)]
-    fn reset(&self, h: f32, spike: bool) -> f32 {
-        match (spike, self.hard_reset) {
-            (false, _) => h,
-            (true, true) => self.v_reset,
-            (true, false) => h - self.v_th,
-        }
-    }
-
-    /// dV[t] / dH[t] through the reset, given the surrogate slope `sg` at H[t].
-    #[inline(always)]
-    fn reset_slope(&self, h: f32, spike: bool, sg: f32) -> f32 {
-        let through_spike = if self.detach_reset { 0.0 } else { sg };
-        if self.hard_reset {
-            let s = if spike { 1.0 } else { 0.0 };
-            (1.0 - s) + (self.v_reset - h) * through_spike
-        } else {
-            1.0 - self.v_th * through_spike
-        }
-    }
-
-    /// dH[t] / dX[t].
-    #[inline(always)]
-    fn input_slope(&self) -> f32 {
-        if self.decay_input {
-            1.0 / self.tau
-        } else {
-            1.0
-        }
-    }
-}
-
-/// A raw output pointer shared by work items that write disjoint index sets.
-#[derive(Clone, Copy)]
-struct DisjointOut(*mut f32);
-// SAFETY: every work item writes only the neurons of its own chunk, so no two threads touch the
-// same element, and the buffer outlives the parallel loop that uses the pointer.
-unsafe impl Send for DisjointOut {}
-unsafe impl Sync for DisjointOut {}
-
-impl DisjointOut {
-    /// # Safety
-    /// `i` is in bounds and no other thread writes index `i` concurrently.
-    #[inline(always)]
-    unsafe fn write(self, i: usize, v: f32) {
-        *self.0.add(i) = v;
-    }
-}
-
 fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
     let data = match storage {
         CpuStorage::F32(d) => d.as_slice(),
@@ -242,10 +149,9 @@ fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> 
     }
 }
 
-/// Splits `[T, ...]` into (T, neurons).
-fn steps_and_neurons(shape: &Shape) -> (usize, usize) {
-    let t = shape.dims()[0];
-    (t, shape.elem_count() / t)
+/// Neurons per time step of a `[T, ...]` shape.
+fn neurons(shape: &Shape) -> usize {
+    shape.elem_count() / shape.dims()[0]
 }
 
 struct LifForward {
@@ -260,50 +166,20 @@ impl CustomOp1 for LifForward {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(storage, layout)?;
-        let (steps, n) = steps_and_neurons(layout.shape());
-        let dyn_ = Dynamics::new(&self.cfg);
-        let mut out = vec![0f32; x.len()];
-        let ptr = DisjointOut(out.as_mut_ptr());
-        let per_step = (0..n.div_ceil(CHUNK))
-            .into_par_iter()
-            .map(|c| {
-                let (lo, hi) = (c * CHUNK, ((c + 1) * CHUNK).min(n));
-                let mut v = [dyn_.v_reset; CHUNK];
-                // Spikes per step: a few adds per chunk, cheap enough to count unconditionally.
-                let mut spikes = vec![0u64; steps];
-                for (t, fired_at_t) in spikes.iter_mut().enumerate() {
-                    let base = t * n;
-                    let mut fired = 0u64;
-                    for (i, v) in (lo..hi).zip(v.iter_mut()) {
-                        let h = dyn_.charge(*v, x[base + i]);
-                        let s = h >= dyn_.v_th;
-                        *v = dyn_.reset(h, s);
-                        fired += s as u64;
-                        // SAFETY: index `base + i` belongs to this chunk alone and is < T * n.
-                        unsafe { ptr.write(base + i, if s { 1.0 } else { 0.0 }) };
-                    }
-                    *fired_at_t = fired;
-                }
-                spikes
-            })
-            .reduce(
-                || vec![0u64; steps],
-                |mut a, b| {
-                    a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
-                    a
-                },
-            );
+        let n = neurons(layout.shape());
+        let (spikes, per_step) = lif_kernel::forward(&self.cfg, x, n, self.monitor.is_some());
         if let Some(m) = &self.monitor {
             m.record(&per_step, n as u64);
         }
-        Ok((CpuStorage::F32(out), layout.shape().clone()))
+        Ok((CpuStorage::F32(spikes), layout.shape().clone()))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
         let grad = grad_res.contiguous()?;
         let x = arg.contiguous()?;
-        let backward = LifBackward { cfg: self.cfg };
-        Ok(Some(x.apply_op2_no_bwd(&grad, &backward)?))
+        Ok(Some(
+            x.apply_op2_no_bwd(&grad, &LifBackward { cfg: self.cfg })?,
+        ))
     }
 }
 
@@ -324,8 +200,6 @@ impl CustomOp2 for LifBackward {
         gs: &CpuStorage,
         gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = f32_slice(xs, xl)?;
-        let g = f32_slice(gs, gl)?;
         if xl.shape() != gl.shape() {
             candle_core::bail!(
                 "LIF backward: shape mismatch {:?} vs {:?}",
@@ -333,39 +207,8 @@ impl CustomOp2 for LifBackward {
                 gl.shape()
             )
         }
-        let (steps, n) = steps_and_neurons(xl.shape());
-        let dyn_ = Dynamics::new(&self.cfg);
-        let input_slope = dyn_.input_slope();
-        let mut gx = vec![0f32; x.len()];
-        let ptr = DisjointOut(gx.as_mut_ptr());
-        (0..n.div_ceil(CHUNK)).into_par_iter().for_each(|c| {
-            let (lo, hi) = (c * CHUNK, ((c + 1) * CHUNK).min(n));
-            let width = hi - lo;
-            // Membrane trajectory H[t] of this chunk, recomputed rather than stored by forward.
-            let mut h = vec![0f32; steps * width];
-            let mut v = [dyn_.v_reset; CHUNK];
-            for t in 0..steps {
-                let xs = &x[t * n + lo..t * n + hi];
-                for ((h, v), &xi) in h[t * width..(t + 1) * width].iter_mut().zip(&mut v).zip(xs) {
-                    *h = dyn_.charge(*v, xi);
-                    *v = dyn_.reset(*h, *h >= dyn_.v_th);
-                }
-            }
-            // Backprop through time: gv carries dL/dV[t] back to step t - 1.
-            let mut gv = [0f32; CHUNK];
-            for t in (0..steps).rev() {
-                let gs = &g[t * n + lo..t * n + hi];
-                let hs = &h[t * width..(t + 1) * width];
-                for (j, ((&hj, &gsj), gv)) in hs.iter().zip(gs).zip(&mut gv).enumerate() {
-                    let spike = hj >= dyn_.v_th;
-                    let sg = dyn_.surrogate.grad(hj - dyn_.v_th);
-                    let gh = gsj * sg + *gv * dyn_.reset_slope(hj, spike, sg);
-                    // SAFETY: index `t * n + lo + j` belongs to this chunk alone and is < T * n.
-                    unsafe { ptr.write(t * n + lo + j, gh * input_slope) };
-                    *gv = gh * dyn_.keep;
-                }
-            }
-        });
+        let (x, g) = (f32_slice(xs, xl)?, f32_slice(gs, gl)?);
+        let gx = lif_kernel::backward(&self.cfg, x, g, neurons(xl.shape()));
         Ok((CpuStorage::F32(gx), xl.shape().clone()))
     }
 }

@@ -2,6 +2,7 @@
 //! spikes, kept apart as SpikingJelly keeps them.
 
 pub mod lif;
+mod lif_kernel;
 pub mod monitor;
 pub mod surrogate;
 

@@ -33,24 +33,64 @@ impl Surrogate {
     }
 
     /// The surrogate derivative at `x = H - V_th`.
-    #[inline(always)]
     pub fn grad(&self, x: f32) -> f32 {
         match *self {
-            Self::Sigmoid { alpha } => {
-                let sg = 1.0 / (1.0 + (-alpha * x).exp());
-                alpha * sg * (1.0 - sg)
-            }
-            Self::ATan { alpha } => {
-                let z = std::f32::consts::FRAC_PI_2 * alpha * x;
-                alpha / 2.0 / (1.0 + z * z)
-            }
+            Self::Sigmoid { alpha } => sigmoid_slope(alpha, x),
+            Self::ATan { alpha } => atan_slope(alpha, x),
         }
     }
+}
+
+#[inline(always)]
+pub(crate) fn sigmoid_slope(alpha: f32, x: f32) -> f32 {
+    let sg = 1.0 / (1.0 + exp(-alpha * x));
+    alpha * sg * (1.0 - sg)
+}
+
+#[inline(always)]
+pub(crate) fn atan_slope(alpha: f32, x: f32) -> f32 {
+    let z = std::f32::consts::FRAC_PI_2 * alpha * x;
+    alpha / 2.0 / (1.0 + z * z)
+}
+
+/// `e^x` to about 2 ulp, written so that loops over it vectorise (libm's `expf` is a call per
+/// element): Cody-Waite range reduction to |r| <= ln 2 / 2, a degree-6 polynomial (Cephes'
+/// coefficients), and the power of two assembled in the exponent bits.
+#[inline(always)]
+pub(crate) fn exp(x: f32) -> f32 {
+    // exp(-87.3) is the smallest normal float; beyond 88.7 it overflows.
+    let x = x.clamp(-87.0, 88.0);
+    // Round x / ln 2 to the nearest integer k with the 1.5 * 2^23 trick: k lands in the low
+    // mantissa bits, no float-to-int conversion needed.
+    const SHIFT: f32 = 12_582_912.0;
+    let shifted = x * std::f32::consts::LOG2_E + SHIFT;
+    let k = shifted - SHIFT;
+    let r = x - k * 0.693_359_4 - k * -2.121_944_4e-4;
+    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
+        + 1.666_666_5e-1)
+        * r
+        + 0.5;
+    let y = p * r * r + r + 1.0;
+    let k_bits = shifted.to_bits().wrapping_sub(SHIFT.to_bits());
+    let two_k = f32::from_bits(k_bits.wrapping_add(127) << 23);
+    y * two_k
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fast_exp_is_accurate() {
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let rel = ((exp(x) as f64 - (x as f64).exp()) / (x as f64).exp()).abs();
+            assert!(rel < 3e-7, "exp({x}): relative error {rel}");
+            x += 0.0137;
+        }
+        assert!(exp(-1000.0) < 1e-37 && exp(-1000.0) >= 0.0);
+        assert!(exp(1000.0) > 1e38 && exp(1000.0).is_finite());
+    }
 
     #[test]
     fn peaks_at_threshold_with_known_height() {
