@@ -1,0 +1,3 @@
+//! Evaluation: zero-shot classification with prompt ensembling.
+
+pub mod zeroshot;
