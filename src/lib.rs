@@ -8,6 +8,7 @@ pub mod bench;
 pub mod cli;
 pub mod data;
 pub mod eval;
+pub mod experiments;
 pub mod neuron;
 pub mod teacher;
 
