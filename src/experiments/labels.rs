@@ -90,15 +90,23 @@ pub fn enlarge(
     Ok(out)
 }
 
+/// A label set with some labels replaced, and what replaced what, for the report.
+#[derive(Debug, Clone)]
+pub struct Replaced {
+    pub labels: Vec<Label>,
+    /// (original, replacement) per replaced position, in label order.
+    pub changes: Vec<(String, String)>,
+}
+
 /// The label set with a fraction of its labels, chosen by the seed, each replaced by its most
 /// similar label from the pool (an unseen synonym). Each pool label replaces at most one
-/// original. Returns the new set and, per replaced position, (original, replacement).
+/// original.
 pub fn replace_with_nearest(
     originals: &[Label],
     pool: &[Label],
     fraction: f64,
     seed: u64,
-) -> anyhow::Result<(Vec<Label>, Vec<(String, String)>)> {
+) -> anyhow::Result<Replaced> {
     anyhow::ensure!(
         (0.0..=1.0).contains(&fraction),
         "replacement fraction must be in [0, 1], got {fraction}"
@@ -128,7 +136,10 @@ pub fn replace_with_nearest(
         changes.push((originals[p].name.clone(), cands[best].name.clone()));
         out[p] = cands[best].clone();
     }
-    Ok((out, changes))
+    Ok(Replaced {
+        labels: out,
+        changes,
+    })
 }
 
 #[cfg(test)]
