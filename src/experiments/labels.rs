@@ -193,20 +193,21 @@ mod tests {
     #[test]
     fn replacement_picks_nearest_unseen_labels() -> anyhow::Result<()> {
         let (originals, pool) = setup();
-        let (set, changes) = replace_with_nearest(&originals, &pool, 1.0, 3)?;
-        assert_eq!(set[0].name, "kitten");
-        assert_eq!(set[1].name, "puppy");
-        assert_eq!(changes.len(), 2);
-        let (half, changes) = replace_with_nearest(&originals, &pool, 0.5, 3)?;
-        assert_eq!(changes.len(), 1);
-        let originals_kept = half
+        let all = replace_with_nearest(&originals, &pool, 1.0, 3)?;
+        assert_eq!(all.labels[0].name, "kitten");
+        assert_eq!(all.labels[1].name, "puppy");
+        assert_eq!(all.changes.len(), 2);
+        let half = replace_with_nearest(&originals, &pool, 0.5, 3)?;
+        assert_eq!(half.changes.len(), 1);
+        let kept = half
+            .labels
             .iter()
             .filter(|l| l.name == "cat" || l.name == "dog")
             .count();
-        assert_eq!(originals_kept, 1);
+        assert_eq!(kept, 1);
         for seed in 0..20 {
-            let (set, _) = replace_with_nearest(&originals, &pool, 0.5, seed)?;
-            assert!(set.iter().all(|l| l.name != "Cat"));
+            let set = replace_with_nearest(&originals, &pool, 0.5, seed)?;
+            assert!(set.labels.iter().all(|l| l.name != "Cat"));
         }
         Ok(())
     }
