@@ -7,7 +7,9 @@
 pub mod bench;
 pub mod cli;
 pub mod data;
+pub mod energy;
 pub mod neuron;
+pub mod plot;
 pub mod teacher;
 
 /// README's examples compile and run as doctests.
