@@ -133,7 +133,8 @@ pub fn bar_plot(path: &Path, labels: Labels, bars: &[(String, f64)]) -> anyhow::
             .margin(12)
             .x_label_area_size(44)
             .y_label_area_size((longest * 8 + 16) as u32)
-            .build_cartesian_2d(0.0..x_max, (0..n).into_segmented())?;
+            // plotters' integer ranges include their end: n rows are 0..n - 1.
+            .build_cartesian_2d(0.0..x_max, (0..n - 1).into_segmented())?;
         chart
             .configure_mesh()
             .disable_y_mesh()
@@ -179,22 +180,36 @@ pub fn raster_plot(path: &Path, title: &str, raster: &Raster) -> anyhow::Result<
             .margin(12)
             .x_label_area_size(44)
             .y_label_area_size(64)
-            .build_cartesian_2d(0.0..steps as f64, 0.0..n as f64)?;
+            .build_cartesian_2d((0..steps - 1).into_segmented(), 0.0..n as f64)?;
         chart
             .configure_mesh()
             .disable_mesh()
             .x_labels(steps.min(16))
+            .x_label_formatter(&|v| match v {
+                SegmentValue::CenterOf(t) => t.to_string(),
+                _ => String::new(),
+            })
+            .y_labels(n.min(10) + 1)
+            .y_label_formatter(&|v| format!("{v:.0}"))
             .x_desc("time step")
             .y_desc("sampled neuron")
             .label_style((FONT, 14))
             .draw()?;
         let dots = raster.spikes.iter().enumerate().flat_map(|(i, row)| {
-            row.iter().enumerate().filter(|(_, &s)| s).map(move |(t, _)| {
-                Rectangle::new(
-                    [(t as f64 + 0.1, i as f64), (t as f64 + 0.9, i as f64 + 1.0)],
-                    BLACK.filled(),
-                )
-            })
+            row.iter()
+                .enumerate()
+                .filter(|(_, &s)| s)
+                .map(move |(t, _)| {
+                    let mut dot = Rectangle::new(
+                        [
+                            (SegmentValue::Exact(t), i as f64),
+                            (SegmentValue::Exact(t + 1), i as f64 + 1.0),
+                        ],
+                        BLACK.filled(),
+                    );
+                    dot.set_margin(1, 1, 2, 2);
+                    dot
+                })
         });
         chart.draw_series(dots)?;
         Ok(())

@@ -80,10 +80,9 @@ fn row(op: &Op, mode: Mode, constants: &EnergyConstants) -> anyhow::Result<Layer
         Mode::Snn { rates, time_steps } => {
             let t = time_steps as f64;
             let rate = |layer: &str| {
-                rates
-                    .get(layer)
-                    .map(|c| c.firing_rate())
-                    .with_context(|| format!("op {:?}: no monitor for LIF layer {layer:?}", op.name))
+                rates.get(layer).map(|c| c.firing_rate()).with_context(|| {
+                    format!("op {:?}: no monitor for LIF layer {layer:?}", op.name)
+                })
             };
             match &op.input {
                 OpInput::Real => (None, flops, 0.0),

@@ -15,4 +15,6 @@ pub use account::{reduction_rate, LayerRow, Mode, NetworkEnergy, Totals};
 pub use constants::EnergyConstants;
 pub use monitors::{FiringRates, MonitorSet};
 pub use ops::{Op, OpInput, OpKind};
-pub use report::{sample_raster, write_report, EncoderEnergy, EncoderOps, EnergyReport, ReportInputs};
+pub use report::{
+    sample_raster, write_report, EncoderEnergy, EncoderOps, EnergyReport, ReportInputs,
+};

@@ -26,7 +26,8 @@ impl MonitorSet {
     /// Joins another network's monitors, prefixing their names (e.g. `image.` and `text.`).
     pub fn extend_prefixed(&mut self, prefix: &str, other: &MonitorSet) {
         for (name, monitor) in &other.monitors {
-            self.monitors.push((format!("{prefix}{name}"), monitor.clone()));
+            self.monitors
+                .push((format!("{prefix}{name}"), monitor.clone()));
         }
     }
 

@@ -56,7 +56,7 @@ pub struct ReportInputs<'a> {
 /// The counting rules, stated in the report so a reader can check the numbers.
 pub const NOTES: [&str; 4] = [
     "Energy counts arithmetic only: E = E_MAC x MACs + E_AC x SOPs. Memory access and data \
-     movement (weights, activations, membrane potentials) are not counted, as the paper's \
+     movement are not counted (weights, activations, membrane potentials), as the paper's \
      limitations section states; on real hardware they are a large share of the energy.",
     "An op fed by real values that are the same at every time step (pixels, embeddings, a mean \
      over T) is computed once: its FLOPs count as MACs. An op fed by the spikes of a LIF layer \
@@ -71,7 +71,10 @@ pub const NOTES: [&str; 4] = [
 
 impl EnergyReport {
     pub fn build(inputs: &ReportInputs) -> anyhow::Result<Self> {
-        anyhow::ensure!(inputs.time_steps > 0, "energy report: time steps must be >= 1");
+        anyhow::ensure!(
+            inputs.time_steps > 0,
+            "energy report: time steps must be >= 1"
+        );
         let counts: FiringRates = inputs.monitors.counts();
         let snn = Mode::Snn {
             rates: &counts,
@@ -134,20 +137,20 @@ impl EnergyReport {
                     let shape = format!("{:?}", r.output_shape);
                     let _ = writeln!(
                         s,
-                        "{:<32} {:<16} {:>8} {:>14} {:>14.0} {:>14.0} {:>12.6}",
+                        "{:<32} {:<16} {:>8} {:>14} {:>14.0} {:>14.0} {:>12.4e}",
                         r.name, shape, fr, r.flops, r.macs, r.sops, r.energy_mj
                     );
                 }
                 let t = &net.totals;
                 let _ = writeln!(
                     s,
-                    "{:<32} {:<16} {:>8} {:>14} {:>14.0} {:>14.0} {:>12.6}",
+                    "{:<32} {:<16} {:>8} {:>14} {:>14.0} {:>14.0} {:>12.4e}",
                     "total", "", "", t.flops, t.macs, t.sops, t.energy_mj
                 );
             }
             let _ = writeln!(
                 s,
-                "\n{} encoder: SNN {:.6} mJ vs ANN {:.6} mJ, reduction {:.2}%",
+                "\n{} encoder: SNN {:.4e} mJ vs ANN {:.4e} mJ, reduction {:.2}%",
                 e.name,
                 e.snn.totals.energy_mj,
                 e.ann.totals.energy_mj,
