@@ -81,7 +81,7 @@ impl Tiny {
         Ok(s2)
     }
 
-    fn ops() -> EncoderOps {
+    fn ops(&self) -> EncoderOps {
         let snn = vec![
             Op::linear("stem", 1, (4, 4), OpInput::Real),
             Op::linear("fc", 1, (4, 2), OpInput::Spikes("lif1".into())),
@@ -93,14 +93,14 @@ impl Tiny {
             name: "tiny".into(),
             snn,
             ann,
+            monitors: self.monitors(),
         }
     }
 }
 
-fn report_inputs<'a>(ops: &'a [EncoderOps], monitors: &'a MonitorSet) -> ReportInputs<'a> {
+fn report_inputs(ops: &[EncoderOps]) -> ReportInputs<'_> {
     ReportInputs {
         encoders: ops,
-        monitors,
         time_steps: 2,
         samples: 1,
         constants: EnergyConstants::fp32(),
@@ -119,9 +119,9 @@ fn tiny_network_counts_match_the_hand_calculation() {
         [0.375, 0.5, 0.5, 0.75, 0.25]
     );
 
-    let ops = [Tiny::ops()];
+    let ops = [net.ops()];
     let dir = tempfile::tempdir().unwrap();
-    let report = write_report(&report_inputs(&ops, &monitors), dir.path()).unwrap();
+    let report = write_report(&report_inputs(&ops), dir.path()).unwrap();
     let tiny = &report.encoders[0];
     let sops: Vec<f64> = tiny.snn.rows.iter().map(|r| r.sops).collect();
     assert_eq!(sops, [0.0, 6.0, 12.0, 6.0]);
@@ -155,20 +155,31 @@ fn monitors_count_nothing_outside_record() {
     assert_eq!(again["lif1"].spikes, 3);
 }
 
+fn report_error(ops: EncoderOps) -> String {
+    let err = write_report(&report_inputs(&[ops]), Path::new("/nonexistent")).unwrap_err();
+    format!("{err:#}")
+}
+
 #[test]
 fn an_op_fed_by_an_unmonitored_layer_is_a_named_error() {
-    let mut ops = Tiny::ops();
+    let net = Tiny::new();
+    net.monitors().record(|| Ok(net.forward()?)).unwrap();
+    let mut ops = net.ops();
     ops.snn.push(Op::linear(
         "extra",
         1,
         (2, 2),
         OpInput::Spikes("lif9".into()),
     ));
-    let monitors = Tiny::new().monitors();
-    let ops = [ops];
-    let err = write_report(&report_inputs(&ops, &monitors), Path::new("/nonexistent")).unwrap_err();
-    let msg = format!("{err:#}");
+    let msg = report_error(ops);
     assert!(msg.contains("extra") && msg.contains("lif9"), "{msg}");
+}
+
+#[test]
+fn monitors_that_saw_no_forward_pass_are_an_error() {
+    let net = Tiny::new();
+    let msg = report_error(net.ops());
+    assert!(msg.contains("recorded 0 time steps, expected 2"), "{msg}");
 }
 
 #[test]
@@ -183,9 +194,9 @@ fn energy_json_totals_are_the_sums_of_its_rows() {
     let net = Tiny::new();
     let monitors = net.monitors();
     monitors.record(|| Ok(net.forward()?)).unwrap();
-    let ops = [Tiny::ops()];
+    let ops = [net.ops()];
     let dir = tempfile::tempdir().unwrap();
-    write_report(&report_inputs(&ops, &monitors), dir.path()).unwrap();
+    write_report(&report_inputs(&ops), dir.path()).unwrap();
     let text = std::fs::read_to_string(dir.path().join("energy.json")).unwrap();
     let json: serde_json::Value = serde_json::from_str(&text).unwrap();
     assert_eq!(json["constants"]["e_mac_pj"], 4.6);
@@ -222,20 +233,18 @@ fn assert_real_png(path: &Path, min_bytes: u64) {
 fn plots_are_valid_pngs() {
     let net = Tiny::new();
     let monitors = net.monitors();
-    let (spikes, _) = monitors
-        .record(|| {
-            Ok(net
-                .lif1
-                .forward(&currents(&[[4., 4., 0., 0.], [4., 0., 0., 0.]]))?)
-        })
+    monitors.record(|| Ok(net.forward()?)).unwrap();
+    let spikes = net
+        .lif1
+        .forward(&currents(&[[4., 4., 0., 0.], [4., 0., 0., 0.]]))
         .unwrap();
     let raster = sample_raster(&spikes, 3).unwrap();
     assert_eq!(raster.neurons, [0, 2]);
     assert_eq!(raster.spikes, [[true, true], [false, false]]);
 
-    let ops = [Tiny::ops()];
+    let ops = [net.ops()];
     let dir = tempfile::tempdir().unwrap();
-    let mut inputs = report_inputs(&ops, &monitors);
+    let mut inputs = report_inputs(&ops);
     inputs.raster = Some(("lif1".into(), raster));
     write_report(&inputs, dir.path()).unwrap();
     assert_real_png(&dir.path().join("firing_rates.png"), 5_000);

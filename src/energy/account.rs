@@ -80,9 +80,17 @@ fn row(op: &Op, mode: Mode, constants: &EnergyConstants) -> anyhow::Result<Layer
         Mode::Snn { rates, time_steps } => {
             let t = time_steps as f64;
             let rate = |layer: &str| {
-                rates.get(layer).map(|c| c.firing_rate()).with_context(|| {
+                let counts = rates.get(layer).with_context(|| {
                     format!("op {:?}: no monitor for LIF layer {layer:?}", op.name)
-                })
+                })?;
+                anyhow::ensure!(
+                    counts.per_step_spikes.len() == time_steps,
+                    "op {:?}: LIF layer {layer:?} recorded {} time steps, expected {time_steps} \
+                     (was the forward pass run inside MonitorSet::record?)",
+                    op.name,
+                    counts.per_step_spikes.len()
+                );
+                Ok(counts.firing_rate())
             };
             match &op.input {
                 OpInput::Real => (None, flops, 0.0),

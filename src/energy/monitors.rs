@@ -23,14 +23,6 @@ impl MonitorSet {
         self.monitors.push((name.into(), lif.monitor().clone()));
     }
 
-    /// Joins another network's monitors, prefixing their names (e.g. `image.` and `text.`).
-    pub fn extend_prefixed(&mut self, prefix: &str, other: &MonitorSet) {
-        for (name, monitor) in &other.monitors {
-            self.monitors
-                .push((format!("{prefix}{name}"), monitor.clone()));
-        }
-    }
-
     /// Runs `forward` with every monitor counting from zero, then switches them off again (also
     /// when `forward` fails) and returns its result with the counts.
     pub fn record<R>(

@@ -3,7 +3,7 @@
 
 use super::account::{reduction_rate, Mode, NetworkEnergy};
 use super::constants::EnergyConstants;
-use super::monitors::{FiringRates, MonitorSet};
+use super::monitors::MonitorSet;
 use super::ops::Op;
 use crate::plot::{self, Labels, Raster};
 use anyhow::Context;
@@ -12,12 +12,22 @@ use serde::Serialize;
 use std::fmt::Write as _;
 use std::path::Path;
 
-/// The ops of one encoder as a spiking network and as its ANN twin.
+/// What an encoder reports about itself: its ops as a spiking network and as its ANN twin, and
+/// the monitors of the LIF layers its ops name, which have counted an evaluation pass.
 #[derive(Debug, Clone)]
 pub struct EncoderOps {
     pub name: String,
     pub snn: Vec<Op>,
     pub ann: Vec<Op>,
+    pub monitors: MonitorSet,
+}
+
+/// A LIF layer's measured activity.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LayerRate {
+    pub name: String,
+    pub firing_rate: f64,
+    pub per_step_rates: Vec<f64>,
 }
 
 /// One encoder's accounting.
@@ -27,6 +37,8 @@ pub struct EncoderEnergy {
     pub snn: NetworkEnergy,
     pub ann: NetworkEnergy,
     pub reduction_rate: f64,
+    /// Every monitored LIF layer, in monitoring order.
+    pub firing_rates: Vec<LayerRate>,
 }
 
 /// Everything `energy.json` holds.
@@ -36,16 +48,14 @@ pub struct EnergyReport {
     pub time_steps: usize,
     pub samples: usize,
     pub encoders: Vec<EncoderEnergy>,
-    /// Firing rate of every monitored LIF layer, in monitoring order.
-    pub firing_rates: Vec<(String, f64)>,
     pub notes: Vec<String>,
 }
 
-/// What the report is made from; `monitors` have counted a forward pass over `samples` inputs.
+/// What the report is made from; the encoders' monitors have counted a forward pass over
+/// `samples` inputs.
 #[derive(Debug, Clone)]
 pub struct ReportInputs<'a> {
     pub encoders: &'a [EncoderOps],
-    pub monitors: &'a MonitorSet,
     pub time_steps: usize,
     pub samples: usize,
     pub constants: EnergyConstants,
@@ -75,28 +85,12 @@ impl EnergyReport {
             inputs.time_steps > 0,
             "energy report: time steps must be >= 1"
         );
-        let counts: FiringRates = inputs.monitors.counts();
-        let snn = Mode::Snn {
-            rates: &counts,
-            time_steps: inputs.time_steps,
-        };
         let encoders = inputs
             .encoders
             .iter()
             .map(|e| {
-                let account = |ops: &[Op], mode| {
-                    NetworkEnergy::account(ops, mode, &inputs.constants)
-                        .with_context(|| format!("energy of the {} encoder", e.name))
-                };
-                let snn = account(&e.snn, snn)?;
-                let ann = account(&e.ann, Mode::Ann)?;
-                let reduction_rate = reduction_rate(snn.totals.energy_mj, ann.totals.energy_mj);
-                Ok(EncoderEnergy {
-                    name: e.name.clone(),
-                    snn,
-                    ann,
-                    reduction_rate,
-                })
+                account_encoder(e, inputs.time_steps, &inputs.constants)
+                    .with_context(|| format!("energy of the {} encoder", e.name))
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
         Ok(Self {
@@ -104,11 +98,6 @@ impl EnergyReport {
             time_steps: inputs.time_steps,
             samples: inputs.samples,
             encoders,
-            firing_rates: inputs
-                .monitors
-                .names()
-                .map(|name| (name.to_string(), counts[name].firing_rate()))
-                .collect(),
             notes: NOTES.iter().map(|n| n.to_string()).collect(),
         })
     }
@@ -165,6 +154,35 @@ impl EnergyReport {
     }
 }
 
+fn account_encoder(
+    e: &EncoderOps,
+    time_steps: usize,
+    constants: &EnergyConstants,
+) -> anyhow::Result<EncoderEnergy> {
+    let counts = e.monitors.counts();
+    let snn = Mode::Snn {
+        rates: &counts,
+        time_steps,
+    };
+    let snn = NetworkEnergy::account(&e.snn, snn, constants)?;
+    let ann = NetworkEnergy::account(&e.ann, Mode::Ann, constants)?;
+    Ok(EncoderEnergy {
+        name: e.name.clone(),
+        reduction_rate: reduction_rate(snn.totals.energy_mj, ann.totals.energy_mj),
+        snn,
+        ann,
+        firing_rates: e
+            .monitors
+            .names()
+            .map(|name| LayerRate {
+                name: name.to_string(),
+                firing_rate: counts[name].firing_rate(),
+                per_step_rates: counts[name].per_step_rates(),
+            })
+            .collect(),
+    })
+}
+
 /// Builds the report and writes `energy.json`, `energy.txt`, `firing_rates.png` and, when a
 /// raster is given, `spike_raster.png` into `out_dir`; returns the report for printing.
 pub fn write_report(inputs: &ReportInputs, out_dir: &Path) -> anyhow::Result<EnergyReport> {
@@ -177,7 +195,16 @@ pub fn write_report(inputs: &ReportInputs, out_dir: &Path) -> anyhow::Result<Ene
     };
     write("energy.json", serde_json::to_string_pretty(&report)?)?;
     write("energy.txt", report.table())?;
-    if !report.firing_rates.is_empty() {
+    let bars: Vec<(String, f64)> = report
+        .encoders
+        .iter()
+        .flat_map(|e| {
+            e.firing_rates
+                .iter()
+                .map(|r| (format!("{}.{}", e.name, r.name), r.firing_rate))
+        })
+        .collect();
+    if !bars.is_empty() {
         plot::bar_plot(
             &out_dir.join("firing_rates.png"),
             Labels {
@@ -185,7 +212,7 @@ pub fn write_report(inputs: &ReportInputs, out_dir: &Path) -> anyhow::Result<Ene
                 x: "firing rate (spikes / neuron / step)",
                 y: "",
             },
-            &report.firing_rates,
+            &bars,
         )?;
     }
     if let Some((layer, raster)) = &inputs.raster {
