@@ -115,7 +115,25 @@ impl Op {
         }
     }
 
-    /// The same op in the ANN twin: identical FLOPs, fed by real values.
+    /// Softmax attention softmax(Q K^T) V of an ANN: Q K^T and the product with V are each
+    /// `heads x tokens^2 x head_dim` MACs, for an ANN twin that keeps the softmax.
+    pub fn softmax_attention(
+        name: impl Into<String>,
+        heads: usize,
+        tokens: usize,
+        head_dim: usize,
+    ) -> Self {
+        Self {
+            name: name.into(),
+            kind: OpKind::AttentionProduct,
+            flops: 2 * (heads * tokens * tokens * head_dim) as u64,
+            output_shape: vec![heads, tokens, head_dim],
+            input: OpInput::Real,
+        }
+    }
+
+    /// The same op in an ANN twin that computes what the SNN computes (ReLU in place of LIF):
+    /// identical FLOPs, fed by real values.
     pub fn as_ann(&self) -> Self {
         Self {
             input: OpInput::Real,
@@ -140,5 +158,7 @@ mod tests {
         let att = Op::spike_attention("a", 8, 64, 48, ("q", "k", "v"));
         assert_eq!(att.flops, 2 * 8 * 64 * 48 * 48);
         assert_eq!(att.as_ann().input, OpInput::Real);
+        let softmax = Op::softmax_attention("s", 8, 64, 48);
+        assert_eq!(softmax.flops, 2 * 8 * 64 * 64 * 48);
     }
 }

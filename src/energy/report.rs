@@ -108,7 +108,7 @@ impl EnergyReport {
         let c = &self.constants;
         let _ = writeln!(
             s,
-            "Energy per sample ({} : E_MAC {} pJ, E_AC {} pJ; T = {}, {} samples)",
+            "Energy per sample ({}: E_MAC {} pJ, E_AC {} pJ; T = {}, {} samples)",
             c.preset, c.e_mac_pj, c.e_ac_pj, self.time_steps, self.samples
         );
         for e in &self.encoders {
