@@ -74,6 +74,14 @@ fn padded_range(values: impl Iterator<Item = f64>) -> std::ops::Range<f64> {
     (lo - pad)..(hi + pad)
 }
 
+/// The label of the `i`-th of `n` categories at its centre, and none at the segment edges.
+fn segment_label(v: &SegmentValue<usize>, n: usize, label: impl Fn(usize) -> String) -> String {
+    match v {
+        SegmentValue::CenterOf(i) if *i < n => label(*i),
+        _ => String::new(),
+    }
+}
+
 /// Curves such as loss or accuracy against step, one colour and legend entry per series.
 pub fn line_plot(path: &Path, labels: Labels, series: &[Series]) -> anyhow::Result<()> {
     anyhow::ensure!(
@@ -139,12 +147,7 @@ pub fn bar_plot(path: &Path, labels: Labels, bars: &[(String, f64)]) -> anyhow::
             .configure_mesh()
             .disable_y_mesh()
             .y_labels(n)
-            .y_label_formatter(&|v| match v {
-                SegmentValue::CenterOf(i) | SegmentValue::Exact(i) if *i < n => {
-                    bars[n - 1 - *i].0.clone()
-                }
-                _ => String::new(),
-            })
+            .y_label_formatter(&|v| segment_label(v, n, |i| bars[n - 1 - i].0.clone()))
             .x_desc(labels.x)
             .y_desc(labels.y)
             .label_style((FONT, 13))
@@ -180,17 +183,14 @@ pub fn raster_plot(path: &Path, title: &str, raster: &Raster) -> anyhow::Result<
             .margin(12)
             .x_label_area_size(44)
             .y_label_area_size(64)
-            .build_cartesian_2d((0..steps - 1).into_segmented(), 0.0..n as f64)?;
+            .build_cartesian_2d((0..steps - 1).into_segmented(), (0..n - 1).into_segmented())?;
         chart
             .configure_mesh()
             .disable_mesh()
             .x_labels(steps.min(16))
-            .x_label_formatter(&|v| match v {
-                SegmentValue::CenterOf(t) => t.to_string(),
-                _ => String::new(),
-            })
-            .y_labels(n.min(10) + 1)
-            .y_label_formatter(&|v| format!("{v:.0}"))
+            .x_label_formatter(&|v| segment_label(v, steps, |t| t.to_string()))
+            .y_labels(n.min(16))
+            .y_label_formatter(&|v| segment_label(v, n, |i| raster.neurons[i].to_string()))
             .x_desc("time step")
             .y_desc("sampled neuron")
             .label_style((FONT, 14))
@@ -202,8 +202,8 @@ pub fn raster_plot(path: &Path, title: &str, raster: &Raster) -> anyhow::Result<
                 .map(move |(t, _)| {
                     let mut dot = Rectangle::new(
                         [
-                            (SegmentValue::Exact(t), i as f64),
-                            (SegmentValue::Exact(t + 1), i as f64 + 1.0),
+                            (SegmentValue::Exact(t), SegmentValue::Exact(i)),
+                            (SegmentValue::Exact(t + 1), SegmentValue::Exact(i + 1)),
                         ],
                         BLACK.filled(),
                     );
