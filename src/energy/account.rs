@@ -118,3 +118,28 @@ fn row(op: &Op, mode: Mode, constants: &EnergyConstants) -> anyhow::Result<Layer
         energy_mj: constants.energy_mj(macs, sops),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn real_inputs_cost_macs_once_or_at_every_step() {
+        let ops = [
+            Op::linear("static", 1, (2, 5), OpInput::Real),
+            Op::linear("dynamic", 1, (2, 5), OpInput::RealEveryStep),
+        ];
+        let rates = FiringRates::new();
+        let c = EnergyConstants::fp32();
+        let snn = Mode::Snn {
+            rates: &rates,
+            time_steps: 4,
+        };
+        let snn = NetworkEnergy::account(&ops, snn, &c).unwrap();
+        let macs: Vec<f64> = snn.rows.iter().map(|r| r.macs).collect();
+        assert_eq!(macs, [10.0, 40.0]);
+        assert_eq!(snn.totals.sops, 0.0);
+        let ann = NetworkEnergy::account(&ops, Mode::Ann, &c).unwrap();
+        assert_eq!(ann.totals.macs, 20.0);
+    }
+}
