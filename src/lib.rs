@@ -7,9 +7,11 @@
 pub mod bench;
 pub mod cli;
 pub mod data;
+pub mod energy;
 pub mod eval;
 pub mod experiments;
 pub mod neuron;
+pub mod plot;
 pub mod teacher;
 
 /// README's examples compile and run as doctests.
