@@ -9,6 +9,7 @@ pub mod cli;
 pub mod data;
 pub mod neuron;
 pub mod teacher;
+pub mod train;
 
 /// README's examples compile and run as doctests.
 #[doc = include_str!("../README.md")]

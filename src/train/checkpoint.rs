@@ -1,0 +1,139 @@
+//! Checkpoints that survive a crash mid-write: everything needed to resume (weights, optimiser
+//! moments, RNG, counters, best metric) goes into one safetensors file written to a temporary
+//! name in the same directory, synced, then renamed over the old one, so a reader sees either
+//! the previous checkpoint or the new one, never a torn mix.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::Path;
+
+use anyhow::{bail, Context};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarMap;
+use serde::{Deserialize, Serialize};
+
+use super::optim::Adam;
+use super::rng::Rng;
+
+/// Runs `write` on a temporary path next to `path`, syncs it and renames it onto `path`. If
+/// `write` fails the temporary file is removed and `path` is left as it was.
+pub fn write_atomic_with(
+    path: &Path,
+    write: impl FnOnce(&Path) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .with_context(|| format!("{}: not a file path", path.display()))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let result = write(&tmp)
+        .and_then(|()| {
+            File::open(&tmp)?.sync_all()?;
+            Ok(())
+        })
+        .and_then(|()| Ok(std::fs::rename(&tmp, path)?));
+    if let Err(err) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(err.context(format!("writing {}", path.display())));
+    }
+    // The rename itself is durable only once the directory entry is synced.
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// Everything but tensors that a resumed run needs to continue exactly.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainState {
+    /// Epochs completed.
+    pub epoch: usize,
+    /// Optimiser steps completed.
+    pub step: u64,
+    /// Best validation metric so far (higher is better), if any was measured.
+    pub best_metric: Option<f64>,
+    pub rng: Rng,
+}
+
+const MODEL: &str = "model.";
+const OPTIM: &str = "optim.";
+const STATE: &str = "train_state_json";
+
+/// The model's parameters by name, sorted so that every run sees them in the same order.
+pub fn named_vars(varmap: &VarMap) -> Vec<(String, candle_core::Var)> {
+    let data = varmap.data().lock().expect("VarMap lock poisoned");
+    let mut vars: Vec<_> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    vars
+}
+
+/// Writes the bundle atomically to `path`.
+pub fn save(path: &Path, varmap: &VarMap, optim: &Adam, state: &TrainState) -> anyhow::Result<()> {
+    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    for (name, var) in named_vars(varmap) {
+        tensors.insert(format!("{MODEL}{name}"), var.as_tensor().clone());
+    }
+    for (name, t) in optim.state_tensors()? {
+        tensors.insert(format!("{OPTIM}{name}"), t);
+    }
+    let json = serde_json::to_vec(state)?;
+    let n = json.len();
+    tensors.insert(STATE.into(), Tensor::from_vec(json, n, &Device::Cpu)?);
+    write_atomic_with(path, |tmp| {
+        Ok(candle_core::safetensors::save(&tensors, tmp)?)
+    })
+}
+
+/// Loads a bundle written by [`save`] into `varmap` and `optim`, checking that it was saved for
+/// a model with exactly these parameter names and shapes.
+pub fn load(path: &Path, varmap: &VarMap, optim: &mut Adam) -> anyhow::Result<TrainState> {
+    let source = path.display().to_string();
+    let mut tensors = candle_core::safetensors::load(path, &Device::Cpu)
+        .with_context(|| format!("reading checkpoint {source}"))?;
+    let json = tensors.remove(STATE).with_context(|| {
+        format!("checkpoint {source}: no `{STATE}` entry (not a training checkpoint)")
+    })?;
+    let state: TrainState = serde_json::from_slice(&json.to_dtype(DType::U8)?.to_vec1::<u8>()?)
+        .with_context(|| format!("checkpoint {source}: corrupt training state"))?;
+    let mut optim_state = HashMap::new();
+    let mut weights = HashMap::new();
+    for (key, t) in tensors {
+        if let Some(rest) = key.strip_prefix(OPTIM) {
+            optim_state.insert(rest.to_string(), t);
+        } else if let Some(rest) = key.strip_prefix(MODEL) {
+            weights.insert(rest.to_string(), t);
+        } else {
+            bail!("checkpoint {source}: unexpected entry `{key}`");
+        }
+    }
+    let mut restored = Vec::new();
+    for (name, var) in named_vars(varmap) {
+        let t = weights.remove(&name).with_context(|| {
+            format!("checkpoint {source}: parameter `{name}` missing (a checkpoint of another model or config?)")
+        })?;
+        if t.dims() != var.dims() {
+            bail!(
+                "checkpoint {source}: parameter `{name}` has shape {:?}, the model expects {:?} (a checkpoint of another config?)",
+                t.dims(),
+                var.dims()
+            );
+        }
+        restored.push((var, t));
+    }
+    if let Some(extra) = weights.keys().min() {
+        bail!("checkpoint {source}: parameter `{extra}` is not in the model (a checkpoint of another config?)");
+    }
+    optim.load_state_tensors(optim_state, &source)?;
+    // Only now, after every check passed, are the weights overwritten.
+    for (var, t) in restored {
+        var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
+    }
+    Ok(state)
+}
