@@ -198,3 +198,32 @@ fn tokenizer_follows_clip_conventions() {
     assert_eq!(text.token_ids.dims(), &[3, 20]);
     assert_eq!(text.teacher.dims(), &[3, w.teacher().embed_dim()]);
 }
+
+#[test]
+fn world_command_writes_grids_and_captions() {
+    let dir = tempfile::tempdir().unwrap();
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_spikeclip"))
+        .args(["world", "--count", "5", "--seed", "3", "--out"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let grid = image::open(dir.path().join("grid_unseen.png")).unwrap();
+    // 5 images in a 3-column grid: 2 rows of 130-pixel tiles.
+    assert_eq!((grid.width(), grid.height()), (3 * 130, 2 * 130));
+    let captions = std::fs::read_to_string(dir.path().join("captions.txt")).unwrap();
+    assert_eq!(captions.lines().count(), 10);
+    let w = World::new(WorldConfig {
+        seed: 3,
+        ..Default::default()
+    });
+    let first = w.sample(Split::TestUnseen, 0).concept.name();
+    assert!(
+        captions.lines().nth(5).unwrap().ends_with(&first),
+        "{captions}"
+    );
+}

@@ -9,7 +9,7 @@ use crate::teacher::{TextTeacher, Tokenize};
 
 /// CLIP's input normalisation, so students see world images as they see real ones.
 pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
-pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
+pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
 
 fn check_indices(indices: &[usize], len: usize, what: &str) -> anyhow::Result<()> {
     if let Some(bad) = indices.iter().find(|&&i| i >= len) {
