@@ -80,7 +80,8 @@ pub fn dual_loss(
 ) -> Result<DualLoss> {
     let logits = cosine_logits(student_features, class_embeds, cfg.logit_scale)?;
     let ce = candle_nn::loss::cross_entropy(&logits, &labels.to_dtype(DType::U32)?)?;
-    let p_student = candle_nn::ops::softmax_last_dim(&logits)?;
+    // `softmax_last_dim` is a fused op without a backward pass; this one is differentiable.
+    let p_student = candle_nn::ops::softmax(&logits, D::Minus1)?;
     let p_teacher = teacher_probs.detach();
     let ratio = ((&p_teacher + cfg.eps)?.log()? - (p_student + cfg.eps)?.log()?)?;
     let kl = (p_teacher * ratio)?.sum(D::Minus1)?.mean_all()?;
