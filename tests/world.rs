@@ -6,7 +6,8 @@ use spikeclip::data::world::concepts::Concept;
 use spikeclip::data::world::{Split, World, WorldConfig, DATASET};
 use spikeclip::data::{ImageFeatureSet, TextFeatureSet};
 use spikeclip::teacher::{TextTeacher, Tokenize};
-use spikeclip::train::loss::{cosine_logits, normalize};
+use spikeclip::train::loss::cosine_logits;
+use spikeclip::train::zeroshot::{class_embeddings, topk_accuracy};
 
 fn world(seed: u64) -> World {
     World::new(WorldConfig {
@@ -71,41 +72,15 @@ fn unseen_pairs_appear_only_in_text_and_the_unseen_split() {
         .all(|n| captions.iter().any(|c| c.contains(n.as_str()))));
 }
 
-fn class_embeddings(w: &World) -> Tensor {
-    let prompts = &World::prompts().datasets[DATASET];
-    let rows: Vec<Tensor> = prompts
-        .classes
-        .iter()
-        .map(|names| {
-            let texts: Vec<String> = prompts
-                .templates
-                .iter()
-                .map(|t| t.replace("{}", &names[0]))
-                .collect();
-            normalize(&w.teacher().text_features(&texts).unwrap())
-                .unwrap()
-                .mean(0)
-                .unwrap()
-        })
-        .collect();
-    Tensor::stack(&rows, 0).unwrap()
-}
-
-fn top1(logits: &Tensor, labels: &[u32]) -> f64 {
-    let pred = logits.argmax(D::Minus1).unwrap().to_vec1::<u32>().unwrap();
-    pred.iter().zip(labels).filter(|(p, l)| p == l).count() as f64 / labels.len() as f64
-}
-
 #[test]
 fn analytic_teacher_is_a_perfect_zero_shot_classifier() {
     let w = world(4);
-    let classes = class_embeddings(&w);
+    let prompts = &World::prompts().datasets[DATASET];
+    let classes = class_embeddings(prompts, |texts| w.teacher().text_features(texts)).unwrap();
     for split in [Split::TestSeen, Split::TestUnseen] {
         let batch = w.images(split).batch(&all(300), &Device::Cpu).unwrap();
-        let acc = top1(
-            &cosine_logits(&batch.teacher, &classes, None).unwrap(),
-            &batch.labels,
-        );
+        let logits = cosine_logits(&batch.teacher, &classes, None).unwrap();
+        let acc = topk_accuracy(&logits, &batch.labels, 1).unwrap();
         assert!(acc >= 0.99, "{split:?}: teacher zero-shot top-1 {acc}");
     }
 }
