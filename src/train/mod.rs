@@ -5,6 +5,7 @@
 pub mod checkpoint;
 pub mod epoch;
 pub mod guard;
+pub mod init;
 pub mod loss;
 pub mod metrics;
 pub mod optim;
