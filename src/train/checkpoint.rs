@@ -62,6 +62,18 @@ pub struct TrainState {
     pub rng: Rng,
 }
 
+impl TrainState {
+    /// Records a validation metric (higher is better) and says whether it is a new best, in
+    /// which case the caller keeps this epoch's checkpoint as the best one.
+    pub fn record_metric(&mut self, metric: f64) -> bool {
+        let better = metric.is_finite() && self.best_metric.is_none_or(|best| metric > best);
+        if better {
+            self.best_metric = Some(metric);
+        }
+        better
+    }
+}
+
 const MODEL: &str = "model.";
 const OPTIM: &str = "optim.";
 const STATE: &str = "train_state_json";
@@ -136,4 +148,24 @@ pub fn load(path: &Path, varmap: &VarMap, optim: &mut Adam) -> anyhow::Result<Tr
         var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
     }
     Ok(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_improvements_become_the_best_metric() {
+        let mut state = TrainState {
+            epoch: 0,
+            step: 0,
+            best_metric: None,
+            rng: Rng::new(0),
+        };
+        assert!(state.record_metric(0.3));
+        assert!(!state.record_metric(0.2));
+        assert!(!state.record_metric(f64::NAN));
+        assert!(state.record_metric(0.5));
+        assert_eq!(state.best_metric, Some(0.5));
+    }
 }
