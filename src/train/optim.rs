@@ -38,12 +38,18 @@ impl Default for AdamConfig {
 
 /// Per-parameter moments; `step` is per parameter as in PyTorch, so a parameter that missed a
 /// gradient is not bias-corrected as if it had been updated.
+/// Kept on the host as flat `f32`: the update is one fused loop per parameter instead of a
+/// dozen whole-tensor ops, each allocating (measured: `spikeclip bench --case adam_step`).
 #[derive(Debug, Clone)]
 struct Moments {
     step: u64,
-    m: Tensor,
-    v: Tensor,
-    vmax: Option<Tensor>,
+    m: Vec<f32>,
+    v: Vec<f32>,
+    vmax: Option<Vec<f32>>,
+}
+
+fn host_values(t: &Tensor) -> candle_core::Result<Vec<f32>> {
+    t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()
 }
 
 #[derive(Debug)]
@@ -58,15 +64,15 @@ impl Adam {
         let moments = params
             .iter()
             .map(|(_, var)| {
-                let zeros = var.zeros_like()?;
-                Ok(Moments {
+                let zeros = vec![0f32; var.elem_count()];
+                Moments {
                     step: 0,
                     m: zeros.clone(),
                     v: zeros.clone(),
                     vmax: cfg.amsgrad.then_some(zeros),
-                })
+                }
             })
-            .collect::<candle_core::Result<Vec<_>>>()?;
+            .collect();
         Ok(Self {
             cfg,
             params,
@@ -94,26 +100,27 @@ impl Adam {
             let Some(grad) = grads.get(var.as_tensor()) else {
                 continue;
             };
-            let grad = if c.weight_decay != 0.0 {
-                (grad + (var.as_tensor() * c.weight_decay)?)?
-            } else {
-                grad.clone()
-            };
+            let mut p = host_values(var.as_tensor())?;
+            let g = host_values(grad)?;
             st.step += 1;
-            st.m = ((&st.m * c.beta1)? + (&grad * (1.0 - c.beta1))?)?;
-            st.v = ((&st.v * c.beta2)? + (grad.sqr()? * (1.0 - c.beta2))?)?;
-            let bias1 = 1.0 - c.beta1.powi(st.step as i32);
+            let step_size = c.lr / (1.0 - c.beta1.powi(st.step as i32));
             let bias2_sqrt = (1.0 - c.beta2.powi(st.step as i32)).sqrt();
-            let second = match &mut st.vmax {
-                Some(vmax) => {
-                    *vmax = vmax.maximum(&st.v)?;
-                    vmax.clone()
-                }
-                None => st.v.clone(),
-            };
-            let denom = ((second.sqrt()? / bias2_sqrt)? + c.eps)?;
-            let update = ((&st.m / denom)? * (c.lr / bias1))?;
-            var.set(&(var.as_tensor() - update)?)?;
+            for i in 0..p.len() {
+                let gi = g[i] as f64 + c.weight_decay * p[i] as f64;
+                st.m[i] = (c.beta1 * st.m[i] as f64 + (1.0 - c.beta1) * gi) as f32;
+                st.v[i] = (c.beta2 * st.v[i] as f64 + (1.0 - c.beta2) * gi * gi) as f32;
+                let second = match &mut st.vmax {
+                    Some(vmax) => {
+                        vmax[i] = vmax[i].max(st.v[i]);
+                        vmax[i]
+                    }
+                    None => st.v[i],
+                };
+                let denom = (second as f64).sqrt() / bias2_sqrt + c.eps;
+                p[i] = (p[i] as f64 - step_size * st.m[i] as f64 / denom) as f32;
+            }
+            let updated = Tensor::from_vec(p, var.shape(), var.device())?;
+            var.set(&updated.to_dtype(var.dtype())?)?;
         }
         Ok(())
     }
@@ -121,11 +128,13 @@ impl Adam {
     /// The state as named tensors: `NAME.m`, `NAME.v`, `NAME.vmax` (AMSGrad) and `NAME.step`.
     pub fn state_tensors(&self) -> candle_core::Result<HashMap<String, Tensor>> {
         let mut out = HashMap::new();
-        for ((name, _), st) in self.params.iter().zip(&self.moments) {
-            out.insert(format!("{name}.m"), st.m.clone());
-            out.insert(format!("{name}.v"), st.v.clone());
+        for ((name, var), st) in self.params.iter().zip(&self.moments) {
+            let tensor =
+                |values: &Vec<f32>| Tensor::from_vec(values.clone(), var.shape(), &Device::Cpu);
+            out.insert(format!("{name}.m"), tensor(&st.m)?);
+            out.insert(format!("{name}.v"), tensor(&st.v)?);
             if let Some(vmax) = &st.vmax {
-                out.insert(format!("{name}.vmax"), vmax.clone());
+                out.insert(format!("{name}.vmax"), tensor(vmax)?);
             }
             let step = Tensor::new(&[st.step as i64], &Device::Cpu)?;
             out.insert(format!("{name}.step"), step);
@@ -165,14 +174,15 @@ impl Adam {
             let [step] = step[..] else {
                 bail!("optimiser state {source}: `{name}.step` must hold one value");
             };
-            let device = var.device();
+            let mut moment =
+                |suffix: &str| -> anyhow::Result<Vec<f32>> { Ok(host_values(&take(suffix)?)?) };
             loaded.push(Moments {
                 step: u64::try_from(step)
                     .with_context(|| format!("optimiser state {source}: negative step"))?,
-                m: take("m")?.to_device(device)?,
-                v: take("v")?.to_device(device)?,
+                m: moment("m")?,
+                v: moment("v")?,
                 vmax: match self.cfg.amsgrad {
-                    true => Some(take("vmax")?.to_device(device)?),
+                    true => Some(moment("vmax")?),
                     false => None,
                 },
             });
