@@ -60,7 +60,7 @@ pub struct Adam {
 }
 
 impl Adam {
-    pub fn new(params: Vec<(String, Var)>, cfg: AdamConfig) -> candle_core::Result<Self> {
+    pub fn new(params: Vec<(String, Var)>, cfg: AdamConfig) -> Self {
         let moments = params
             .iter()
             .map(|(_, var)| {
@@ -73,11 +73,11 @@ impl Adam {
                 }
             })
             .collect();
-        Ok(Self {
+        Self {
             cfg,
             params,
             moments,
-        })
+        }
     }
 
     pub fn lr(&self) -> f64 {
