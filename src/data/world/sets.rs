@@ -1,6 +1,7 @@
 //! The world's splits behind the data traits, generated batch by batch so nothing is stored.
 
 use candle_core::{Device, Tensor};
+use rayon::prelude::*;
 
 use super::render::SIDE;
 use super::{Split, World};
@@ -55,18 +56,24 @@ impl ImageFeatureSet for WorldImages {
             &format!("world split {:?}", self.split),
         )?;
         let plane = SIDE * SIDE;
-        let mut pixels = Vec::with_capacity(indices.len() * 3 * plane);
-        let mut teacher = Vec::with_capacity(indices.len() * self.world.cfg.embed_dim);
-        let mut labels = Vec::with_capacity(indices.len());
-        for &i in indices {
-            let sample = self.world.sample(self.split, i);
-            let image = sample.render();
-            for (c, channel) in image.chunks(plane).enumerate() {
-                pixels.extend(channel.iter().map(|v| (v - CLIP_MEAN[c]) / CLIP_STD[c]));
-            }
-            teacher.extend(self.world.image_feature(self.split, i, &sample));
-            labels.push(sample.concept.label() as u32);
-        }
+        // Images are independent: render them in parallel, then concatenate in order.
+        let items: Vec<(Vec<f32>, Vec<f32>, u32)> = indices
+            .par_iter()
+            .map(|&i| {
+                let sample = self.world.sample(self.split, i);
+                let mut image = sample.render();
+                for (c, channel) in image.chunks_mut(plane).enumerate() {
+                    channel
+                        .iter_mut()
+                        .for_each(|v| *v = (*v - CLIP_MEAN[c]) / CLIP_STD[c]);
+                }
+                let feature = self.world.image_feature(self.split, i, &sample);
+                (image, feature, sample.concept.label() as u32)
+            })
+            .collect();
+        let pixels: Vec<f32> = items.iter().flat_map(|it| it.0.iter().copied()).collect();
+        let teacher: Vec<f32> = items.iter().flat_map(|it| it.1.iter().copied()).collect();
+        let labels = items.iter().map(|it| it.2).collect();
         let n = indices.len();
         Ok(ImageBatch {
             inputs: Tensor::from_vec(pixels, (n, 3, SIDE, SIDE), device)?,
