@@ -103,9 +103,15 @@ pub fn save(path: &Path, varmap: &VarMap, optim: &Adam, state: &TrainState) -> a
     })
 }
 
-/// Loads a bundle written by [`save`] into `varmap` and `optim`, checking that it was saved for
-/// a model with exactly these parameter names and shapes.
-pub fn load(path: &Path, varmap: &VarMap, optim: &mut Adam) -> anyhow::Result<TrainState> {
+/// A bundle read from disk, checked against nothing yet.
+struct Bundle {
+    source: String,
+    state: TrainState,
+    weights: HashMap<String, Tensor>,
+    optim: HashMap<String, Tensor>,
+}
+
+fn read_bundle(path: &Path) -> anyhow::Result<Bundle> {
     let source = path.display().to_string();
     let mut tensors = candle_core::safetensors::load(path, &Device::Cpu)
         .with_context(|| format!("reading checkpoint {source}"))?;
@@ -114,18 +120,34 @@ pub fn load(path: &Path, varmap: &VarMap, optim: &mut Adam) -> anyhow::Result<Tr
     })?;
     let state: TrainState = serde_json::from_slice(&json.to_dtype(DType::U8)?.to_vec1::<u8>()?)
         .with_context(|| format!("checkpoint {source}: corrupt training state"))?;
-    let mut optim_state = HashMap::new();
+    let mut optim = HashMap::new();
     let mut weights = HashMap::new();
     for (key, t) in tensors {
         if let Some(rest) = key.strip_prefix(OPTIM) {
-            optim_state.insert(rest.to_string(), t);
+            optim.insert(rest.to_string(), t);
         } else if let Some(rest) = key.strip_prefix(MODEL) {
             weights.insert(rest.to_string(), t);
         } else {
             bail!("checkpoint {source}: unexpected entry `{key}`");
         }
     }
-    let mut restored = Vec::new();
+    Ok(Bundle {
+        source,
+        state,
+        weights,
+        optim,
+    })
+}
+
+/// Pairs every parameter of `varmap` with its saved value, refusing missing, extra or
+/// differently shaped parameters, so a checkpoint of another model or config is never
+/// half-loaded.
+fn match_weights(
+    mut weights: HashMap<String, Tensor>,
+    varmap: &VarMap,
+    source: &str,
+) -> anyhow::Result<Vec<(candle_core::Var, Tensor)>> {
+    let mut matched = Vec::new();
     for (name, var) in named_vars(varmap) {
         let t = weights.remove(&name).with_context(|| {
             format!("checkpoint {source}: parameter `{name}` missing (a checkpoint of another model or config?)")
@@ -137,17 +159,38 @@ pub fn load(path: &Path, varmap: &VarMap, optim: &mut Adam) -> anyhow::Result<Tr
                 var.dims()
             );
         }
-        restored.push((var, t));
+        matched.push((var, t));
     }
     if let Some(extra) = weights.keys().min() {
         bail!("checkpoint {source}: parameter `{extra}` is not in the model (a checkpoint of another config?)");
     }
-    optim.load_state_tensors(optim_state, &source)?;
-    // Only now, after every check passed, are the weights overwritten.
-    for (var, t) in restored {
+    Ok(matched)
+}
+
+fn assign(matched: Vec<(candle_core::Var, Tensor)>) -> anyhow::Result<()> {
+    for (var, t) in matched {
         var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
     }
-    Ok(state)
+    Ok(())
+}
+
+/// Loads a bundle written by [`save`] into `varmap` and `optim` to resume training, checking
+/// that it was saved for a model with exactly these parameter names and shapes.
+pub fn load(path: &Path, varmap: &VarMap, optim: &mut Adam) -> anyhow::Result<TrainState> {
+    let bundle = read_bundle(path)?;
+    let matched = match_weights(bundle.weights, varmap, &bundle.source)?;
+    optim.load_state_tensors(bundle.optim, &bundle.source)?;
+    // Only now, after every check passed, are the weights overwritten.
+    assign(matched)?;
+    Ok(bundle.state)
+}
+
+/// Loads only the weights of a bundle (for evaluation, or to start the next stage from a
+/// previous stage's result); returns the training state it was saved with.
+pub fn load_weights(path: &Path, varmap: &VarMap) -> anyhow::Result<TrainState> {
+    let bundle = read_bundle(path)?;
+    assign(match_weights(bundle.weights, varmap, &bundle.source)?)?;
+    Ok(bundle.state)
 }
 
 #[cfg(test)]
