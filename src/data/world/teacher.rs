@@ -72,10 +72,6 @@ impl AnalyticTeacher {
         }
     }
 
-    fn word(&self, w: &str) -> &(Vec<f32>, f32) {
-        &self.words[w]
-    }
-
     /// The caption's meaning, or an error naming a word outside the world.
     pub fn text_embedding(&self, text: &str) -> anyhow::Result<Vec<f32>> {
         let mut acc = vec![0f32; self.dim];
@@ -95,7 +91,7 @@ impl AnalyticTeacher {
         let colour = COLOURS[sample.concept.colour].0;
         let shape = SHAPES[sample.concept.shape];
         for w in [colour, shape, SIZES[sample.size]] {
-            let (dir, weight) = self.word(w);
+            let (dir, weight) = &self.words[w];
             add_scaled(&mut acc, dir, *weight);
         }
         let brightness = sample.background.iter().sum::<f32>() / 3.0 - 0.3;
