@@ -13,6 +13,7 @@ pub mod experiments;
 pub mod neuron;
 pub mod plot;
 pub mod teacher;
+pub mod train;
 
 /// README's examples compile and run as doctests.
 #[doc = include_str!("../README.md")]

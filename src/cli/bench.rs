@@ -6,11 +6,14 @@ use anyhow::{bail, Context};
 use candle_core::{Device, Tensor, Var};
 
 use crate::bench::{measure, BenchResult, Budget};
+use crate::data::world::{Split, World, WorldConfig};
+use crate::data::ImageFeatureSet;
 use crate::neuron::{LifConfig, MultiStepLif};
+use crate::train::optim::{Adam, AdamConfig};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Run only this case (default: all). Cases: lif_fwd_bwd.
+    /// Run only this case (default: all). Cases: lif_fwd_bwd, world_batch, adam_step.
     #[arg(long)]
     case: Option<String>,
     /// Also write the results as JSON to this file.
@@ -26,7 +29,11 @@ pub struct Args {
 
 type Case = (&'static str, fn(Budget) -> anyhow::Result<BenchResult>);
 
-const CASES: &[Case] = &[("lif_fwd_bwd", lif_fwd_bwd)];
+const CASES: &[Case] = &[
+    ("lif_fwd_bwd", lif_fwd_bwd),
+    ("world_batch", world_batch),
+    ("adam_step", adam_step),
+];
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let selected: Vec<&Case> = match &args.case {
@@ -81,4 +88,35 @@ fn lif_fwd_bwd(budget: Budget) -> anyhow::Result<BenchResult> {
         grads.get(x.as_tensor()).context("no gradient")?;
         Ok(())
     })
+}
+
+/// Generating one training batch of the built-in world (256 images with teacher features):
+/// the world is rendered on the fly every epoch, so this bounds the demo's data cost.
+fn world_batch(budget: Budget) -> anyhow::Result<BenchResult> {
+    let images = World::new(WorldConfig::default()).images(Split::Train);
+    let indices: Vec<usize> = (0..256).collect();
+    measure(budget, || {
+        images.batch(&indices, &Device::Cpu)?;
+        Ok(())
+    })
+}
+
+/// One AMSGrad step over 4M parameters (about a small Spikingformer), the optimiser's share
+/// of every training step.
+fn adam_step(budget: Budget) -> anyhow::Result<BenchResult> {
+    let dev = Device::Cpu;
+    let params: Vec<(String, Var)> = (0..4)
+        .map(|i| Ok((format!("w{i}"), Var::randn(0f32, 1.0, (1024, 1024), &dev)?)))
+        .collect::<anyhow::Result<_>>()?;
+    let squares = params
+        .iter()
+        .map(|(_, v)| v.as_tensor().sqr()?.sum_all())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let grads = Tensor::stack(&squares, 0)?.sum_all()?.backward()?;
+    let amsgrad = AdamConfig {
+        amsgrad: true,
+        ..Default::default()
+    };
+    let mut adam = Adam::new(params, amsgrad);
+    measure(budget, || Ok(adam.step(&grads)?))
 }

@@ -1,0 +1,203 @@
+//! The built-in world: procedurally generated 32x32 images of colour-shape concepts, captions
+//! from templates, and an analytic teacher that is a perfect CLIP for them. It lets the whole
+//! recipe run with nothing downloaded, and because some colour-shape pairs appear only in
+//! text, zero-shot accuracy on those pairs measures real generalisation.
+
+pub mod concepts;
+pub mod render;
+pub mod sets;
+pub mod teacher;
+pub mod tokenizer;
+
+use std::sync::Arc;
+
+use concepts::{Concept, COLOURS, SHAPES, SIZES};
+use render::Sample;
+pub use sets::{WorldImages, WorldText};
+use teacher::AnalyticTeacher;
+use tokenizer::{words, WorldTokenizer};
+
+use crate::data::prompts::{DatasetPrompts, PromptSet};
+use crate::train::rng::Rng;
+
+/// Name of the world's dataset in its [`PromptSet`].
+pub const DATASET: &str = "world";
+
+/// Zero-shot prompt templates (prompt ensembling averages over them).
+pub const PROMPT_TEMPLATES: [&str; 6] = [
+    "a photo of a {}.",
+    "a picture of a {}.",
+    "an image of a {}.",
+    "a drawing of a {}.",
+    "a {} on a plain background.",
+    "a rendering of the {}.",
+];
+
+/// Caption forms of D-text: different wording from the prompts, with an optional size word.
+pub const CAPTION_TEMPLATES: [&str; 6] = [
+    "there is a {} in the picture.",
+    "this is a {}.",
+    "an image showing a {}.",
+    "a {} drawn on a background.",
+    "look at the {}.",
+    "a photo of one {}.",
+];
+
+/// Sizes of the generated sets; each is generated on the fly, item by item.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct WorldConfig {
+    pub seed: u64,
+    pub train_images: usize,
+    /// Size of each test split (seen and unseen pairs).
+    pub test_images: usize,
+    pub dtext_sentences: usize,
+    pub embed_dim: usize,
+    /// Sequence length of token ids.
+    pub max_len: usize,
+}
+
+impl Default for WorldConfig {
+    fn default() -> Self {
+        Self {
+            seed: 0,
+            train_images: 3000,
+            test_images: 600,
+            dtext_sentences: 4000,
+            embed_dim: 512,
+            max_len: 20,
+        }
+    }
+}
+
+/// The image splits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Split {
+    /// Seen colour-shape pairs only.
+    Train,
+    /// Other images of the seen pairs.
+    TestSeen,
+    /// Images of the held-out pairs, never in training.
+    TestUnseen,
+}
+
+impl Split {
+    /// The concepts this split draws from.
+    pub fn concepts(self) -> Vec<Concept> {
+        let unseen = self == Split::TestUnseen;
+        Concept::all()
+            .into_iter()
+            .filter(|c| c.is_unseen() == unseen)
+            .collect()
+    }
+}
+
+/// One world, cheap to clone (the teacher is shared).
+#[derive(Debug, Clone)]
+pub struct World {
+    cfg: WorldConfig,
+    rng: Rng,
+    teacher: Arc<AnalyticTeacher>,
+    tokenizer: Arc<WorldTokenizer>,
+}
+
+/// Every word the world's prompts and captions use.
+fn vocabulary() -> Vec<String> {
+    let concept_words = COLOURS
+        .iter()
+        .map(|c| c.0)
+        .chain(SHAPES)
+        .chain(SIZES)
+        .map(str::to_string);
+    let template_words = PROMPT_TEMPLATES
+        .iter()
+        .chain(&CAPTION_TEMPLATES)
+        .flat_map(|t| words(&t.replace("{}", " ")));
+    concept_words.chain(template_words).collect()
+}
+
+impl World {
+    pub fn new(cfg: WorldConfig) -> Self {
+        let rng = Rng::new(cfg.seed);
+        let vocab = vocabulary();
+        let vocab = vocab.iter().map(String::as_str);
+        Self {
+            teacher: Arc::new(AnalyticTeacher::new(vocab.clone(), cfg.embed_dim, &rng)),
+            tokenizer: Arc::new(WorldTokenizer::new(vocab)),
+            rng,
+            cfg,
+        }
+    }
+
+    pub fn config(&self) -> &WorldConfig {
+        &self.cfg
+    }
+
+    pub fn teacher(&self) -> &AnalyticTeacher {
+        &self.teacher
+    }
+
+    pub fn tokenizer(&self) -> &WorldTokenizer {
+        &self.tokenizer
+    }
+
+    /// Class names in label order (all pairs, seen and unseen: zero-shot picks among all).
+    pub fn class_names() -> Vec<String> {
+        Concept::all().into_iter().map(Concept::name).collect()
+    }
+
+    /// The label set as prompts, under [`DATASET`].
+    pub fn prompts() -> PromptSet {
+        let prompts = DatasetPrompts {
+            classes: Self::class_names().into_iter().map(|n| vec![n]).collect(),
+            templates: PROMPT_TEMPLATES.iter().map(|t| t.to_string()).collect(),
+        };
+        PromptSet {
+            datasets: [(DATASET.to_string(), prompts)].into(),
+        }
+    }
+
+    pub fn split_len(&self, split: Split) -> usize {
+        match split {
+            Split::Train => self.cfg.train_images,
+            Split::TestSeen | Split::TestUnseen => self.cfg.test_images,
+        }
+    }
+
+    fn split_rng(&self, split: Split) -> Rng {
+        self.rng.fork(10 + split as u64)
+    }
+
+    /// The attributes of image `index` of `split`, independent of every other index.
+    pub fn sample(&self, split: Split, index: usize) -> Sample {
+        let concepts = split.concepts();
+        let mut rng = self.split_rng(split).fork(index as u64);
+        let concept = concepts[rng.below(concepts.len())];
+        Sample::draw(concept, &mut rng)
+    }
+
+    /// The teacher's feature of image `index` of `split`.
+    pub fn image_feature(&self, split: Split, index: usize, sample: &Sample) -> Vec<f32> {
+        let key = (split as u64) << 48 | index as u64;
+        self.teacher.image_embedding(sample, key)
+    }
+
+    /// D-text sentence `index`: a caption of any concept, unseen pairs included, sometimes
+    /// with its size.
+    pub fn dtext_sentence(&self, index: usize) -> String {
+        let mut rng = self.rng.fork(20).fork(index as u64);
+        let concept = Concept::from_label(rng.below(Concept::count()));
+        let name = match rng.below(SIZES.len() + 1) {
+            0 => concept.name(),
+            s => format!("{} {}", SIZES[s - 1], concept.name()),
+        };
+        CAPTION_TEMPLATES[rng.below(CAPTION_TEMPLATES.len())].replace("{}", &name)
+    }
+
+    pub fn images(&self, split: Split) -> WorldImages {
+        WorldImages::new(self.clone(), split)
+    }
+
+    pub fn dtext(&self) -> WorldText {
+        WorldText::new(self.clone())
+    }
+}

@@ -1,0 +1,130 @@
+//! The analytic teacher: a perfect CLIP for the world. Every word has a fixed random direction
+//! in a 512-d space; a caption means the weighted sum of its words' directions and an image
+//! means the sum of its true attributes' directions plus nuisance from its background and
+//! placement. Concept words dominate, so "a photo of a red circle." and an image of a red
+//! circle point the same way, including for pairs never drawn in training.
+
+use std::collections::BTreeMap;
+
+use anyhow::bail;
+use candle_core::{Device, Tensor};
+
+use super::concepts::{COLOURS, SHAPES, SIZES};
+use super::render::Sample;
+use super::tokenizer::words;
+use crate::teacher::TextTeacher;
+use crate::train::rng::Rng;
+
+/// Weight of a word that names no attribute ("a", "photo", ...): small, so templates shift
+/// a caption's embedding a little, as real prompts do.
+const FILLER_WEIGHT: f32 = 0.15;
+const SIZE_WEIGHT: f32 = 0.5;
+const NUISANCE_WEIGHT: f32 = 0.25;
+/// Norm of the per-image random part of the image embedding.
+const NOISE_NORM: f32 = 0.2;
+
+#[derive(Debug, Clone)]
+pub struct AnalyticTeacher {
+    dim: usize,
+    /// Unit direction and weight per word.
+    words: BTreeMap<String, (Vec<f32>, f32)>,
+    /// Directions of background brightness and horizontal and vertical placement.
+    nuisance: [Vec<f32>; 3],
+    noise_rng: Rng,
+}
+
+fn unit_direction(rng: &mut Rng, dim: usize) -> Vec<f32> {
+    let v: Vec<f64> = (0..dim).map(|_| rng.normal()).collect();
+    let norm = v.iter().map(|x| x * x).sum::<f64>().sqrt();
+    v.iter().map(|x| (x / norm) as f32).collect()
+}
+
+fn add_scaled(acc: &mut [f32], v: &[f32], w: f32) {
+    acc.iter_mut().zip(v).for_each(|(a, b)| *a += w * b);
+}
+
+impl AnalyticTeacher {
+    /// Directions for every word of `vocabulary`, drawn from `rng`.
+    pub fn new<'a>(vocabulary: impl IntoIterator<Item = &'a str>, dim: usize, rng: &Rng) -> Self {
+        let mut draw = rng.fork(1);
+        let mut sorted: Vec<&str> = vocabulary.into_iter().collect();
+        sorted.sort_unstable();
+        sorted.dedup();
+        let words = sorted
+            .into_iter()
+            .map(|w| {
+                let weight = if COLOURS.iter().any(|c| c.0 == w) || SHAPES.contains(&w) {
+                    1.0
+                } else if SIZES.contains(&w) {
+                    SIZE_WEIGHT
+                } else {
+                    FILLER_WEIGHT
+                };
+                (w.to_string(), (unit_direction(&mut draw, dim), weight))
+            })
+            .collect();
+        let nuisance = [(); 3].map(|_| unit_direction(&mut draw, dim));
+        Self {
+            dim,
+            words,
+            nuisance,
+            noise_rng: rng.fork(2),
+        }
+    }
+
+    /// The caption's meaning, or an error naming a word outside the world.
+    pub fn text_embedding(&self, text: &str) -> anyhow::Result<Vec<f32>> {
+        let mut acc = vec![0f32; self.dim];
+        for w in words(text) {
+            let Some((dir, weight)) = self.words.get(&w) else {
+                bail!("the world's teacher does not know the word `{w}` (in {text:?})");
+            };
+            add_scaled(&mut acc, dir, *weight);
+        }
+        Ok(acc)
+    }
+
+    /// The image's meaning: its attributes plus nuisance from background and placement and a
+    /// per-image random part keyed by `key`, as a real encoder is never exactly invariant.
+    pub fn image_embedding(&self, sample: &Sample, key: u64) -> Vec<f32> {
+        let mut acc = vec![0f32; self.dim];
+        let colour = COLOURS[sample.concept.colour].0;
+        let shape = SHAPES[sample.concept.shape];
+        for w in [colour, shape, SIZES[sample.size]] {
+            let (dir, weight) = &self.words[w];
+            add_scaled(&mut acc, dir, *weight);
+        }
+        let brightness = sample.background.iter().sum::<f32>() / 3.0 - 0.3;
+        let factors = [
+            brightness * 3.0,
+            sample.offset[0] / 7.0,
+            sample.offset[1] / 7.0,
+        ];
+        for (dir, f) in self.nuisance.iter().zip(factors) {
+            add_scaled(&mut acc, dir, NUISANCE_WEIGHT * f);
+        }
+        let mut rng = self.noise_rng.fork(key);
+        let scale = NOISE_NORM / (self.dim as f32).sqrt();
+        acc.iter_mut()
+            .for_each(|a| *a += scale * rng.normal() as f32);
+        acc
+    }
+}
+
+impl TextTeacher for AnalyticTeacher {
+    fn embed_dim(&self) -> usize {
+        self.dim
+    }
+
+    fn text_features(&self, texts: &[String]) -> anyhow::Result<Tensor> {
+        let mut flat = Vec::with_capacity(texts.len() * self.dim);
+        for t in texts {
+            flat.extend(self.text_embedding(t)?);
+        }
+        Ok(Tensor::from_vec(
+            flat,
+            (texts.len(), self.dim),
+            &Device::Cpu,
+        )?)
+    }
+}
