@@ -5,9 +5,9 @@ use candle_core::{Device, Tensor, D};
 use spikeclip::data::world::concepts::Concept;
 use spikeclip::data::world::{Split, World, WorldConfig, DATASET};
 use spikeclip::data::{ImageFeatureSet, TextFeatureSet};
+use spikeclip::eval::zeroshot::{class_embeddings, TopK};
 use spikeclip::teacher::{TextTeacher, Tokenize};
 use spikeclip::train::loss::cosine_logits;
-use spikeclip::train::zeroshot::{class_embeddings, topk_accuracy};
 
 fn world(seed: u64) -> World {
     World::new(WorldConfig {
@@ -80,7 +80,7 @@ fn analytic_teacher_is_a_perfect_zero_shot_classifier() {
     for split in [Split::TestSeen, Split::TestUnseen] {
         let batch = w.images(split).batch(&all(300), &Device::Cpu).unwrap();
         let logits = cosine_logits(&batch.teacher, &classes, None).unwrap();
-        let acc = topk_accuracy(&logits, &batch.labels, 1).unwrap();
+        let acc = TopK::from_logits(&logits, &batch.labels).unwrap().top1();
         assert!(acc >= 0.99, "{split:?}: teacher zero-shot top-1 {acc}");
     }
 }

@@ -1,51 +1,42 @@
-//! Zero-shot classification: a class is represented by the text embedding of its name, averaged
-//! over prompt templates (prompt ensembling, as CLIP evaluates), and an image takes the class
-//! whose embedding is most cosine-similar to its own.
+//! Zero-shot classification from label names: a class is the text embedding of its names,
+//! averaged over prompt templates (prompt ensembling, as CLIP evaluates), and an image takes the
+//! class most cosine-similar to its own feature. The classifier is built from text alone, so the
+//! same code scores the teacher, the spiking student and the ANN twin.
 
-use candle_core::{DType, Result, Tensor, D};
+use anyhow::{ensure, Context};
+use candle_core::{DType, Tensor, D};
 
-/// Rows scaled to unit L2 norm (a zero row stays zero).
-pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
-    let norm = x
-        .sqr()?
-        .sum_keepdim(D::Minus1)?
-        .sqrt()?
-        .clamp(1e-12, f64::INFINITY)?;
-    x.broadcast_div(&norm)
-}
+use crate::data::prompts::DatasetPrompts;
+use crate::train::loss::normalize;
 
-/// Every sentence of each class: each of its names in each template (`{}` is the name).
-pub fn class_prompts(classes: &[Vec<String>], templates: &[String]) -> Vec<Vec<String>> {
-    classes
-        .iter()
-        .map(|names| {
-            names
-                .iter()
-                .flat_map(|name| templates.iter().map(move |t| t.replace("{}", name)))
-                .collect()
-        })
-        .collect()
-}
-
-/// Prompt-ensembled class embeddings `[C, D]`, unit norm: the normalised mean over a class's
-/// sentences of their normalised text features. `encode` maps sentences to `[N, D]` features.
+/// Prompt ensembling: each class's embedding is the mean over its names and the templates of
+/// the normalised text features, normalised again. `embed` maps sentences to `[N, D]`
+/// features (a teacher's, or a student text encoder's). Gives `[C, D]`.
 pub fn class_embeddings(
-    prompts: &[Vec<String>],
-    mut encode: impl FnMut(&[String]) -> anyhow::Result<Tensor>,
+    prompts: &DatasetPrompts,
+    mut embed: impl FnMut(&[String]) -> anyhow::Result<Tensor>,
 ) -> anyhow::Result<Tensor> {
-    let mut rows = Vec::with_capacity(prompts.len());
-    for (c, sentences) in prompts.iter().enumerate() {
-        anyhow::ensure!(!sentences.is_empty(), "class {c} has no prompt sentences");
-        let feats = l2_normalize(&encode(sentences)?.to_dtype(DType::F32)?)?;
-        rows.push(feats.mean(0)?);
-    }
-    anyhow::ensure!(!rows.is_empty(), "no classes to embed");
-    Ok(l2_normalize(&Tensor::stack(&rows, 0)?)?)
-}
-
-/// Cosine similarities `[B, C]` between image features `[B, D]` and unit class embeddings.
-pub fn cosine_logits(image_features: &Tensor, class_embeddings: &Tensor) -> Result<Tensor> {
-    l2_normalize(image_features)?.matmul(&class_embeddings.t()?)
+    ensure!(!prompts.classes.is_empty(), "the label list is empty");
+    ensure!(
+        !prompts.templates.is_empty(),
+        "the prompt template list is empty"
+    );
+    let rows = prompts
+        .classes
+        .iter()
+        .enumerate()
+        .map(|(i, names)| {
+            ensure!(!names.is_empty(), "class {i} has no name");
+            let texts: Vec<String> = names
+                .iter()
+                .flat_map(|n| prompts.templates.iter().map(move |t| t.replace("{}", n)))
+                .collect();
+            let features = embed(&texts)
+                .with_context(|| format!("embedding the prompts of class {:?}", names[0]))?;
+            Ok(normalize(&features)?.mean_keepdim(0)?)
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(normalize(&Tensor::cat(&rows, 0)?)?)
 }
 
 /// Top-1 and top-5 accuracy counts.
@@ -100,56 +91,15 @@ impl TopK {
     }
 }
 
+/// Class probabilities from cosine logits, as CLIP's softmax over classes: `[B, C]`.
+pub fn class_probabilities(logits: &Tensor) -> candle_core::Result<Tensor> {
+    candle_nn::ops::softmax(logits, D::Minus1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::Device;
-
-    #[test]
-    fn prompts_cover_every_name_and_template() {
-        let classes = vec![
-            vec!["cat".to_string(), "kitty".to_string()],
-            vec!["dog".to_string()],
-        ];
-        let templates = vec!["a {}.".to_string(), "a photo of a {}.".to_string()];
-        let p = class_prompts(&classes, &templates);
-        assert_eq!(
-            p[0],
-            [
-                "a cat.",
-                "a photo of a cat.",
-                "a kitty.",
-                "a photo of a kitty."
-            ]
-        );
-        assert_eq!(p[1].len(), 2);
-    }
-
-    #[test]
-    fn ensembling_averages_normalised_features() -> anyhow::Result<()> {
-        let dev = Device::Cpu;
-        // Class 0's two sentences embed to (3, 0) and (0, 1): normalised mean is (1, 1) / sqrt 2.
-        let prompts = vec![
-            vec!["a".to_string(), "b".to_string()],
-            vec!["c".to_string()],
-        ];
-        let emb = class_embeddings(&prompts, |s| {
-            let rows: Vec<f32> = s
-                .iter()
-                .flat_map(|t| match t.as_str() {
-                    "a" => [3.0, 0.0],
-                    "b" => [0.0, 1.0],
-                    _ => [0.0, -2.0],
-                })
-                .collect();
-            Ok(Tensor::from_vec(rows, (s.len(), 2), &dev)?)
-        })?;
-        let e: Vec<Vec<f32>> = emb.to_vec2()?;
-        let h = std::f32::consts::FRAC_1_SQRT_2;
-        assert!((e[0][0] - h).abs() < 1e-6 && (e[0][1] - h).abs() < 1e-6);
-        assert_eq!(e[1], vec![0.0, -1.0]);
-        Ok(())
-    }
 
     #[test]
     fn top_k_counts_ranks() -> anyhow::Result<()> {
@@ -166,5 +116,30 @@ mod tests {
         assert_eq!((acc.correct1, acc.correct5, acc.total), (1, 2, 3));
         assert!(TopK::from_logits(&logits, &[0, 9, 1]).is_err());
         Ok(())
+    }
+
+    #[test]
+    fn ensembling_averages_names_and_templates() {
+        let prompts = DatasetPrompts {
+            classes: vec![vec!["x".into(), "y".into()]],
+            templates: vec!["{}".into()],
+        };
+        // "x" -> (1, 0), "y" -> (0, 3): unit vectors averaged, renormalised: (1, 1)/sqrt 2.
+        let emb = class_embeddings(&prompts, |texts| {
+            let flat: Vec<f32> = texts
+                .iter()
+                .flat_map(|t| if t == "x" { [1., 0.] } else { [0., 3.] })
+                .collect();
+            Ok(Tensor::from_vec(flat, (texts.len(), 2), &Device::Cpu)?)
+        })
+        .unwrap();
+        let v = emb.to_vec2::<f32>().unwrap();
+        assert!((v[0][0] - 0.5f32.sqrt()).abs() < 1e-6 && (v[0][1] - 0.5f32.sqrt()).abs() < 1e-6);
+        let empty = DatasetPrompts {
+            classes: vec![],
+            templates: vec!["{}".into()],
+        };
+        let err = class_embeddings(&empty, |_| unreachable!()).unwrap_err();
+        assert!(err.to_string().contains("label list is empty"));
     }
 }

@@ -6,6 +6,8 @@
 
 use std::collections::HashSet;
 
+use crate::train::rng::Rng;
+
 /// A label with its unit-norm teacher text embedding.
 #[derive(Debug, Clone)]
 pub struct Label {
@@ -29,28 +31,12 @@ fn candidates<'a>(originals: &[Label], pool: &'a [Label]) -> Vec<&'a Label> {
         .collect()
 }
 
-/// A small deterministic generator for the seeded choices (SplitMix64).
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// The first `k` items of a seeded Fisher-Yates shuffle of `0..n`.
-    fn sample(&mut self, n: usize, k: usize) -> Vec<usize> {
-        let mut idx: Vec<usize> = (0..n).collect();
-        for i in 0..k.min(n) {
-            let j = i + (self.next() % (n - i) as u64) as usize;
-            idx.swap(i, j);
-        }
-        idx.truncate(k.min(n));
-        idx
-    }
+/// The first `k` items of a seeded shuffle of `0..n`.
+fn sample(seed: u64, n: usize, k: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..n).collect();
+    Rng::new(seed).shuffle(&mut idx);
+    idx.truncate(k.min(n));
+    idx
 }
 
 /// The label set enlarged to `factor` times its size with distractors: labels of the pool least
@@ -83,7 +69,7 @@ pub fn enlarge(
             .then(a.name.cmp(&b.name))
     });
     let shortlist = &cands[..(2 * needed).min(cands.len())];
-    let mut picked = SplitMix(seed).sample(shortlist.len(), needed);
+    let mut picked = sample(seed, shortlist.len(), needed);
     picked.sort_unstable();
     let mut out = originals.to_vec();
     out.extend(picked.into_iter().map(|i| shortlist[i].clone()));
@@ -118,7 +104,7 @@ pub fn replace_with_nearest(
         "replacing {count} labels needs as many new labels, the pool has {}",
         cands.len()
     );
-    let mut positions = SplitMix(seed).sample(originals.len(), count);
+    let mut positions = sample(seed, originals.len(), count);
     positions.sort_unstable();
     let mut used = vec![false; cands.len()];
     let mut out = originals.to_vec();

@@ -11,4 +11,3 @@ pub mod metrics;
 pub mod optim;
 pub mod rng;
 pub mod schedule;
-pub mod zeroshot;
