@@ -12,6 +12,7 @@ pub mod eval;
 pub mod experiments;
 pub mod neuron;
 pub mod plot;
+pub mod recipe;
 pub mod teacher;
 pub mod train;
 

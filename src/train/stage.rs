@@ -71,8 +71,6 @@ pub struct StageRun<'a> {
     pub out_dir: &'a Path,
     /// Every weight of the model, saved whole in checkpoints.
     pub varmap: &'a VarMap,
-    /// The parameters this stage trains; each must receive a gradient at every step.
-    pub trainable: Vec<(String, Var)>,
     pub config: &'a StageConfig,
     /// Continue from `{name}_last.safetensors` instead of starting afresh.
     pub resume: bool,
@@ -110,11 +108,13 @@ impl StageRun<'_> {
         self.out_dir.join(format!("{}_best.safetensors", self.name))
     }
 
-    /// Trains for the configured epochs over `len` items. `loss` maps a batch of item indices
-    /// to a scalar loss tensor; `metric`, when given, scores the model after each epoch (higher
-    /// is better) to select the best checkpoint.
+    /// Trains `trainable` (each must receive a gradient at every step) for the configured
+    /// epochs over `len` items. `loss` maps a batch of item indices to a scalar loss tensor;
+    /// `metric`, when given, scores the model after each epoch (higher is better) to select the
+    /// best checkpoint.
     pub fn run(
         self,
+        trainable: Vec<(String, Var)>,
         len: usize,
         mut loss: impl FnMut(&[usize]) -> anyhow::Result<Tensor>,
         mut metric: Option<&mut dyn FnMut() -> anyhow::Result<f64>>,
@@ -122,14 +122,14 @@ impl StageRun<'_> {
         let cfg = self.config;
         anyhow::ensure!(len > 0, "stage {}: the training set is empty", self.name);
         anyhow::ensure!(
-            !self.trainable.is_empty(),
+            !trainable.is_empty(),
             "stage {}: no trainable parameters",
             self.name
         );
         std::fs::create_dir_all(self.out_dir)
             .with_context(|| format!("creating {}", self.out_dir.display()))?;
         let mut optim = Adam::new(
-            self.trainable.clone(),
+            trainable.clone(),
             AdamConfig {
                 lr: cfg.lr,
                 weight_decay: cfg.weight_decay,
@@ -177,7 +177,7 @@ impl StageRun<'_> {
                         )
                     })?;
                     let grads = l.backward()?;
-                    guard::all_have_gradients(&grads, &self.trainable)?;
+                    guard::all_have_gradients(&grads, &trainable)?;
                     optim.step(&grads)?;
                     step += 1;
                     Ok(value)

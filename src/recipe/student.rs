@@ -1,0 +1,30 @@
+//! What the recipe needs of a model: its two towers, its weights, and which weights each
+//! stage trains.
+
+use candle_core::{Result, Tensor, Var};
+use candle_nn::VarMap;
+
+use crate::train::checkpoint::named_vars;
+
+/// A dual-encoder student whose weights live in one [`VarMap`] under the prefixes `image.` and
+/// `text.`.
+pub trait Student {
+    /// Image features `[B, D]` of CLIP-normalised 32x32 inputs `[B, 3, 32, 32]`.
+    fn image_features(&self, x: &Tensor, train: bool) -> Result<Tensor>;
+    /// Text features `[B, D]` of token ids `[B, L]`.
+    fn text_features(&self, ids: &Tensor, train: bool) -> Result<Tensor>;
+    fn varmap(&self) -> &VarMap;
+}
+
+/// Buffers that live in the VarMap but are not learned (BatchNorm's running statistics).
+fn is_buffer(name: &str) -> bool {
+    name.ends_with("running_mean") || name.ends_with("running_var")
+}
+
+/// The learnable parameters under `prefix` (`"image."` or `"text."`), by name.
+pub fn trainable(student: &dyn Student, prefix: &str) -> Vec<(String, Var)> {
+    named_vars(student.varmap())
+        .into_iter()
+        .filter(|(name, _)| name.starts_with(prefix) && !is_buffer(name))
+        .collect()
+}
