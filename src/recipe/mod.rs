@@ -4,6 +4,7 @@
 //! zero-shot evaluation in between. Every step works through the [`Student`] trait, so the
 //! spiking SpikeCLIP and its ANN twin ScratchCLIP run the same code.
 
+pub mod demo;
 pub mod stages;
 pub mod student;
 

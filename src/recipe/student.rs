@@ -4,6 +4,7 @@
 use candle_core::{Result, Tensor, Var};
 use candle_nn::VarMap;
 
+use crate::energy::EncoderOps;
 use crate::train::checkpoint::named_vars;
 
 /// A dual-encoder student whose weights live in one [`VarMap`] under the prefixes `image.` and
@@ -14,6 +15,15 @@ pub trait Student {
     /// Text features `[B, D]` of token ids `[B, L]`.
     fn text_features(&self, ids: &Tensor, train: bool) -> Result<Tensor>;
     fn varmap(&self) -> &VarMap;
+    /// The compute of each encoder for energy accounting, with monitors on its LIF layers;
+    /// `None` for a network without spikes.
+    fn energy_ops(&self) -> Option<Vec<EncoderOps>> {
+        None
+    }
+    /// Time steps of a spiking student (1 for an ANN).
+    fn time_steps(&self) -> usize {
+        1
+    }
 }
 
 /// Buffers that live in the VarMap but are not learned (BatchNorm's running statistics).
