@@ -1,6 +1,7 @@
 //! The `spikeclip` command line: one subcommand per module, each in its own file.
 
 mod bench;
+mod info;
 
 use std::process::ExitCode;
 
@@ -21,6 +22,8 @@ struct Cli {
 enum Command {
     /// Time the hot paths (median, min, max seconds per iteration and peak memory).
     Bench(bench::Args),
+    /// Print a preset's configuration and both encoders' parameter counts.
+    Info(info::Args),
 }
 
 /// Parses the arguments, runs the subcommand and reports any error with its chain of causes.
@@ -35,6 +38,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Bench(args) => bench::run(args),
+        Command::Info(args) => info::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
