@@ -2,6 +2,7 @@
 
 mod bench;
 mod world;
+mod info;
 
 use std::process::ExitCode;
 
@@ -24,6 +25,8 @@ enum Command {
     Bench(bench::Args),
     /// Write sample images of the built-in world with their captions.
     World(world::Args),
+    /// Print a preset's configuration and both encoders' parameter counts.
+    Info(info::Args),
 }
 
 /// Parses the arguments, runs the subcommand and reports any error with its chain of causes.
@@ -39,6 +42,7 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Bench(args) => bench::run(args),
         Command::World(args) => world::run(args),
+        Command::Info(args) => info::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
