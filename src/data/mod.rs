@@ -4,6 +4,7 @@
 //! Training stages consume only these two traits, so the teacher runs once per dataset, never
 //! once per epoch.
 
+pub mod cifar;
 pub mod prompts;
 
 use candle_core::{Device, Tensor};
