@@ -84,7 +84,7 @@ impl Cifar {
 
     fn parse_into(self, bytes: &[u8], images: &mut RawImages) -> anyhow::Result<()> {
         let record = self.label_bytes() + PIXELS;
-        if bytes.is_empty() || bytes.len() % record != 0 {
+        if bytes.is_empty() || !bytes.len().is_multiple_of(record) {
             bail!(
                 "{} bytes is not a whole number of {record}-byte records (truncated?)",
                 bytes.len()
