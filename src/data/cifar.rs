@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 
+use super::RawImages;
+
 /// Pixel bytes of one 32x32 RGB image.
 const PIXELS: usize = 3 * 32 * 32;
 
@@ -16,25 +18,6 @@ const PIXELS: usize = 3 * 32 * 32;
 pub enum Cifar {
     Ten,
     Hundred,
-}
-
-/// Labelled 8-bit images, channel-major `[N, 3, H, W]`, as the readers hand them to
-/// preprocessing.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RawImages {
-    pub pixels: Vec<u8>,
-    pub height: usize,
-    pub width: usize,
-    pub labels: Vec<u32>,
-}
-
-impl RawImages {
-    pub fn len(&self) -> usize {
-        self.labels.len()
-    }
-    pub fn is_empty(&self) -> bool {
-        self.labels.is_empty()
-    }
 }
 
 impl Cifar {
