@@ -5,6 +5,7 @@
 //! once per epoch.
 
 pub mod cifar;
+pub mod folder;
 pub mod prompts;
 pub mod stl10;
 
