@@ -24,7 +24,7 @@ fn ids_match_transformers() {
         let max_len = case["max_len"].as_u64().unwrap() as usize;
         let want: Vec<u32> = serde_json::from_value(case["input_ids"].clone()).unwrap();
         assert_eq!(
-            tok.encode(&[text.clone()], max_len).unwrap()[0],
+            tok.encode(std::slice::from_ref(&text), max_len).unwrap()[0],
             want,
             "{text:?} at {max_len}"
         );
