@@ -245,3 +245,25 @@ impl Clip {
         self.visual_projection.forward(&x)
     }
 }
+
+/// CLIP with its tokenizer: the teacher as training and the cache see it.
+pub struct ClipTeacher {
+    pub clip: Clip,
+    pub tokenizer: super::tokenizer::ClipTokenizer,
+    pub embed_dim: usize,
+    pub device: Device,
+}
+
+impl super::TextTeacher for ClipTeacher {
+    fn embed_dim(&self) -> usize {
+        self.embed_dim
+    }
+
+    /// Texts are tokenized at CLIP's context length, 77.
+    fn text_features(&self, texts: &[String]) -> anyhow::Result<Tensor> {
+        use super::Tokenize;
+        let ids = self.tokenizer.encode(texts, 77)?;
+        let ids = Tensor::new(ids, &self.device)?;
+        Ok(self.clip.text_features(&ids)?)
+    }
+}
