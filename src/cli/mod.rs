@@ -1,8 +1,8 @@
 //! The `spikeclip` command line: one subcommand per module, each in its own file.
 
 mod bench;
-mod world;
 mod info;
+mod world;
 
 use std::process::ExitCode;
 
