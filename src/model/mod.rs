@@ -1,4 +1,141 @@
-//! SpikeCLIP's encoders. So far only their configurations and parameter budgets exist; the
-//! layers themselves are still to be written (see issue 3).
+//! SpikeCLIP's encoders and their ANN twin, ScratchCLIP, as trainable dual-encoder students.
+//!
+//! Each student owns one [`VarMap`]: image weights under `image.`, text weights under `text.`,
+//! with the authors' parameter names below those prefixes.
 
+pub mod checkpoint;
 pub mod config;
+pub mod layers;
+pub mod readout;
+pub mod scratch;
+pub mod spikingformer;
+pub mod text;
+
+use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::VarMap;
+
+use crate::energy::{EncoderOps, MonitorSet};
+use crate::recipe::Student;
+use crate::train::init::seeded_var_builder;
+use config::SpikeClipConfig;
+use readout::{tdw_init, TDW_NAME};
+use scratch::{ScratchImageEncoder, ScratchTextEncoder};
+use spikingformer::{ImageEncoder, NamedLif};
+use text::TextEncoder;
+
+/// Sets every TDW weight of a freshly built VarMap to the paper's initialisation.
+fn init_tdw(varmap: &VarMap) -> Result<()> {
+    for (name, var) in varmap.data().lock().expect("VarMap lock").iter() {
+        if name.ends_with(TDW_NAME) {
+            let steps = var.as_tensor().dim(1)?;
+            var.set(&Tensor::from_vec(
+                tdw_init(steps),
+                (1, steps, 1),
+                var.device(),
+            )?)?;
+        }
+    }
+    Ok(())
+}
+
+/// The spiking student: Spikingformer image encoder and spiking MLP text encoder.
+pub struct SpikeClip {
+    pub image: ImageEncoder,
+    pub text: TextEncoder,
+    pub config: SpikeClipConfig,
+    varmap: VarMap,
+}
+
+impl SpikeClip {
+    /// Fresh weights drawn from `seed`.
+    pub fn new(config: &SpikeClipConfig, seed: u64, device: &Device) -> Result<Self> {
+        let varmap = VarMap::new();
+        let vb = seeded_var_builder(&varmap, seed, DType::F32, device);
+        let image = ImageEncoder::new(vb.pp("image"), config)?;
+        let text = TextEncoder::new(vb.pp("text"), config)?;
+        init_tdw(&varmap)?;
+        Ok(Self {
+            image,
+            text,
+            config: config.clone(),
+            varmap,
+        })
+    }
+}
+
+fn monitors(lifs: &[&NamedLif]) -> MonitorSet {
+    let mut set = MonitorSet::new();
+    for l in lifs {
+        set.push(l.name.clone(), &l.lif);
+    }
+    set
+}
+
+impl Student for SpikeClip {
+    fn image_features(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.image.forward(x, train)
+    }
+    fn text_features(&self, ids: &Tensor, train: bool) -> Result<Tensor> {
+        self.text.forward(ids, train)
+    }
+    fn varmap(&self) -> &VarMap {
+        &self.varmap
+    }
+    fn energy_ops(&self) -> Option<Vec<EncoderOps>> {
+        let (snn, ann) = self.image.ops(32);
+        let (tsnn, tann) = self.text.ops();
+        Some(vec![
+            EncoderOps {
+                name: "image".into(),
+                snn,
+                ann,
+                monitors: monitors(&self.image.lif_layers()),
+            },
+            EncoderOps {
+                name: "text".into(),
+                snn: tsnn,
+                ann: tann,
+                monitors: monitors(&self.text.lif_layers()),
+            },
+        ])
+    }
+    fn time_steps(&self) -> usize {
+        self.config.time_steps
+    }
+}
+
+/// The ANN twin: same tokenizer and width, a standard transformer, ReLU for LIF.
+pub struct ScratchClip {
+    pub image: ScratchImageEncoder,
+    pub text: ScratchTextEncoder,
+    pub config: SpikeClipConfig,
+    varmap: VarMap,
+}
+
+impl ScratchClip {
+    pub fn new(config: &SpikeClipConfig, seed: u64, device: &Device) -> Result<Self> {
+        let varmap = VarMap::new();
+        let vb = seeded_var_builder(&varmap, seed, DType::F32, device);
+        let image = ScratchImageEncoder::new(vb.pp("image"), config)?;
+        let text = ScratchTextEncoder::new(vb.pp("text"), config)?;
+        init_tdw(&varmap)?;
+        Ok(Self {
+            image,
+            text,
+            config: config.clone(),
+            varmap,
+        })
+    }
+}
+
+impl Student for ScratchClip {
+    fn image_features(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.image.forward(x, train)
+    }
+    fn text_features(&self, ids: &Tensor, _train: bool) -> Result<Tensor> {
+        self.text.forward(ids)
+    }
+    fn varmap(&self) -> &VarMap {
+        &self.varmap
+    }
+}
