@@ -1,6 +1,7 @@
 //! The `spikeclip` command line: one subcommand per module, each in its own file.
 
 mod bench;
+mod demo;
 mod info;
 mod world;
 
@@ -21,6 +22,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the whole recipe on the built-in world: SpikeCLIP vs ScratchCLIP, report and plots.
+    Demo(demo::Args),
     /// Time the hot paths (median, min, max seconds per iteration and peak memory).
     Bench(bench::Args),
     /// Write sample images of the built-in world with their captions.
@@ -41,6 +44,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Bench(args) => bench::run(args),
+        Command::Demo(args) => demo::run(args),
         Command::World(args) => world::run(args),
         Command::Info(args) => info::run(args),
     };

@@ -18,14 +18,19 @@ use crate::data::world::{Split, World, WorldConfig, DATASET};
 use crate::data::ImageFeatureSet;
 use crate::energy::{write_report, EnergyConstants, EnergyReport, ReportInputs};
 use crate::eval::zeroshot::{class_embeddings, TopK};
+use crate::model::checkpoint::{self, ModelCard, ModelKind, TokenizerSpec};
+use crate::model::config::SpikeClipConfig;
+use crate::model::{ScratchClip, SpikeClip};
 use crate::plot::{line_plot, Labels, Series};
-use crate::teacher::TextTeacher;
+use crate::teacher::{TextTeacher, Tokenize};
 use crate::train::loss::DualLossConfig;
 use crate::train::stage::{EpochRecord, StageConfig, StageRun};
 
 /// Sizes and schedules of a demo run.
 #[derive(Debug, Clone, Serialize)]
 pub struct DemoConfig {
+    /// Both students' architecture (the text vocabulary is the world's).
+    pub model: SpikeClipConfig,
     pub world: WorldConfig,
     pub pretrain: StageConfig,
     pub finetune: StageConfig,
@@ -56,14 +61,21 @@ impl DemoConfig {
             amsgrad: false,
             seed,
         };
+        let world = WorldConfig {
+            seed,
+            train_images: sets.0,
+            test_images: sets.1,
+            dtext_sentences: sets.2,
+            ..WorldConfig::default()
+        };
+        let mut model = SpikeClipConfig::preset("tiny").expect("the tiny preset exists");
+        model.text.vocab_size = World::new(world.clone()).tokenizer().vocab_size();
+        model.text.context_length = world.max_len;
+        model.text.max_positions = world.max_len;
+        model.out_dim = world.embed_dim;
         Self {
-            world: WorldConfig {
-                seed,
-                train_images: sets.0,
-                test_images: sets.1,
-                dtext_sentences: sets.2,
-                ..WorldConfig::default()
-            },
+            model,
+            world,
             finetune: StageConfig {
                 epochs: epochs.1,
                 lr: 5e-4,
@@ -121,16 +133,14 @@ pub struct DemoReport {
     pub config: DemoConfig,
 }
 
-/// Runs the recipe for the spiking student and its ANN twin, then writes `report.md`,
-/// `report.json`, `curves.png` and the energy files (`energy/`) to `out`.
-pub fn run_demo(
-    cfg: &DemoConfig,
-    spiking: &dyn Student,
-    ann: &dyn Student,
-    out: &Path,
-    show_progress: bool,
-) -> anyhow::Result<DemoReport> {
+/// Runs the recipe for SpikeCLIP and its ANN twin, then writes `report.md`, `report.json`,
+/// `curves.png`, the energy files (`energy/`) and each model's checkpoint
+/// (`spikeclip/model.safetensors` + `model.json`, likewise `scratchclip/`) to `out`.
+pub fn run_demo(cfg: &DemoConfig, out: &Path, show_progress: bool) -> anyhow::Result<DemoReport> {
     let dev = Device::Cpu;
+    let seed = cfg.world.seed;
+    let spiking = SpikeClip::new(&cfg.model, seed, &dev)?;
+    let ann = ScratchClip::new(&cfg.model, seed, &dev)?;
     let world = World::new(cfg.world.clone());
     let prompts = &World::prompts().datasets[DATASET];
     let teacher_classes = class_embeddings(prompts, |t| world.teacher().text_features(t))?;
@@ -140,15 +150,25 @@ pub fn run_demo(
         teacher_zero_shot(&world.images(Split::TestUnseen), &teacher_classes, &dev)?,
     );
     let mut reports = Vec::new();
-    for (name, student) in [("spikeclip", spiking), ("scratchclip", ann)] {
+    let students: [(&str, &dyn Student, ModelKind); 2] = [
+        ("spikeclip", &spiking, ModelKind::SpikeClip),
+        ("scratchclip", &ann, ModelKind::ScratchClip),
+    ];
+    for (name, student, kind) in students {
         let dir = out.join(name);
         let report = train_one(cfg, &world, student, &teacher_classes, &dir, show_progress)
             .with_context(|| format!("training {name}"))?;
+        let card = ModelCard {
+            kind,
+            config: cfg.model.clone(),
+            tokenizer: TokenizerSpec::World,
+        };
+        checkpoint::save(&dir, student, &card)?;
         reports.push(report);
     }
     let scratchclip = reports.pop().expect("two reports");
     let spikeclip = reports.pop().expect("two reports");
-    let energy = measure_energy(spiking, &world, &out.join("energy"))?;
+    let energy = measure_energy(&spiking, &world, &out.join("energy"))?;
     let report = DemoReport {
         chance: 1.0 / World::class_names().len() as f64,
         teacher,
