@@ -1,5 +1,7 @@
 //! `spikeclip bench`: the benchmark cases, timed by [`crate::bench`].
 
+mod kernels;
+
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
@@ -13,7 +15,8 @@ use crate::train::optim::{Adam, AdamConfig};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Run only this case (default: all). Cases: lif_fwd_bwd, world_batch, adam_step.
+    /// Run only this case (default: all). Cases: lif_fwd_bwd, world_batch, adam_step,
+    /// conv_tokenizer[_candle], conv_pointwise[_candle].
     #[arg(long)]
     case: Option<String>,
     /// Also write the results as JSON to this file.
@@ -33,6 +36,10 @@ const CASES: &[Case] = &[
     ("lif_fwd_bwd", lif_fwd_bwd),
     ("world_batch", world_batch),
     ("adam_step", adam_step),
+    ("conv_tokenizer", kernels::conv_tokenizer),
+    ("conv_tokenizer_candle", kernels::conv_tokenizer_candle),
+    ("conv_pointwise", kernels::conv_pointwise),
+    ("conv_pointwise_candle", kernels::conv_pointwise_candle),
 ];
 
 pub fn run(args: Args) -> anyhow::Result<()> {

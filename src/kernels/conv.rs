@@ -21,7 +21,7 @@ pub struct Window {
 }
 
 impl Window {
-    fn out_size(&self, h: usize, w: usize) -> Result<(usize, usize)> {
+    pub(super) fn out_size(&self, h: usize, w: usize) -> Result<(usize, usize)> {
         let (ph, pw) = (h + 2 * self.padding, w + 2 * self.padding);
         if self.stride == 0 || ph < self.kh || pw < self.kw {
             candle_core::bail!("conv window {self:?} does not fit a {h}x{w} input")
@@ -34,7 +34,7 @@ impl Window {
 
     /// Input coordinate read by output coordinate `o` at kernel offset `k`, if inside the image.
     #[inline]
-    fn source(&self, o: usize, k: usize, len: usize) -> Option<usize> {
+    pub(super) fn source(&self, o: usize, k: usize, len: usize) -> Option<usize> {
         (o * self.stride + k)
             .checked_sub(self.padding)
             .filter(|&i| i < len)
