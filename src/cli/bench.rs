@@ -16,7 +16,7 @@ use crate::train::optim::{Adam, AdamConfig};
 #[derive(clap::Args)]
 pub struct Args {
     /// Run only this case (default: all). Cases: lif_fwd_bwd, world_batch, adam_step,
-    /// conv_tokenizer[_candle], conv_pointwise[_candle].
+    /// and the kernels' (conv_*, spike_*, dense_*; an unknown name lists them all).
     #[arg(long)]
     case: Option<String>,
     /// Also write the results as JSON to this file.
@@ -36,22 +36,23 @@ const CASES: &[Case] = &[
     ("lif_fwd_bwd", lif_fwd_bwd),
     ("world_batch", world_batch),
     ("adam_step", adam_step),
-    ("conv_tokenizer", kernels::conv_tokenizer),
-    ("conv_tokenizer_candle", kernels::conv_tokenizer_candle),
-    ("conv_pointwise", kernels::conv_pointwise),
-    ("conv_pointwise_candle", kernels::conv_pointwise_candle),
 ];
+
+/// Every case: the end-to-end ones above, then the kernels'.
+fn all_cases() -> impl Iterator<Item = &'static Case> {
+    CASES.iter().chain(kernels::CASES)
+}
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let selected: Vec<&Case> = match &args.case {
-        Some(name) => match CASES.iter().find(|(n, _)| n == name) {
+        Some(name) => match all_cases().find(|(n, _)| n == name) {
             Some(case) => vec![case],
             None => bail!(
                 "unknown bench case {name:?}; cases: {}",
-                CASES.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+                all_cases().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
             ),
         },
-        None => CASES.iter().collect(),
+        None => all_cases().collect(),
     };
     let budget = Budget {
         warmup: args.warmup,

@@ -5,6 +5,8 @@
 //! between two spike tensors is a popcount of ANDed words. Work then scales with the firing
 //! rate instead of the layer size, which is what turns sparsity into wall-clock time.
 
+use std::ops::Range;
+
 use candle_core::{DType, Device, Result, Tensor};
 use rayon::prelude::*;
 
@@ -117,52 +119,102 @@ fn for_each_active(words: &[u64], mut f: impl FnMut(usize)) {
     }
 }
 
-#[inline]
-fn add_assign(acc: &mut [f32], row: &[f32]) {
-    for (a, w) in acc.iter_mut().zip(row) {
-        *a += w;
+/// Output lanes kept in registers while the active weight rows stream past: 8 AVX registers.
+const BLOCK: usize = 64;
+
+/// `acc = sum of weights[r..r + acc.len()] over r in offsets`, one register block at a time so
+/// that the accumulator is loaded and stored once per block, not once per active input.
+#[inline(always)]
+fn accumulate(acc: &mut [f32], offsets: &[usize], weights: &[f32]) {
+    let mut start = 0;
+    for block in acc.chunks_mut(BLOCK) {
+        match <&mut [f32; BLOCK]>::try_from(&mut *block) {
+            Ok(block) => {
+                let mut regs = [0f32; BLOCK];
+                for &r in offsets {
+                    let w: &[f32; BLOCK] =
+                        weights[r + start..r + start + BLOCK].try_into().unwrap();
+                    for (a, w) in regs.iter_mut().zip(w) {
+                        *a += w;
+                    }
+                }
+                *block = regs;
+            }
+            Err(_) => {
+                for &r in offsets {
+                    let w = &weights[r + start..r + start + block.len()];
+                    for (a, w) in block.iter_mut().zip(w) {
+                        *a += w;
+                    }
+                }
+            }
+        }
+        start += block.len();
     }
 }
 
 /// Output rows per parallel task: enough work to amortise scheduling.
 const ROWS_PER_TASK: usize = 16;
 
-/// Event-driven convolution over channels-last spikes `[B, H, W, C]` with the weight as
+/// An event-driven convolution over channels-last spikes `[B, H, W, C]` with the weight as
 /// `[kh*kw*C, O]` rows: every output pixel gathers the rows its window's active inputs select.
-/// Returns `[B*Ho*Wo, O]`.
-fn gather_conv(
-    spikes: &SpikeBits,
-    (b, h, w, c): (usize, usize, usize, usize),
-    weight_rows: &[f32],
+struct Gather<'a> {
+    spikes: &'a SpikeBits,
+    dims: (usize, usize, usize, usize),
+    weight_rows: &'a [f32],
     o: usize,
     win: Window,
-) -> Result<Vec<f32>> {
-    let (ho, wo) = win.out_size(h, w)?;
-    let mut out = vec![0f32; b * ho * wo * o];
-    out.par_chunks_mut(o * ROWS_PER_TASK)
-        .enumerate()
-        .for_each(|(task, rows)| {
-            for (i, acc) in rows.chunks_exact_mut(o).enumerate() {
-                let p = task * ROWS_PER_TASK + i;
-                let (bi, oy, ox) = (p / (ho * wo), p / wo % ho, p % wo);
-                for ky in 0..win.kh {
-                    let Some(iy) = win.source(oy, ky, h) else {
+    out_hw: (usize, usize),
+}
+
+impl Gather<'_> {
+    /// Output pixels `first..` into `rows` (`O` floats each).
+    #[inline(always)]
+    fn rows(&self, first: usize, rows: &mut [f32]) {
+        let (_, h, w, c) = self.dims;
+        let (ho, wo) = self.out_hw;
+        let win = self.win;
+        let mut offsets = Vec::new();
+        for (i, acc) in rows.chunks_exact_mut(self.o).enumerate() {
+            let p = first + i;
+            let (bi, oy, ox) = (p / (ho * wo), p / wo % ho, p % wo);
+            offsets.clear();
+            for ky in 0..win.kh {
+                let Some(iy) = win.source(oy, ky, h) else {
+                    continue;
+                };
+                for kx in 0..win.kw {
+                    let Some(ix) = win.source(ox, kx, w) else {
                         continue;
                     };
-                    for kx in 0..win.kw {
-                        let Some(ix) = win.source(ox, kx, w) else {
-                            continue;
-                        };
-                        let base = (ky * win.kw + kx) * c;
-                        for_each_active(spikes.row((bi * h + iy) * w + ix), |ch| {
-                            let r = (base + ch) * o;
-                            add_assign(acc, &weight_rows[r..r + o]);
-                        });
-                    }
+                    let base = (ky * win.kw + kx) * c;
+                    for_each_active(self.spikes.row((bi * h + iy) * w + ix), |ch| {
+                        offsets.push((base + ch) * self.o)
+                    });
                 }
             }
-        });
-    Ok(out)
+            accumulate(acc, &offsets, self.weight_rows);
+        }
+    }
+
+    /// `[B*Ho*Wo, O]`.
+    fn run(&self) -> Vec<f32> {
+        let (b, ..) = self.dims;
+        let (ho, wo) = self.out_hw;
+        let mut out = vec![0f32; b * ho * wo * self.o];
+        out.par_chunks_mut(self.o * ROWS_PER_TASK)
+            .enumerate()
+            .for_each(|(task, rows)| {
+                let first = task * ROWS_PER_TASK;
+                #[cfg(target_arch = "x86_64")]
+                if simd::available() {
+                    // SAFETY: the CPU supports the features `simd` is compiled for.
+                    return unsafe { simd::gather_rows(self, first, rows) };
+                }
+                self.rows(first, rows)
+            });
+        out
+    }
 }
 
 /// Weight `[O, C, kh, kw]` as `[kh*kw*C, O]` rows, one per input the spikes can select.
@@ -190,8 +242,16 @@ pub fn spike_linear(spikes: &SpikeBits, weight: &Tensor) -> Result<Tensor> {
         padding: 0,
         stride: 1,
     };
-    let w = weight.reshape((o, k, 1, 1))?;
-    let out = gather_conv(spikes, (rows, 1, 1, k), &weight_rows(&w)?, o, win)?;
+    let weight_rows = weight_rows(&weight.reshape((o, k, 1, 1))?)?;
+    let out = Gather {
+        spikes,
+        dims: (rows, 1, 1, k),
+        weight_rows: &weight_rows,
+        o,
+        win,
+        out_hw: (1, 1),
+    }
+    .run();
     let mut shape = spikes.shape[..spikes.shape.len() - 1].to_vec();
     shape.push(o);
     Tensor::from_vec(out, shape, weight.device())
@@ -217,88 +277,178 @@ pub fn spike_conv2d(
         padding,
         stride,
     };
+    let weight_rows = weight_rows(weight)?;
+    let out = Gather {
+        spikes,
+        dims: (b, h, w, c),
+        weight_rows: &weight_rows,
+        o,
+        win,
+        out_hw: win.out_size(h, w)?,
+    }
+    .run();
     let (ho, wo) = win.out_size(h, w)?;
-    let out = gather_conv(spikes, (b, h, w, c), &weight_rows(weight)?, o, win)?;
     Tensor::from_vec(out, (b, ho, wo, o), weight.device())?
         .permute((0, 3, 1, 2))?
         .contiguous()
 }
 
-/// `(batch, n, d)` of spikes `[..., N, D]`: attention heads flattened into the batch.
-fn attention_dims(s: &SpikeBits, op: &str) -> Result<(usize, usize, usize)> {
-    let rank = s.shape.len();
-    if rank < 2 {
-        candle_core::bail!("{op}: expected spikes [..., N, D], got shape {:?}", s.shape)
+/// `out[i * b_rows.len() + j] = popcount(a_i & b_j)` over the rows of two spike groups, one
+/// word column at a time so that the inner loop runs over contiguous `b` words and vectorises.
+#[inline(always)]
+fn popcount_products(
+    a: &SpikeBits,
+    a_rows: Range<usize>,
+    b: &SpikeBits,
+    b_rows: Range<usize>,
+    out: &mut [u32],
+) {
+    let wpr = a.words_per_row;
+    let a_words = &a.words[a_rows.start * wpr..a_rows.end * wpr];
+    let b_words = &b.words[b_rows.start * wpr..b_rows.end * wpr];
+    out.fill(0);
+    for (a_row, out_row) in a_words
+        .chunks_exact(wpr)
+        .zip(out.chunks_exact_mut(b_rows.len()))
+    {
+        for (w, &a_word) in a_row.iter().enumerate() {
+            for (o, b_row) in out_row.iter_mut().zip(b_words.chunks_exact(wpr)) {
+                *o += (a_word & b_row[w]).count_ones();
+            }
+        }
     }
-    let n = s.shape[rank - 2];
-    Ok((s.rows().checked_div(n).unwrap_or(0), n, s.cols()))
+}
+
+/// Checks q `[..., Nq, D]` and k `[..., Nk, D]` (and v `[..., Nk, Dv]`) agree; returns
+/// `(groups, Nq, Nk)`.
+fn attention_dims(
+    q: &SpikeBits,
+    k: &SpikeBits,
+    v: Option<&SpikeBits>,
+    op: &str,
+) -> Result<(usize, usize, usize)> {
+    let rank = q.shape.len();
+    let lead_matches =
+        |s: &SpikeBits| s.shape.len() == rank && s.shape[..rank - 2] == q.shape[..rank - 2];
+    let v_matches = v.is_none_or(|v| lead_matches(v) && v.shape[rank - 2] == k.shape[rank - 2]);
+    if rank < 2 || !lead_matches(k) || k.cols() != q.cols() || !v_matches {
+        candle_core::bail!(
+            "{op}: q {:?}, k {:?}, v {:?} are not [..., N, D] attention operands",
+            q.shape,
+            k.shape,
+            v.map(|v| &v.shape)
+        )
+    }
+    let (nq, nk) = (q.shape[rank - 2], k.shape[rank - 2]);
+    Ok((q.rows().checked_div(nq).unwrap_or(0), nq, nk))
 }
 
 /// `q . k^T` between spike tensors `q [..., Nq, D]` and `k [..., Nk, D]`: `[..., Nq, Nk]` u32,
 /// the number of channels where both fire, as a popcount of ANDed words.
 pub fn spike_attention_scores(q: &SpikeBits, k: &SpikeBits) -> Result<Tensor> {
-    let (bq, nq, dq) = attention_dims(q, "spike_attention_scores")?;
-    let (_, nk, dk) = attention_dims(k, "spike_attention_scores")?;
-    let (rq, rk) = (q.shape.len(), k.shape.len());
-    if q.shape[..rq - 2] != k.shape[..rk - 2] || dq != dk {
-        candle_core::bail!(
-            "spike_attention_scores: q {:?} and k {:?} do not match",
-            q.shape,
-            k.shape
-        )
+    let (groups, nq, nk) = attention_dims(q, k, None, "spike_attention_scores")?;
+    let mut scores = vec![0u32; groups * nq * nk];
+    if nq * nk > 0 {
+        scores
+            .par_chunks_mut(nq * nk)
+            .enumerate()
+            .for_each(|(g, out)| {
+                popcount_products(q, g * nq..(g + 1) * nq, k, g * nk..(g + 1) * nk, out)
+            });
     }
-    let mut scores = vec![0u32; bq * nq * nk];
-    scores
-        .par_chunks_mut(nk.max(1))
-        .enumerate()
-        .for_each(|(row, out)| {
-            let g = row / nq.max(1);
-            let qrow = q.row(row);
-            for (j, s) in out.iter_mut().enumerate() {
-                let krow = k.row(g * nk + j);
-                *s = qrow
-                    .iter()
-                    .zip(krow)
-                    .map(|(a, b)| (a & b).count_ones())
-                    .sum();
-            }
-        });
-    let mut shape = q.shape[..rq - 1].to_vec();
+    let mut shape = q.shape[..q.shape.len() - 1].to_vec();
     shape.push(nk);
     Tensor::from_vec(scores, shape, &Device::Cpu)
 }
 
-/// `scores . v` for integer `scores [..., Nq, Nk]` (u32, e.g. from [`spike_attention_scores`])
-/// and spikes `v [..., Nk, D]`: `[..., Nq, D]` u32, each score added to the channels its key's
-/// value spikes select.
-pub fn spike_attention_apply(scores: &Tensor, v: &SpikeBits) -> Result<Tensor> {
-    let (bv, nk, d) = attention_dims(v, "spike_attention_apply")?;
-    let dims = scores.dims();
-    let rank = dims.len();
-    if rank != v.shape.len() || dims[..rank - 2] != v.shape[..rank - 2] || dims[rank - 1] != nk {
-        candle_core::bail!(
-            "spike_attention_apply: scores {dims:?} do not match values {:?}",
-            v.shape
-        )
-    }
-    let nq = dims[rank - 2];
-    let scores = scores
-        .to_dtype(DType::U32)?
-        .flatten_all()?
-        .to_vec1::<u32>()?;
-    let mut out = vec![0u32; bv * nq * d];
-    out.par_chunks_mut(d.max(1))
-        .zip(scores.par_chunks(nk.max(1)))
-        .enumerate()
-        .for_each(|(row, (acc, srow))| {
-            let g = row / nq.max(1);
-            for (j, &s) in srow.iter().enumerate().filter(|(_, &s)| s != 0) {
-                for_each_active(v.row(g * nk + j), |c| acc[c] += s);
+/// One attention group: `(q . k^T) . v` as `[Nq, Dv]` into `out`.
+///
+/// Scores are computed transposed, `s^T [Nk, Nq]`, so that every active value spike `v[j, c]`
+/// adds a whole contiguous score row `s^T[j, ..]` to output column `c`: vector adds of small
+/// integers, no multiplications.
+#[inline(always)]
+fn attention_group(
+    q: &SpikeBits,
+    k: &SpikeBits,
+    v: &SpikeBits,
+    g: usize,
+    (nq, nk): (usize, usize),
+    out: &mut [u32],
+) {
+    let dv = v.cols();
+    let mut scores_t = vec![0u32; nk * nq];
+    popcount_products(
+        k,
+        g * nk..(g + 1) * nk,
+        q,
+        g * nq..(g + 1) * nq,
+        &mut scores_t,
+    );
+    let mut out_t = vec![0u32; dv * nq];
+    for (j, s_row) in scores_t.chunks_exact(nq).enumerate() {
+        for_each_active(v.row(g * nk + j), |c| {
+            for (o, s) in out_t[c * nq..(c + 1) * nq].iter_mut().zip(s_row) {
+                *o += s;
             }
         });
-    let mut shape = dims[..rank - 1].to_vec();
-    shape.push(d);
+    }
+    for (i, out_row) in out.chunks_exact_mut(dv).enumerate() {
+        for (c, o) in out_row.iter_mut().enumerate() {
+            *o = out_t[c * nq + i];
+        }
+    }
+}
+
+/// Spiking self-attention's `(q . k^T) . v` for spikes `q [..., Nq, D]`, `k [..., Nk, D]`,
+/// `v [..., Nk, Dv]`: `[..., Nq, Dv]` u32, exactly the dense product of the unpacked spikes.
+pub fn spike_attention(q: &SpikeBits, k: &SpikeBits, v: &SpikeBits) -> Result<Tensor> {
+    let (groups, nq, nk) = attention_dims(q, k, Some(v), "spike_attention")?;
+    let dv = v.cols();
+    let mut out = vec![0u32; groups * nq * dv];
+    if nq * dv > 0 {
+        out.par_chunks_mut(nq * dv)
+            .enumerate()
+            .for_each(|(g, out)| {
+                #[cfg(target_arch = "x86_64")]
+                if simd::available() {
+                    // SAFETY: the CPU supports the features `simd` is compiled for.
+                    return unsafe { simd::attention_group(q, k, v, g, (nq, nk), out) };
+                }
+                attention_group(q, k, v, g, (nq, nk), out)
+            });
+    }
+    let mut shape = q.shape[..q.shape.len() - 1].to_vec();
+    shape.push(dv);
     Tensor::from_vec(out, shape, &Device::Cpu)
+}
+
+/// The hot loops compiled for AVX2 and hardware popcount (the baseline x86-64 target has
+/// neither); integer and add-only float results are identical to the baseline copies' up to
+/// float summation order, which is the same loop either way.
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    use super::*;
+
+    pub(super) fn available() -> bool {
+        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("popcnt")
+    }
+
+    #[target_feature(enable = "avx2,popcnt")]
+    pub(super) fn gather_rows(job: &Gather, first: usize, rows: &mut [f32]) {
+        job.rows(first, rows)
+    }
+
+    #[target_feature(enable = "avx2,popcnt")]
+    pub(super) fn attention_group(
+        q: &SpikeBits,
+        k: &SpikeBits,
+        v: &SpikeBits,
+        g: usize,
+        n: (usize, usize),
+        out: &mut [u32],
+    ) {
+        super::attention_group(q, k, v, g, n, out)
+    }
 }
 
 #[cfg(test)]
@@ -388,7 +538,7 @@ mod tests {
         let dense = q.matmul(&k.t().unwrap()).unwrap();
         let as_f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
         assert_eq!(max_rel_diff(&as_f32(&scores), &dense), 0.0);
-        let out = spike_attention_apply(&scores, &pack(&v)).unwrap();
+        let out = spike_attention(&pack(&q), &pack(&k), &pack(&v)).unwrap();
         let dense_out = dense.matmul(&v).unwrap();
         assert_eq!(out.dims(), &[2, 3, 9, 70]);
         assert_eq!(max_rel_diff(&as_f32(&out), &dense_out), 0.0);

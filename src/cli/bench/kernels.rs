@@ -5,8 +5,33 @@
 use anyhow::Context;
 use candle_core::{Device, Tensor, Var};
 
+use super::Case;
 use crate::bench::{measure, BenchResult, Budget};
 use crate::kernels::conv;
+use crate::kernels::spikes::{self, SpikeBits};
+
+pub const CASES: &[Case] = &[
+    ("conv_tokenizer", conv_tokenizer),
+    ("conv_tokenizer_candle", conv_tokenizer_candle),
+    ("conv_pointwise", conv_pointwise),
+    ("conv_pointwise_candle", conv_pointwise_candle),
+    ("dense_linear", dense_linear),
+    ("spike_linear_r05", spike_linear_r05),
+    ("spike_linear_r10", spike_linear_r10),
+    ("spike_linear_r20", spike_linear_r20),
+    ("spike_linear_r40", spike_linear_r40),
+    ("dense_conv3x3", dense_conv3x3),
+    ("spike_conv3x3_r05", spike_conv3x3_r05),
+    ("spike_conv3x3_r10", spike_conv3x3_r10),
+    ("spike_conv3x3_r20", spike_conv3x3_r20),
+    ("spike_conv3x3_r40", spike_conv3x3_r40),
+    ("dense_attention", dense_attention),
+    ("spike_attention_r05", spike_attention_r05),
+    ("spike_attention_r10", spike_attention_r10),
+    ("spike_attention_r20", spike_attention_r20),
+    ("spike_attention_r40", spike_attention_r40),
+    ("spike_pack", spike_pack),
+];
 
 /// Images (B*T) per convolution bench step: T = 4 time steps of 8 images.
 const CONV_BATCH: usize = 32;
@@ -73,18 +98,140 @@ fn conv_fwd_bwd(budget: Budget, layers: &[ConvLayer], f: ConvFn) -> anyhow::Resu
     Ok(result)
 }
 
-pub fn conv_tokenizer(budget: Budget) -> anyhow::Result<BenchResult> {
+fn conv_tokenizer(budget: Budget) -> anyhow::Result<BenchResult> {
     conv_fwd_bwd(budget, TOKENIZER, ours)
 }
 
-pub fn conv_tokenizer_candle(budget: Budget) -> anyhow::Result<BenchResult> {
+fn conv_tokenizer_candle(budget: Budget) -> anyhow::Result<BenchResult> {
     conv_fwd_bwd(budget, TOKENIZER, candles)
 }
 
-pub fn conv_pointwise(budget: Budget) -> anyhow::Result<BenchResult> {
+fn conv_pointwise(budget: Budget) -> anyhow::Result<BenchResult> {
     conv_fwd_bwd(budget, POINTWISE, ours)
 }
 
-pub fn conv_pointwise_candle(budget: Budget) -> anyhow::Result<BenchResult> {
+fn conv_pointwise_candle(budget: Budget) -> anyhow::Result<BenchResult> {
     conv_fwd_bwd(budget, POINTWISE, candles)
 }
+
+/// The paper's inference shapes: T = 4 time steps of B = 64 images, 384 channels on 8x8 tokens,
+/// 8 heads of 48 channels.
+const T_B: usize = 4 * 64;
+const CHANNELS: usize = 384;
+const TOKENS: usize = 8;
+const HEADS: usize = 8;
+
+/// Random 0/1 spikes firing at `rate`.
+fn random_spikes(shape: &[usize], rate: f64) -> anyhow::Result<Tensor> {
+    let u = Tensor::rand(0f32, 1.0, shape, &Device::Cpu)?;
+    Ok(u.lt(rate)?.to_dtype(candle_core::DType::F32)?)
+}
+
+/// The dense cases' firing rate: dense time does not depend on it.
+const DENSE_RATE: f64 = 0.2;
+
+fn linear_spikes(rate: f64) -> anyhow::Result<(Tensor, Tensor)> {
+    let s = random_spikes(&[T_B * TOKENS * TOKENS, CHANNELS], rate)?;
+    let w = Tensor::randn(0f32, 0.05, (CHANNELS, CHANNELS), &Device::Cpu)?;
+    Ok((s, w))
+}
+
+/// A 384 -> 384 projection (1x1 conv) of every token as one dense f32 matmul.
+fn dense_linear(budget: Budget) -> anyhow::Result<BenchResult> {
+    let (s, w) = linear_spikes(DENSE_RATE)?;
+    let wt = w.t()?.contiguous()?;
+    measure(budget, || {
+        s.matmul(&wt)?;
+        Ok(())
+    })
+}
+
+/// The same projection from bit-packed spikes, adds only.
+fn spike_linear(budget: Budget, rate: f64) -> anyhow::Result<BenchResult> {
+    let (s, w) = linear_spikes(rate)?;
+    let bits = SpikeBits::pack(&s)?;
+    measure(budget, || {
+        spikes::spike_linear(&bits, &w)?;
+        Ok(())
+    })
+}
+
+fn conv_spikes(rate: f64) -> anyhow::Result<(Tensor, Tensor)> {
+    let s = random_spikes(&[T_B, CHANNELS, TOKENS, TOKENS], rate)?;
+    let w = Tensor::randn(0f32, 0.05, (CHANNELS, CHANNELS, 3, 3), &Device::Cpu)?;
+    Ok((s, w))
+}
+
+/// A 384 -> 384 3x3 convolution on 8x8 (the tokenizer's last, the relative position
+/// embedding's) through our dense im2col + matmul, the fastest dense path we have.
+fn dense_conv3x3(budget: Budget) -> anyhow::Result<BenchResult> {
+    let (s, w) = conv_spikes(DENSE_RATE)?;
+    measure(budget, || {
+        conv::conv2d(&s, &w, 1, 1)?;
+        Ok(())
+    })
+}
+
+/// The same convolution gathering weight rows for the active inputs of each window.
+fn spike_conv3x3(budget: Budget, rate: f64) -> anyhow::Result<BenchResult> {
+    let (s, w) = conv_spikes(rate)?;
+    let bits = SpikeBits::pack_channels_last(&s)?;
+    measure(budget, || {
+        spikes::spike_conv2d(&bits, &w, 1, 1)?;
+        Ok(())
+    })
+}
+
+fn attention_spikes(rate: f64) -> anyhow::Result<[Tensor; 3]> {
+    let shape = [T_B, HEADS, TOKENS * TOKENS, CHANNELS / HEADS];
+    Ok([
+        random_spikes(&shape, rate)?,
+        random_spikes(&shape, rate)?,
+        random_spikes(&shape, rate)?,
+    ])
+}
+
+/// Spiking self-attention's (q . k^T) . v as dense f32 matmuls.
+fn dense_attention(budget: Budget) -> anyhow::Result<BenchResult> {
+    let [q, k, v] = attention_spikes(DENSE_RATE)?;
+    let kt = k.t()?.contiguous()?;
+    measure(budget, || {
+        q.matmul(&kt)?.matmul(&v)?;
+        Ok(())
+    })
+}
+
+/// The same as popcounts of ANDed words, then integer scores added into the active values'
+/// channels.
+fn spike_attention(budget: Budget, rate: f64) -> anyhow::Result<BenchResult> {
+    let [q, k, v] = attention_spikes(rate)?;
+    let [q, k, v] = [
+        SpikeBits::pack(&q)?,
+        SpikeBits::pack(&k)?,
+        SpikeBits::pack(&v)?,
+    ];
+    measure(budget, || {
+        spikes::spike_attention(&q, &k, &v)?;
+        Ok(())
+    })
+}
+
+/// Packing one block's activations, the price of entering the sparse path from f32 spikes.
+fn spike_pack(budget: Budget) -> anyhow::Result<BenchResult> {
+    let (s, _) = linear_spikes(DENSE_RATE)?;
+    measure(budget, || {
+        SpikeBits::pack(&s)?;
+        Ok(())
+    })
+}
+
+/// Named cases at the firing rates trained models show (5-40 %).
+macro_rules! at_rates {
+    ($kernel:ident: $($case:ident = $rate:expr),*) => {
+        $(fn $case(budget: Budget) -> anyhow::Result<BenchResult> { $kernel(budget, $rate) })*
+    };
+}
+
+at_rates!(spike_linear: spike_linear_r05 = 0.05, spike_linear_r10 = 0.1, spike_linear_r20 = 0.2, spike_linear_r40 = 0.4);
+at_rates!(spike_conv3x3: spike_conv3x3_r05 = 0.05, spike_conv3x3_r10 = 0.1, spike_conv3x3_r20 = 0.2, spike_conv3x3_r40 = 0.4);
+at_rates!(spike_attention: spike_attention_r05 = 0.05, spike_attention_r10 = 0.1, spike_attention_r20 = 0.2, spike_attention_r40 = 0.4);
