@@ -34,9 +34,6 @@ impl SpikeBits {
             .to_dtype(DType::F32)?
             .flatten_all()?
             .to_vec1::<f32>()?;
-        if let Some(bad) = values.iter().find(|&&v| v != 0.0 && v != 1.0) {
-            candle_core::bail!("SpikeBits::pack: spikes must be 0 or 1, found {bad}")
-        }
         let words_per_row = cols.div_ceil(WORD_BITS);
         let rows = values.len().checked_div(cols).unwrap_or(0);
         let mut words = vec![0u64; rows * words_per_row];
@@ -44,11 +41,26 @@ impl SpikeBits {
             words
                 .par_chunks_mut(words_per_row)
                 .zip(values.par_chunks(cols))
-                .for_each(|(row_words, row)| {
-                    for (k, _) in row.iter().enumerate().filter(|(_, &v)| v == 1.0) {
-                        row_words[k / WORD_BITS] |= 1 << (k % WORD_BITS);
+                .try_for_each(|(row_words, row)| {
+                    for (word, chunk) in row_words.iter_mut().zip(row.chunks(WORD_BITS)) {
+                        let (mut bits, mut binary) = (0u64, true);
+                        for (k, &v) in chunk.iter().enumerate() {
+                            bits |= u64::from(v == 1.0) << k;
+                            binary &= v == 0.0 || v == 1.0;
+                        }
+                        if !binary {
+                            return Err(chunk.iter().copied().find(|&v| v != 0.0 && v != 1.0));
+                        }
+                        *word = bits;
                     }
-                });
+                    Ok(())
+                })
+                .map_err(|bad| {
+                    candle_core::Error::Msg(format!(
+                        "SpikeBits::pack: spikes must be 0 or 1, found {}",
+                        bad.unwrap_or(f32::NAN)
+                    ))
+                })?;
         }
         Ok(Self {
             words,
