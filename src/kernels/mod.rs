@@ -3,6 +3,7 @@
 //! accumulate-only kernels over bit-packed spikes, which turn spike sparsity into wall-clock time.
 
 pub mod conv;
+pub mod lif_linear;
 pub mod spikes;
 
 use candle_core::backend::BackendStorage;
