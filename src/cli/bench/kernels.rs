@@ -7,8 +7,9 @@ use candle_core::{Device, Tensor, Var};
 
 use super::Case;
 use crate::bench::{measure, BenchResult, Budget};
-use crate::kernels::conv;
 use crate::kernels::spikes::{self, SpikeBits};
+use crate::kernels::{conv, lif_linear};
+use crate::neuron::{LifConfig, MultiStepLif};
 
 pub const CASES: &[Case] = &[
     ("conv_tokenizer", conv_tokenizer),
@@ -31,6 +32,8 @@ pub const CASES: &[Case] = &[
     ("spike_attention_r20", spike_attention_r20),
     ("spike_attention_r40", spike_attention_r40),
     ("spike_pack", spike_pack),
+    ("lif_linear_fwd_bwd", lif_linear_fwd_bwd),
+    ("lif_linear_fwd_bwd_composed", lif_linear_fwd_bwd_composed),
 ];
 
 /// Images (B*T) per convolution bench step: T = 4 time steps of 8 images.
@@ -223,6 +226,37 @@ fn spike_pack(budget: Budget) -> anyhow::Result<BenchResult> {
         SpikeBits::pack(&s)?;
         Ok(())
     })
+}
+
+/// LIF then a 384 -> 384 projection of every token, forward and backward, training shapes
+/// (T = 4, B = 32): `fused` keeps the spikes for backward as bits, otherwise as f32.
+fn lif_projection(budget: Budget, fused: bool) -> anyhow::Result<BenchResult> {
+    let dev = Device::Cpu;
+    let x = Var::from_tensor(
+        &(Tensor::randn(0f32, 1.0, (4, 32 * TOKENS * TOKENS, CHANNELS), &dev)? + 0.5)?,
+    )?;
+    let w = Var::randn(0f32, 0.05, (CHANNELS, CHANNELS), &dev)?;
+    let lif = MultiStepLif::new(LifConfig::default());
+    measure(budget, || {
+        let y = if fused {
+            lif_linear::lif_linear(&lif, x.as_tensor(), w.as_tensor())?
+        } else {
+            lif.forward(x.as_tensor())?
+                .broadcast_matmul(&w.as_tensor().t()?)?
+        };
+        let grads = y.sum_all()?.backward()?;
+        grads.get(x.as_tensor()).context("no input gradient")?;
+        grads.get(w.as_tensor()).context("no weight gradient")?;
+        Ok(())
+    })
+}
+
+fn lif_linear_fwd_bwd(budget: Budget) -> anyhow::Result<BenchResult> {
+    lif_projection(budget, true)
+}
+
+fn lif_linear_fwd_bwd_composed(budget: Budget) -> anyhow::Result<BenchResult> {
+    lif_projection(budget, false)
 }
 
 /// Named cases at the firing rates trained models show (5-40 %).
