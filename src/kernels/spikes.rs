@@ -134,78 +134,104 @@ fn for_each_active(words: &[u64], mut f: impl FnMut(usize)) {
 /// Output lanes kept in registers while the active weight rows stream past: 8 AVX registers.
 const BLOCK: usize = 64;
 
-/// `acc = sum of weights[r..r + acc.len()] over r in offsets`, one register block at a time so
-/// that the accumulator is loaded and stored once per block, not once per active input.
-#[inline(always)]
-fn accumulate(acc: &mut [f32], offsets: &[usize], weights: &[f32]) {
-    let mut start = 0;
-    for block in acc.chunks_mut(BLOCK) {
-        match <&mut [f32; BLOCK]>::try_from(&mut *block) {
-            Ok(block) => {
-                let mut regs = [0f32; BLOCK];
-                for &r in offsets {
-                    let w: &[f32; BLOCK] =
-                        weights[r + start..r + start + BLOCK].try_into().unwrap();
-                    for (a, w) in regs.iter_mut().zip(w) {
-                        *a += w;
-                    }
-                }
-                *block = regs;
-            }
-            Err(_) => {
-                for &r in offsets {
-                    let w = &weights[r + start..r + start + block.len()];
-                    for (a, w) in block.iter_mut().zip(w) {
-                        *a += w;
-                    }
-                }
-            }
-        }
-        start += block.len();
+/// Output rows per parallel task: each weight block is reused by this many output pixels
+/// while it is hot in cache.
+const ROWS_PER_TASK: usize = 64;
+
+/// A weight `[O, inputs]` stored as `BLOCK`-lane slices of its transpose, block-major:
+/// `data[(block * inputs + input) * BLOCK + lane]`, the last block zero-padded. The rows the
+/// spikes select within one block then lie in one contiguous, cache-sized region.
+struct BlockedWeights {
+    data: Vec<f32>,
+    inputs: usize,
+    outputs: usize,
+}
+
+impl BlockedWeights {
+    /// From a weight `[O, C, kh, kw]`, inputs ordered like [`weight_matrix`]'s columns.
+    fn new(weight: &Tensor) -> Result<Self> {
+        let matrix = weight_matrix(&weight.to_dtype(DType::F32)?)?;
+        let (outputs, inputs) = matrix.dims2()?;
+        let blocks = outputs.div_ceil(BLOCK);
+        let data = matrix
+            .pad_with_zeros(0, 0, blocks * BLOCK - outputs)?
+            .reshape((blocks, BLOCK, inputs))?
+            .transpose(1, 2)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        Ok(Self {
+            data,
+            inputs,
+            outputs,
+        })
+    }
+
+    fn block(&self, b: usize) -> &[f32] {
+        &self.data[b * self.inputs * BLOCK..(b + 1) * self.inputs * BLOCK]
     }
 }
 
-/// Output rows per parallel task: enough work to amortise scheduling.
-const ROWS_PER_TASK: usize = 16;
-
-/// An event-driven convolution over channels-last spikes `[B, H, W, C]` with the weight as
-/// `[kh*kw*C, O]` rows: every output pixel gathers the rows its window's active inputs select.
+/// An event-driven convolution over channels-last spikes `[B, H, W, C]`: every output pixel
+/// sums the weight rows its window's active inputs select.
 struct Gather<'a> {
     spikes: &'a SpikeBits,
     dims: (usize, usize, usize, usize),
-    weight_rows: &'a [f32],
-    o: usize,
+    weights: &'a BlockedWeights,
     win: Window,
     out_hw: (usize, usize),
 }
 
 impl Gather<'_> {
-    /// Output pixels `first..` into `rows` (`O` floats each).
+    /// Weight rows selected by output pixel `p`'s window, appended to `active`.
     #[inline(always)]
-    fn rows(&self, first: usize, rows: &mut [f32]) {
+    fn select(&self, p: usize, active: &mut Vec<usize>) {
         let (_, h, w, c) = self.dims;
         let (ho, wo) = self.out_hw;
         let win = self.win;
-        let mut offsets = Vec::new();
-        for (i, acc) in rows.chunks_exact_mut(self.o).enumerate() {
-            let p = first + i;
-            let (bi, oy, ox) = (p / (ho * wo), p / wo % ho, p % wo);
-            offsets.clear();
-            for ky in 0..win.kh {
-                let Some(iy) = win.source(oy, ky, h) else {
+        let (bi, oy, ox) = (p / (ho * wo), p / wo % ho, p % wo);
+        for ky in 0..win.kh {
+            let Some(iy) = win.source(oy, ky, h) else {
+                continue;
+            };
+            for kx in 0..win.kw {
+                let Some(ix) = win.source(ox, kx, w) else {
                     continue;
                 };
-                for kx in 0..win.kw {
-                    let Some(ix) = win.source(ox, kx, w) else {
-                        continue;
-                    };
-                    let base = (ky * win.kw + kx) * c;
-                    for_each_active(self.spikes.row((bi * h + iy) * w + ix), |ch| {
-                        offsets.push((base + ch) * self.o)
-                    });
-                }
+                let base = (ky * win.kw + kx) * c;
+                for_each_active(self.spikes.row((bi * h + iy) * w + ix), |ch| {
+                    active.push(base + ch)
+                });
             }
-            accumulate(acc, &offsets, self.weight_rows);
+        }
+    }
+
+    /// Output pixels `first..` into `rows` (`O` floats each), one weight block at a time for
+    /// all of them, accumulating each block in registers.
+    #[inline(always)]
+    fn rows(&self, first: usize, rows: &mut [f32]) {
+        let o = self.weights.outputs;
+        let (mut active, mut ends) = (Vec::new(), Vec::new());
+        for p in first..first + rows.len() / o {
+            self.select(p, &mut active);
+            ends.push(active.len());
+        }
+        for b in 0..o.div_ceil(BLOCK) {
+            let block = self.weights.block(b);
+            let lanes = b * BLOCK..((b + 1) * BLOCK).min(o);
+            let mut start = 0;
+            for (out, &end) in rows.chunks_exact_mut(o).zip(&ends) {
+                let mut acc = [0f32; BLOCK];
+                for &r in &active[start..end] {
+                    let w: &[f32; BLOCK] = block[r * BLOCK..(r + 1) * BLOCK]
+                        .try_into()
+                        .expect("blocks hold BLOCK lanes per input");
+                    for (a, w) in acc.iter_mut().zip(w) {
+                        *a += w;
+                    }
+                }
+                out[lanes.clone()].copy_from_slice(&acc[..lanes.len()]);
+                start = end;
+            }
         }
     }
 
@@ -213,8 +239,12 @@ impl Gather<'_> {
     fn run(&self) -> Vec<f32> {
         let (b, ..) = self.dims;
         let (ho, wo) = self.out_hw;
-        let mut out = vec![0f32; b * ho * wo * self.o];
-        out.par_chunks_mut(self.o * ROWS_PER_TASK)
+        let o = self.weights.outputs;
+        let mut out = vec![0f32; b * ho * wo * o];
+        if o == 0 {
+            return out;
+        }
+        out.par_chunks_mut(o * ROWS_PER_TASK)
             .enumerate()
             .for_each(|(task, rows)| {
                 let first = task * ROWS_PER_TASK;
@@ -227,15 +257,6 @@ impl Gather<'_> {
             });
         out
     }
-}
-
-/// Weight `[O, C, kh, kw]` as `[kh*kw*C, O]` rows, one per input the spikes can select.
-fn weight_rows(weight: &Tensor) -> Result<Vec<f32>> {
-    weight_matrix(&weight.to_dtype(DType::F32)?)?
-        .t()?
-        .contiguous()?
-        .flatten_all()?
-        .to_vec1::<f32>()
 }
 
 /// Spike-driven linear layer: `spikes [..., K] x weight [O, K]^T -> [..., O]`, adds only.
@@ -254,12 +275,11 @@ pub fn spike_linear(spikes: &SpikeBits, weight: &Tensor) -> Result<Tensor> {
         padding: 0,
         stride: 1,
     };
-    let weight_rows = weight_rows(&weight.reshape((o, k, 1, 1))?)?;
+    let weights = BlockedWeights::new(&weight.reshape((o, k, 1, 1))?)?;
     let out = Gather {
         spikes,
         dims: (rows, 1, 1, k),
-        weight_rows: &weight_rows,
-        o,
+        weights: &weights,
         win,
         out_hw: (1, 1),
     }
@@ -289,12 +309,11 @@ pub fn spike_conv2d(
         padding,
         stride,
     };
-    let weight_rows = weight_rows(weight)?;
+    let weights = BlockedWeights::new(weight)?;
     let out = Gather {
         spikes,
         dims: (b, h, w, c),
-        weight_rows: &weight_rows,
-        o,
+        weights: &weights,
         win,
         out_hw: win.out_size(h, w)?,
     }
@@ -500,10 +519,10 @@ mod tests {
     #[test]
     fn linear_matches_dense() {
         let s = spikes(&[2, 7, 100], 0.2);
-        let w = Tensor::randn(0f32, 1.0, (13, 100), &Device::Cpu).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (130, 100), &Device::Cpu).unwrap();
         let ours = spike_linear(&SpikeBits::pack(&s).unwrap(), &w).unwrap();
         let dense = s.broadcast_matmul(&w.t().unwrap()).unwrap();
-        assert_eq!(ours.dims(), &[2, 7, 13]);
+        assert_eq!(ours.dims(), &[2, 7, 130]);
         assert!(max_rel_diff(&ours, &dense) < 1e-5);
     }
 
