@@ -454,8 +454,8 @@ pub fn spike_attention(q: &SpikeBits, k: &SpikeBits, v: &SpikeBits) -> Result<Te
 }
 
 /// The hot loops compiled for AVX2 and hardware popcount (the baseline x86-64 target has
-/// neither); integer and add-only float results are identical to the baseline copies' up to
-/// float summation order, which is the same loop either way.
+/// neither). The loops and their summation order are the same as the baseline copies', so the
+/// results are bit-identical.
 #[cfg(target_arch = "x86_64")]
 mod simd {
     use super::*;
