@@ -10,6 +10,7 @@ pub mod data;
 pub mod energy;
 pub mod eval;
 pub mod experiments;
+pub mod kernels;
 pub mod model;
 pub mod neuron;
 pub mod plot;

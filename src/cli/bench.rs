@@ -1,5 +1,7 @@
 //! `spikeclip bench`: the benchmark cases, timed by [`crate::bench`].
 
+mod kernels;
+
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
@@ -13,7 +15,8 @@ use crate::train::optim::{Adam, AdamConfig};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Run only this case (default: all). Cases: lif_fwd_bwd, world_batch, adam_step.
+    /// Run only this case (default: all). Cases: lif_fwd_bwd, world_batch, adam_step,
+    /// and the kernels' (conv_*, spike_*, dense_*; an unknown name lists them all).
     #[arg(long)]
     case: Option<String>,
     /// Also write the results as JSON to this file.
@@ -35,16 +38,21 @@ const CASES: &[Case] = &[
     ("adam_step", adam_step),
 ];
 
+/// Every case: the end-to-end ones above, then the kernels'.
+fn all_cases() -> impl Iterator<Item = &'static Case> {
+    CASES.iter().chain(kernels::CASES)
+}
+
 pub fn run(args: Args) -> anyhow::Result<()> {
     let selected: Vec<&Case> = match &args.case {
-        Some(name) => match CASES.iter().find(|(n, _)| n == name) {
+        Some(name) => match all_cases().find(|(n, _)| n == name) {
             Some(case) => vec![case],
             None => bail!(
                 "unknown bench case {name:?}; cases: {}",
-                CASES.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+                all_cases().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
             ),
         },
-        None => CASES.iter().collect(),
+        None => all_cases().collect(),
     };
     let budget = Budget {
         warmup: args.warmup,

@@ -130,6 +130,17 @@ impl MultiStepLif {
             cpu.apply_op1(op)?.to_device(x.device())
         }
     }
+
+    /// Gradient of the input `x [T, ...]` given the gradient of the spikes it produces, without
+    /// autograd: for fused ops that keep their spikes in a compact form of their own instead of
+    /// the f32 tensor autograd would hold.
+    pub fn input_gradient(&self, x: &Tensor, grad_spikes: &Tensor) -> Result<Tensor> {
+        let cpu = candle_core::Device::Cpu;
+        let x = x.to_device(&cpu)?.contiguous()?;
+        let grad = grad_spikes.to_device(&cpu)?.contiguous()?;
+        x.apply_op2_no_bwd(&grad, &LifBackward { cfg: self.cfg })?
+            .to_device(grad_spikes.device())
+    }
 }
 
 impl Module for MultiStepLif {

@@ -1,0 +1,152 @@
+//! LIF followed by a linear layer (or 1x1 convolution, channels-last) as one differentiable op
+//! that keeps its spikes for backward as bits.
+//!
+//! Composed from candle ops, the linear layer's autograd node would hold the LIF's f32 spikes
+//! until backward, 4 bytes per neuron-step, for the weight gradient alone. This op holds them
+//! bit-packed (1 bit), re-expands them for the weight gradient, and gets the input gradient from
+//! the LIF's own recomputing backward, which needs only the input that autograd keeps anyway.
+
+use std::sync::Mutex;
+
+use candle_core::{CpuStorage, CustomOp2, Device, Layout, Result, Shape, Tensor};
+
+use super::contiguous_f32;
+use super::spikes::SpikeBits;
+use crate::neuron::MultiStepLif;
+
+/// `lif(x) . weight^T` for `x [T, ..., K]` and `weight [O, K]`: `[T, ..., O]`, with the same
+/// values and gradients (input and weight) as `lif.forward(x)?.broadcast_matmul(&weight.t()?)`.
+pub fn lif_linear(lif: &MultiStepLif, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    let (o, k) = weight.dims2()?;
+    if x.dims().last() != Some(&k) || x.rank() < 2 {
+        candle_core::bail!(
+            "lif_linear: input {:?} does not end in the weight's {k} inputs",
+            x.shape()
+        )
+    }
+    let op = LifLinear {
+        lif: lif.clone(),
+        saved: Mutex::new(None),
+    };
+    let y = x.contiguous()?.apply_op2(&weight.contiguous()?, op)?;
+    let mut shape = x.dims().to_vec();
+    *shape.last_mut().expect("rank checked") = o;
+    y.reshape(shape)
+}
+
+struct LifLinear {
+    lif: MultiStepLif,
+    /// The forward pass's spikes `[M, K]`, for the weight gradient.
+    saved: Mutex<Option<SpikeBits>>,
+}
+
+impl LifLinear {
+    fn saved(&self) -> Result<std::sync::MutexGuard<'_, Option<SpikeBits>>> {
+        self.saved
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("lif_linear: saved spikes poisoned".into()))
+    }
+}
+
+impl CustomOp2 for LifLinear {
+    fn name(&self) -> &'static str {
+        "lif-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let dev = Device::Cpu;
+        let x = Tensor::from_slice(contiguous_f32(xs, xl, "lif_linear")?, xl.shape(), &dev)?;
+        let w = Tensor::from_slice(contiguous_f32(ws, wl, "lif_linear")?, wl.shape(), &dev)?;
+        let k = w.dim(1)?;
+        let spikes = self.lif.forward(&x)?.reshape(((), k))?;
+        let y = spikes.matmul(&w.t()?)?;
+        let bits = SpikeBits::pack(&spikes)?;
+        *self.saved()? = Some(bits);
+        let shape = y.shape().clone();
+        Ok((CpuStorage::F32(y.flatten_all()?.to_vec1()?), shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let spikes = match self.saved()?.as_ref() {
+            Some(bits) => bits.unpack(&Device::Cpu)?,
+            None => candle_core::bail!("lif_linear: backward before forward"),
+        };
+        let grad_spikes = grad.matmul(w)?.reshape(x.shape())?;
+        let grad_x = self.lif.input_gradient(x, &grad_spikes)?;
+        let grad_w = grad.t()?.matmul(&spikes)?;
+        Ok((Some(grad_x), Some(grad_w)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::neuron::LifConfig;
+    use candle_core::Var;
+
+    fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
+        let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+        let scale = b.abs().unwrap().max_all().unwrap();
+        diff.to_scalar::<f32>().unwrap() / scale.to_scalar::<f32>().unwrap().max(1e-12)
+    }
+
+    /// Values and both gradients equal the composition of the LIF op and a matmul.
+    #[test]
+    fn matches_composed_lif_and_matmul() {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(
+            &(Tensor::randn(0f32, 1.0, (4, 3, 5, 70), &dev).unwrap() + 0.5).unwrap(),
+        )
+        .unwrap();
+        let w = Var::randn(0f32, 1.0, (9, 70), &dev).unwrap();
+        let lif = MultiStepLif::new(LifConfig::default());
+        let ours = lif_linear(&lif, x.as_tensor(), w.as_tensor()).unwrap();
+        let composed = lif
+            .forward(x.as_tensor())
+            .unwrap()
+            .broadcast_matmul(&w.as_tensor().t().unwrap())
+            .unwrap();
+        assert_eq!(ours.dims(), &[4, 3, 5, 9]);
+        assert!(max_rel_diff(&ours, &composed) < 1e-5);
+        let g = Tensor::randn(0f32, 1.0, ours.dims(), &dev).unwrap();
+        let ga = (ours * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = (composed * &g)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for v in [&x, &w] {
+            let (a, b) = (
+                ga.get(v.as_tensor()).unwrap(),
+                gb.get(v.as_tensor()).unwrap(),
+            );
+            assert!(
+                max_rel_diff(a, b) < 1e-5,
+                "gradient differs for {:?}",
+                v.dims()
+            );
+        }
+    }
+
+    #[test]
+    fn rejects_mismatched_features() {
+        let x = Tensor::zeros((2, 3, 8), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let w = Tensor::zeros((4, 7), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let lif = MultiStepLif::new(LifConfig::default());
+        let err = lif_linear(&lif, &x, &w).unwrap_err().to_string();
+        assert!(err.contains("7 inputs"), "{err}");
+    }
+}

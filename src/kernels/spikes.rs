@@ -1,0 +1,577 @@
+//! Bit-packed spikes and accumulate-only inference kernels over them.
+//!
+//! After every LIF the data are 0/1, so a layer fed by spikes needs no multiplications: a linear
+//! layer or convolution is the sum of the weight rows its active inputs select, and q . k^T
+//! between two spike tensors is a popcount of ANDed words. Work then scales with the firing
+//! rate instead of the layer size, which is what turns sparsity into wall-clock time.
+
+use std::ops::Range;
+
+use candle_core::{DType, Device, Result, Tensor};
+use rayon::prelude::*;
+
+use super::conv::{weight_matrix, Window};
+
+const WORD_BITS: usize = u64::BITS as usize;
+
+/// Binary spikes packed 64 to a `u64` along the last dimension (32x smaller than f32).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpikeBits {
+    words: Vec<u64>,
+    shape: Vec<usize>,
+    words_per_row: usize,
+}
+
+impl SpikeBits {
+    /// Packs a tensor of exact 0s and 1s; any other value is an error, since silently
+    /// thresholding would hide a non-spiking input.
+    pub fn pack(spikes: &Tensor) -> Result<Self> {
+        let shape = spikes.dims().to_vec();
+        let Some(&cols) = shape.last() else {
+            candle_core::bail!("SpikeBits::pack: a scalar has no dimension to pack")
+        };
+        let values = spikes
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let words_per_row = cols.div_ceil(WORD_BITS);
+        let rows = values.len().checked_div(cols).unwrap_or(0);
+        let mut words = vec![0u64; rows * words_per_row];
+        if cols > 0 {
+            words
+                .par_chunks_mut(words_per_row)
+                .zip(values.par_chunks(cols))
+                .try_for_each(|(row_words, row)| {
+                    for (word, chunk) in row_words.iter_mut().zip(row.chunks(WORD_BITS)) {
+                        let (mut bits, mut binary) = (0u64, true);
+                        for (k, &v) in chunk.iter().enumerate() {
+                            bits |= u64::from(v == 1.0) << k;
+                            binary &= v == 0.0 || v == 1.0;
+                        }
+                        if !binary {
+                            return Err(chunk.iter().copied().find(|&v| v != 0.0 && v != 1.0));
+                        }
+                        *word = bits;
+                    }
+                    Ok(())
+                })
+                .map_err(|bad| {
+                    candle_core::Error::Msg(format!(
+                        "SpikeBits::pack: spikes must be 0 or 1, found {}",
+                        bad.unwrap_or(f32::NAN)
+                    ))
+                })?;
+        }
+        Ok(Self {
+            words,
+            shape,
+            words_per_row,
+        })
+    }
+
+    /// Packs `[B, C, H, W]` spikes channels-last, `[B, H, W, C]`: the layout the spike-driven
+    /// convolution reads a pixel's active channels from.
+    pub fn pack_channels_last(spikes: &Tensor) -> Result<Self> {
+        Self::pack(&spikes.permute((0, 2, 3, 1))?)
+    }
+
+    /// The 0/1 f32 tensor these bits came from.
+    pub fn unpack(&self, device: &Device) -> Result<Tensor> {
+        let cols = self.cols();
+        let mut values = vec![0f32; self.rows() * cols];
+        for (r, row) in values.chunks_exact_mut(cols.max(1)).enumerate() {
+            for_each_active(self.row(r), |k| row[k] = 1.0);
+        }
+        Tensor::from_vec(values, self.shape.as_slice(), device)
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// Length of the packed (last) dimension.
+    pub fn cols(&self) -> usize {
+        self.shape.last().copied().unwrap_or(0)
+    }
+
+    pub fn rows(&self) -> usize {
+        self.words
+            .len()
+            .checked_div(self.words_per_row)
+            .unwrap_or(0)
+    }
+
+    /// Number of spikes (set bits).
+    pub fn count(&self) -> usize {
+        self.words.iter().map(|w| w.count_ones() as usize).sum()
+    }
+
+    fn row(&self, r: usize) -> &[u64] {
+        &self.words[r * self.words_per_row..(r + 1) * self.words_per_row]
+    }
+
+    /// `(B, H, W, C)` of channels-last spikes, or an error naming `op`.
+    fn dims4(&self, op: &str) -> Result<(usize, usize, usize, usize)> {
+        match self.shape[..] {
+            [b, h, w, c] => Ok((b, h, w, c)),
+            _ => candle_core::bail!("{op}: expected spikes [B, H, W, C], got {:?}", self.shape),
+        }
+    }
+}
+
+/// Calls `f` with the index of every set bit of `words`, in increasing order.
+#[inline]
+fn for_each_active(words: &[u64], mut f: impl FnMut(usize)) {
+    for (i, &word) in words.iter().enumerate() {
+        let mut w = word;
+        while w != 0 {
+            f(i * WORD_BITS + w.trailing_zeros() as usize);
+            w &= w - 1;
+        }
+    }
+}
+
+/// Output lanes kept in registers while the active weight rows stream past: 8 AVX registers.
+const BLOCK: usize = 64;
+
+/// Output rows per parallel task: each weight block is reused by this many output pixels
+/// while it is hot in cache.
+const ROWS_PER_TASK: usize = 64;
+
+/// A weight `[O, inputs]` stored as `BLOCK`-lane slices of its transpose, block-major:
+/// `data[(block * inputs + input) * BLOCK + lane]`, the last block zero-padded. The rows the
+/// spikes select within one block then lie in one contiguous, cache-sized region.
+struct BlockedWeights {
+    data: Vec<f32>,
+    inputs: usize,
+    outputs: usize,
+}
+
+impl BlockedWeights {
+    /// From a weight `[O, C, kh, kw]`, inputs ordered like [`weight_matrix`]'s columns.
+    fn new(weight: &Tensor) -> Result<Self> {
+        let matrix = weight_matrix(&weight.to_dtype(DType::F32)?)?;
+        let (outputs, inputs) = matrix.dims2()?;
+        let blocks = outputs.div_ceil(BLOCK);
+        let data = matrix
+            .pad_with_zeros(0, 0, blocks * BLOCK - outputs)?
+            .reshape((blocks, BLOCK, inputs))?
+            .transpose(1, 2)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        Ok(Self {
+            data,
+            inputs,
+            outputs,
+        })
+    }
+
+    fn block(&self, b: usize) -> &[f32] {
+        &self.data[b * self.inputs * BLOCK..(b + 1) * self.inputs * BLOCK]
+    }
+}
+
+/// An event-driven convolution over channels-last spikes `[B, H, W, C]`: every output pixel
+/// sums the weight rows its window's active inputs select.
+struct Gather<'a> {
+    spikes: &'a SpikeBits,
+    dims: (usize, usize, usize, usize),
+    weights: &'a BlockedWeights,
+    win: Window,
+    out_hw: (usize, usize),
+}
+
+impl Gather<'_> {
+    /// Weight rows selected by output pixel `p`'s window, appended to `active`.
+    #[inline(always)]
+    fn select(&self, p: usize, active: &mut Vec<usize>) {
+        let (_, h, w, c) = self.dims;
+        let (ho, wo) = self.out_hw;
+        let win = self.win;
+        let (bi, oy, ox) = (p / (ho * wo), p / wo % ho, p % wo);
+        for ky in 0..win.kh {
+            let Some(iy) = win.source(oy, ky, h) else {
+                continue;
+            };
+            for kx in 0..win.kw {
+                let Some(ix) = win.source(ox, kx, w) else {
+                    continue;
+                };
+                let base = (ky * win.kw + kx) * c;
+                for_each_active(self.spikes.row((bi * h + iy) * w + ix), |ch| {
+                    active.push(base + ch)
+                });
+            }
+        }
+    }
+
+    /// Output pixels `first..` into `rows` (`O` floats each), one weight block at a time for
+    /// all of them, accumulating each block in registers.
+    #[inline(always)]
+    fn rows(&self, first: usize, rows: &mut [f32]) {
+        let o = self.weights.outputs;
+        let (mut active, mut ends) = (Vec::new(), Vec::new());
+        for p in first..first + rows.len() / o {
+            self.select(p, &mut active);
+            ends.push(active.len());
+        }
+        for b in 0..o.div_ceil(BLOCK) {
+            let block = self.weights.block(b);
+            let lanes = b * BLOCK..((b + 1) * BLOCK).min(o);
+            let mut start = 0;
+            for (out, &end) in rows.chunks_exact_mut(o).zip(&ends) {
+                let mut acc = [0f32; BLOCK];
+                for &r in &active[start..end] {
+                    let w: &[f32; BLOCK] = block[r * BLOCK..(r + 1) * BLOCK]
+                        .try_into()
+                        .expect("blocks hold BLOCK lanes per input");
+                    for (a, w) in acc.iter_mut().zip(w) {
+                        *a += w;
+                    }
+                }
+                out[lanes.clone()].copy_from_slice(&acc[..lanes.len()]);
+                start = end;
+            }
+        }
+    }
+
+    /// `[B*Ho*Wo, O]`.
+    fn run(&self) -> Vec<f32> {
+        let (b, ..) = self.dims;
+        let (ho, wo) = self.out_hw;
+        let o = self.weights.outputs;
+        let mut out = vec![0f32; b * ho * wo * o];
+        if o == 0 {
+            return out;
+        }
+        out.par_chunks_mut(o * ROWS_PER_TASK)
+            .enumerate()
+            .for_each(|(task, rows)| {
+                let first = task * ROWS_PER_TASK;
+                #[cfg(target_arch = "x86_64")]
+                if simd::available() {
+                    // SAFETY: the CPU supports the features `simd` is compiled for.
+                    return unsafe { simd::gather_rows(self, first, rows) };
+                }
+                self.rows(first, rows)
+            });
+        out
+    }
+}
+
+/// Spike-driven linear layer: `spikes [..., K] x weight [O, K]^T -> [..., O]`, adds only.
+pub fn spike_linear(spikes: &SpikeBits, weight: &Tensor) -> Result<Tensor> {
+    let (o, k) = weight.dims2()?;
+    if spikes.cols() != k {
+        candle_core::bail!(
+            "spike_linear: spikes have {} features, weight expects {k}",
+            spikes.cols()
+        )
+    }
+    let rows = spikes.rows();
+    let win = Window {
+        kh: 1,
+        kw: 1,
+        padding: 0,
+        stride: 1,
+    };
+    let weights = BlockedWeights::new(&weight.reshape((o, k, 1, 1))?)?;
+    let out = Gather {
+        spikes,
+        dims: (rows, 1, 1, k),
+        weights: &weights,
+        win,
+        out_hw: (1, 1),
+    }
+    .run();
+    let mut shape = spikes.shape[..spikes.shape.len() - 1].to_vec();
+    shape.push(o);
+    Tensor::from_vec(out, shape, weight.device())
+}
+
+/// Spike-driven convolution of channels-last spikes `[B, H, W, C]` (see
+/// [`SpikeBits::pack_channels_last`]) with `weight [O, C, kh, kw]`: `[B, O, Ho, Wo]`, equal to
+/// the dense `conv2d` of the unpacked spikes.
+pub fn spike_conv2d(
+    spikes: &SpikeBits,
+    weight: &Tensor,
+    padding: usize,
+    stride: usize,
+) -> Result<Tensor> {
+    let (b, h, w, c) = spikes.dims4("spike_conv2d")?;
+    let (o, wc, kh, kw) = weight.dims4()?;
+    if wc != c {
+        candle_core::bail!("spike_conv2d: spikes have {c} channels, weight expects {wc}")
+    }
+    let win = Window {
+        kh,
+        kw,
+        padding,
+        stride,
+    };
+    let weights = BlockedWeights::new(weight)?;
+    let out = Gather {
+        spikes,
+        dims: (b, h, w, c),
+        weights: &weights,
+        win,
+        out_hw: win.out_size(h, w)?,
+    }
+    .run();
+    let (ho, wo) = win.out_size(h, w)?;
+    Tensor::from_vec(out, (b, ho, wo, o), weight.device())?
+        .permute((0, 3, 1, 2))?
+        .contiguous()
+}
+
+/// `out[i * b_rows.len() + j] = popcount(a_i & b_j)` over the rows of two spike groups, one
+/// word column at a time so that the inner loop runs over contiguous `b` words and vectorises.
+#[inline(always)]
+fn popcount_products(
+    a: &SpikeBits,
+    a_rows: Range<usize>,
+    b: &SpikeBits,
+    b_rows: Range<usize>,
+    out: &mut [u32],
+) {
+    let wpr = a.words_per_row;
+    let a_words = &a.words[a_rows.start * wpr..a_rows.end * wpr];
+    let b_words = &b.words[b_rows.start * wpr..b_rows.end * wpr];
+    out.fill(0);
+    for (a_row, out_row) in a_words
+        .chunks_exact(wpr)
+        .zip(out.chunks_exact_mut(b_rows.len()))
+    {
+        for (w, &a_word) in a_row.iter().enumerate() {
+            for (o, b_row) in out_row.iter_mut().zip(b_words.chunks_exact(wpr)) {
+                *o += (a_word & b_row[w]).count_ones();
+            }
+        }
+    }
+}
+
+/// Checks q `[..., Nq, D]` and k `[..., Nk, D]` (and v `[..., Nk, Dv]`) agree; returns
+/// `(groups, Nq, Nk)`.
+fn attention_dims(
+    q: &SpikeBits,
+    k: &SpikeBits,
+    v: Option<&SpikeBits>,
+    op: &str,
+) -> Result<(usize, usize, usize)> {
+    let rank = q.shape.len();
+    let lead_matches =
+        |s: &SpikeBits| s.shape.len() == rank && s.shape[..rank - 2] == q.shape[..rank - 2];
+    let v_matches = v.is_none_or(|v| lead_matches(v) && v.shape[rank - 2] == k.shape[rank - 2]);
+    if rank < 2 || !lead_matches(k) || k.cols() != q.cols() || !v_matches {
+        candle_core::bail!(
+            "{op}: q {:?}, k {:?}, v {:?} are not [..., N, D] attention operands",
+            q.shape,
+            k.shape,
+            v.map(|v| &v.shape)
+        )
+    }
+    let (nq, nk) = (q.shape[rank - 2], k.shape[rank - 2]);
+    Ok((q.rows().checked_div(nq).unwrap_or(0), nq, nk))
+}
+
+/// `q . k^T` between spike tensors `q [..., Nq, D]` and `k [..., Nk, D]`: `[..., Nq, Nk]` u32,
+/// the number of channels where both fire, as a popcount of ANDed words.
+pub fn spike_attention_scores(q: &SpikeBits, k: &SpikeBits) -> Result<Tensor> {
+    let (groups, nq, nk) = attention_dims(q, k, None, "spike_attention_scores")?;
+    let mut scores = vec![0u32; groups * nq * nk];
+    if nq * nk > 0 {
+        scores
+            .par_chunks_mut(nq * nk)
+            .enumerate()
+            .for_each(|(g, out)| {
+                popcount_products(q, g * nq..(g + 1) * nq, k, g * nk..(g + 1) * nk, out)
+            });
+    }
+    let mut shape = q.shape[..q.shape.len() - 1].to_vec();
+    shape.push(nk);
+    Tensor::from_vec(scores, shape, &Device::Cpu)
+}
+
+/// One attention group: `(q . k^T) . v` as `[Nq, Dv]` into `out`.
+///
+/// Scores are computed transposed, `s^T [Nk, Nq]`, so that every active value spike `v[j, c]`
+/// adds a whole contiguous score row `s^T[j, ..]` to output column `c`: vector adds of small
+/// integers, no multiplications.
+#[inline(always)]
+fn attention_group(
+    q: &SpikeBits,
+    k: &SpikeBits,
+    v: &SpikeBits,
+    g: usize,
+    (nq, nk): (usize, usize),
+    out: &mut [u32],
+) {
+    let dv = v.cols();
+    let mut scores_t = vec![0u32; nk * nq];
+    popcount_products(
+        k,
+        g * nk..(g + 1) * nk,
+        q,
+        g * nq..(g + 1) * nq,
+        &mut scores_t,
+    );
+    let mut out_t = vec![0u32; dv * nq];
+    for (j, s_row) in scores_t.chunks_exact(nq).enumerate() {
+        for_each_active(v.row(g * nk + j), |c| {
+            for (o, s) in out_t[c * nq..(c + 1) * nq].iter_mut().zip(s_row) {
+                *o += s;
+            }
+        });
+    }
+    for (i, out_row) in out.chunks_exact_mut(dv).enumerate() {
+        for (c, o) in out_row.iter_mut().enumerate() {
+            *o = out_t[c * nq + i];
+        }
+    }
+}
+
+/// Spiking self-attention's `(q . k^T) . v` for spikes `q [..., Nq, D]`, `k [..., Nk, D]`,
+/// `v [..., Nk, Dv]`: `[..., Nq, Dv]` u32, exactly the dense product of the unpacked spikes.
+pub fn spike_attention(q: &SpikeBits, k: &SpikeBits, v: &SpikeBits) -> Result<Tensor> {
+    let (groups, nq, nk) = attention_dims(q, k, Some(v), "spike_attention")?;
+    let dv = v.cols();
+    let mut out = vec![0u32; groups * nq * dv];
+    if nq * dv > 0 {
+        out.par_chunks_mut(nq * dv)
+            .enumerate()
+            .for_each(|(g, out)| {
+                #[cfg(target_arch = "x86_64")]
+                if simd::available() {
+                    // SAFETY: the CPU supports the features `simd` is compiled for.
+                    return unsafe { simd::attention_group(q, k, v, g, (nq, nk), out) };
+                }
+                attention_group(q, k, v, g, (nq, nk), out)
+            });
+    }
+    let mut shape = q.shape[..q.shape.len() - 1].to_vec();
+    shape.push(dv);
+    Tensor::from_vec(out, shape, &Device::Cpu)
+}
+
+/// The hot loops compiled for AVX2 and hardware popcount (the baseline x86-64 target has
+/// neither). The loops and their summation order are the same as the baseline copies', so the
+/// results are bit-identical.
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    use super::*;
+
+    pub(super) fn available() -> bool {
+        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("popcnt")
+    }
+
+    #[target_feature(enable = "avx2,popcnt")]
+    pub(super) fn gather_rows(job: &Gather, first: usize, rows: &mut [f32]) {
+        job.rows(first, rows)
+    }
+
+    #[target_feature(enable = "avx2,popcnt")]
+    pub(super) fn attention_group(
+        q: &SpikeBits,
+        k: &SpikeBits,
+        v: &SpikeBits,
+        g: usize,
+        n: (usize, usize),
+        out: &mut [u32],
+    ) {
+        super::attention_group(q, k, v, g, n, out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Random 0/1 spikes firing at about `rate`.
+    fn spikes(shape: &[usize], rate: f64) -> Tensor {
+        let u = Tensor::rand(0f32, 1.0, shape, &Device::Cpu).unwrap();
+        u.lt(rate).unwrap().to_dtype(DType::F32).unwrap()
+    }
+
+    fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
+        let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+        let scale = b.abs().unwrap().max_all().unwrap();
+        diff.to_scalar::<f32>().unwrap() / scale.to_scalar::<f32>().unwrap().max(1e-12)
+    }
+
+    #[test]
+    fn pack_roundtrips_and_counts() {
+        let s = spikes(&[3, 5, 130], 0.3);
+        let bits = SpikeBits::pack(&s).unwrap();
+        assert_eq!((bits.rows(), bits.cols()), (15, 130));
+        let sum = s.sum_all().unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(bits.count(), sum as usize);
+        let back = bits.unpack(&Device::Cpu).unwrap();
+        assert_eq!(back.to_vec3::<f32>().unwrap(), s.to_vec3::<f32>().unwrap());
+    }
+
+    #[test]
+    fn pack_rejects_non_binary() {
+        let t = Tensor::new(&[[0f32, 1.0, 0.5]], &Device::Cpu).unwrap();
+        let err = SpikeBits::pack(&t).unwrap_err().to_string();
+        assert!(err.contains("0 or 1") && err.contains("0.5"), "{err}");
+    }
+
+    #[test]
+    fn linear_matches_dense() {
+        let s = spikes(&[2, 7, 100], 0.2);
+        let w = Tensor::randn(0f32, 1.0, (130, 100), &Device::Cpu).unwrap();
+        let ours = spike_linear(&SpikeBits::pack(&s).unwrap(), &w).unwrap();
+        let dense = s.broadcast_matmul(&w.t().unwrap()).unwrap();
+        assert_eq!(ours.dims(), &[2, 7, 130]);
+        assert!(max_rel_diff(&ours, &dense) < 1e-5);
+    }
+
+    fn check_conv(shape: (usize, usize, usize, usize), o: usize, k: usize, pad: usize, st: usize) {
+        let (b, c, h, w) = shape;
+        let s = spikes(&[b, c, h, w], 0.15);
+        let wt = Tensor::randn(0f32, 1.0, (o, c, k, k), &Device::Cpu).unwrap();
+        let bits = SpikeBits::pack_channels_last(&s).unwrap();
+        let ours = spike_conv2d(&bits, &wt, pad, st).unwrap();
+        let dense = s.conv2d(&wt, pad, st, 1, 1).unwrap();
+        assert_eq!(ours.dims(), dense.dims());
+        assert!(max_rel_diff(&ours, &dense) < 1e-5);
+    }
+
+    #[test]
+    fn conv3x3_matches_dense() {
+        check_conv((2, 70, 7, 5), 9, 3, 1, 1);
+    }
+
+    #[test]
+    fn conv1x1_and_strided_match_dense() {
+        check_conv((3, 5, 6, 6), 4, 1, 0, 1);
+        check_conv((2, 3, 9, 9), 4, 3, 1, 2);
+    }
+
+    #[test]
+    fn conv_rejects_channel_mismatch() {
+        let bits = SpikeBits::pack_channels_last(&spikes(&[1, 3, 4, 4], 0.5)).unwrap();
+        let w = Tensor::zeros((2, 4, 3, 3), DType::F32, &Device::Cpu).unwrap();
+        let err = spike_conv2d(&bits, &w, 1, 1).unwrap_err().to_string();
+        assert!(err.contains("3 channels"), "{err}");
+    }
+
+    /// Scores and their product with v are exact integers, equal to the dense f32 matmuls.
+    #[test]
+    fn attention_matches_dense_exactly() {
+        let (q, k, v) = (
+            spikes(&[2, 3, 9, 70], 0.3),
+            spikes(&[2, 3, 9, 70], 0.3),
+            spikes(&[2, 3, 9, 70], 0.3),
+        );
+        let pack = |t: &Tensor| SpikeBits::pack(t).unwrap();
+        let scores = spike_attention_scores(&pack(&q), &pack(&k)).unwrap();
+        let dense = q.matmul(&k.t().unwrap()).unwrap();
+        let as_f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+        assert_eq!(max_rel_diff(&as_f32(&scores), &dense), 0.0);
+        let out = spike_attention(&pack(&q), &pack(&k), &pack(&v)).unwrap();
+        let dense_out = dense.matmul(&v).unwrap();
+        assert_eq!(out.dims(), &[2, 3, 9, 70]);
+        assert_eq!(max_rel_diff(&as_f32(&out), &dense_out), 0.0);
+    }
+}
