@@ -4,10 +4,7 @@
 //! Training stages consume only these two traits, so the teacher runs once per dataset, never
 //! once per epoch.
 
-pub mod cifar;
-pub mod folder;
 pub mod prompts;
-pub mod stl10;
 pub mod world;
 
 use candle_core::{Device, Tensor};
@@ -50,23 +47,4 @@ pub trait TextFeatureSet: Send + Sync {
         self.len() == 0
     }
     fn batch(&self, indices: &[usize], device: &Device) -> anyhow::Result<TextBatch>;
-}
-
-/// Labelled 8-bit images, channel-major `[N, 3, H, W]`, as the readers hand them to
-/// preprocessing.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RawImages {
-    pub pixels: Vec<u8>,
-    pub height: usize,
-    pub width: usize,
-    pub labels: Vec<u32>,
-}
-
-impl RawImages {
-    pub fn len(&self) -> usize {
-        self.labels.len()
-    }
-    pub fn is_empty(&self) -> bool {
-        self.labels.is_empty()
-    }
 }

@@ -1,10 +1,6 @@
 //! Teachers: what the student learns to imitate. A real CLIP read from a local checkpoint, or
 //! the built-in world's analytic teacher; training sees both through these traits.
 
-pub mod clip;
-pub mod preprocess;
-pub mod tokenizer;
-
 use candle_core::Tensor;
 
 /// Turns sentences into the token ids the text encoders read.
