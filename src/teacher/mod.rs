@@ -16,3 +16,5 @@ pub trait TextTeacher: Send + Sync {
     /// Features before normalisation, `[N, embed_dim]` f32.
     fn text_features(&self, texts: &[String]) -> anyhow::Result<Tensor>;
 }
+
+pub mod tokenizer;
