@@ -4,8 +4,9 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
+use spikeclip::teacher::clip::{ClipModel, ClipTeacher};
 use spikeclip::teacher::tokenizer::ClipTokenizer;
-use spikeclip::teacher::Tokenize;
+use spikeclip::teacher::{ImageTeacher, TextTeacher, Tokenize};
 
 fn fixture_dir() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/clip"))
@@ -77,4 +78,80 @@ fn tokenizer_missing_files_are_named() {
         .err()
         .unwrap();
     assert!(format!("{err:#}").contains("nope.gz"));
+}
+
+fn teacher() -> ClipTeacher {
+    ClipTeacher {
+        model: ClipModel::load(&fixture_dir(), &Device::Cpu).unwrap(),
+        tokenizer: ClipTokenizer::from_bpe_gz(&shared_file("bpe_simple_vocab_16e6.txt.gz"))
+            .unwrap(),
+    }
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+#[test]
+fn text_features_match_transformers() {
+    let t = teacher();
+    let ours = t.text_features(&texts()).unwrap();
+    let diff = max_abs_diff(&ours, &reference()["text_features"]);
+    assert!(diff < 1e-4, "text features differ by {diff}");
+}
+
+#[test]
+fn image_features_match_transformers_given_identical_pixels() {
+    let t = teacher();
+    let r = reference();
+    let ours = t.image_features(&r["pixel_values"]).unwrap();
+    let diff = max_abs_diff(&ours, &r["image_features"]);
+    assert!(diff < 1e-4, "image features differ by {diff}");
+}
+
+#[test]
+fn embeddings_for_the_student_have_clip_shapes() {
+    let t = teacher();
+    assert_eq!(t.model.token_embedding().dims(), &[49408, 8]);
+    assert_eq!(t.model.position_embedding().dims(), &[77, 8]);
+}
+
+#[test]
+fn wrong_shaped_checkpoint_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = std::fs::read_to_string(fixture_dir().join("config.json")).unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        config.replace("\"hidden_size\": 8", "\"hidden_size\": 12"),
+    )
+    .unwrap();
+    std::fs::copy(
+        fixture_dir().join("model.safetensors"),
+        dir.path().join("model.safetensors"),
+    )
+    .unwrap();
+    let err = format!(
+        "{:#}",
+        ClipModel::load(dir.path(), &Device::Cpu).err().unwrap()
+    );
+    assert!(
+        err.contains("model.safetensors") && err.contains("config.json"),
+        "{err}"
+    );
+    std::fs::remove_file(dir.path().join("model.safetensors")).unwrap();
+    let err = format!(
+        "{:#}",
+        ClipModel::load(dir.path(), &Device::Cpu).err().unwrap()
+    );
+    assert!(err.contains("no model.safetensors"), "{err}");
 }

@@ -3,6 +3,9 @@
 
 use candle_core::Tensor;
 
+pub mod clip;
+pub mod tokenizer;
+
 /// Turns sentences into the token ids the text encoders read.
 pub trait Tokenize: Send + Sync {
     fn vocab_size(&self) -> usize;
@@ -17,4 +20,10 @@ pub trait TextTeacher: Send + Sync {
     fn text_features(&self, texts: &[String]) -> anyhow::Result<Tensor>;
 }
 
-pub mod tokenizer;
+/// The teacher's image tower, which the feature cache runs once per dataset.
+pub trait ImageTeacher: Send + Sync {
+    /// Side of the square, CLIP-normalised input it reads.
+    fn image_size(&self) -> usize;
+    /// Features before normalisation, `[B, embed_dim]` f32, from pixels `[B, 3, S, S]`.
+    fn image_features(&self, pixels: &Tensor) -> anyhow::Result<Tensor>;
+}
