@@ -82,12 +82,17 @@ def main():
 
     proc = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     proc.save_pretrained(OUT)
-    rng = np.random.default_rng(0)
+    # Smooth images: resampling filters differ in detail, and noise would only measure that.
+    def smooth(w, h, channels):
+        y, x = np.mgrid[0:h, 0:w].astype(np.float64)
+        planes = [127.5 + 120 * np.sin(x / (3 + c) + y / (5 + 2 * c) + c) for c in range(channels)]
+        return np.clip(np.stack(planes, -1).squeeze(-1) if channels == 1 else np.stack(planes, -1), 0, 255).round().astype(np.uint8)
+
     images = {
-        "rgb_48x40.png": Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8), "RGB"),
-        "gray_30x50.png": Image.fromarray(rng.integers(0, 256, (50, 30), dtype=np.uint8), "L"),
-        "rgba_64x64.png": Image.fromarray(rng.integers(0, 256, (64, 64, 4), dtype=np.uint8), "RGBA"),
-        "rgb_32x32.png": Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), "RGB"),
+        "rgb_48x40.png": Image.fromarray(smooth(48, 40, 3), "RGB"),
+        "gray_30x50.png": Image.fromarray(smooth(30, 50, 1), "L"),
+        "rgba_64x64.png": Image.fromarray(smooth(64, 64, 4), "RGBA"),
+        "rgb_32x32.png": Image.fromarray(smooth(32, 32, 3), "RGB"),
     }
     names = sorted(images)
     for n in names:
@@ -99,7 +104,13 @@ def main():
         image = model.get_image_features(pixel_values=pixels)
     text = getattr(text, "pooler_output", text)
     image = getattr(image, "pooler_output", image)
+    # The student's input: the normalised crop shrunk as the authors do, without antialiasing.
+    torch.manual_seed(1)
+    interp_in = torch.randn(2, 3, 48, 40)
+    interp_out = torch.nn.functional.interpolate(interp_in, size=(32, 32), mode="bilinear", align_corners=False)
     save_file({
+        "interp_in": interp_in.contiguous(),
+        "interp_out": interp_out.contiguous(),
         "input_ids_77": ids77["input_ids"].to(torch.int64).contiguous(),
         "input_ids_20": ids20["input_ids"].to(torch.int64).contiguous(),
         "pixel_values": pixels.contiguous(),

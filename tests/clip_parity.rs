@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
 use spikeclip::teacher::clip::{ClipModel, ClipTeacher};
+use spikeclip::teacher::preprocess::{self, Preprocessor};
 use spikeclip::teacher::tokenizer::ClipTokenizer;
 use spikeclip::teacher::{ImageTeacher, TextTeacher, Tokenize};
 
@@ -154,4 +155,39 @@ fn wrong_shaped_checkpoint_is_a_clear_error() {
         ClipModel::load(dir.path(), &Device::Cpu).err().unwrap()
     );
     assert!(err.contains("no model.safetensors"), "{err}");
+}
+
+#[test]
+fn preprocessing_matches_clip_image_processor_within_2e_2() {
+    let pre = Preprocessor::from_file(&fixture_dir().join("preprocessor_config.json")).unwrap();
+    let names: Vec<String> = inputs()["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_str().unwrap().to_string())
+        .collect();
+    let ours: Vec<Vec<f32>> = names
+        .iter()
+        .map(|n| pre.load(&fixture_dir().join(n)).unwrap())
+        .collect();
+    let ours = preprocess::batch(ours, 32, 32, &Device::Cpu).unwrap();
+    let diff = max_abs_diff(&ours, &reference()["pixel_values"]);
+    assert!(diff < 2e-2, "pixel values differ by {diff}");
+}
+
+#[test]
+fn student_input_matches_torch_bilinear_interpolate() {
+    let r = reference();
+    let ours = preprocess::student_input(&r["interp_in"], 32).unwrap();
+    let diff = max_abs_diff(&ours, &r["interp_out"]);
+    assert!(diff < 1e-5, "student input differs by {diff}");
+}
+
+#[test]
+fn corrupt_image_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("broken.png");
+    std::fs::write(&path, b"\x89PNG not really").unwrap();
+    let err = format!("{:#}", Preprocessor::square(32).load(&path).err().unwrap());
+    assert!(err.contains("broken.png"), "{err}");
 }

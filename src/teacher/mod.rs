@@ -4,6 +4,7 @@
 use candle_core::Tensor;
 
 pub mod clip;
+pub mod preprocess;
 pub mod tokenizer;
 
 /// Turns sentences into the token ids the text encoders read.
