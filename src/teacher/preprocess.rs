@@ -10,7 +10,7 @@ use image::{DynamicImage, RgbImage};
 use serde::Deserialize;
 
 pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
-pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_1];
+pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
 /// Side of the spiking student's input.
 pub const STUDENT_SIZE: usize = 32;
 
