@@ -5,6 +5,7 @@
 //! once per epoch.
 
 pub mod prompts;
+pub mod sources;
 pub mod world;
 
 use candle_core::{Device, Tensor};
