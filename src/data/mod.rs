@@ -4,6 +4,7 @@
 //! Training stages consume only these two traits, so the teacher runs once per dataset, never
 //! once per epoch.
 
+pub mod cache;
 pub mod prompts;
 pub mod sources;
 pub mod world;
