@@ -1,6 +1,8 @@
 //! The `spikeclip` command line: one subcommand per module, each in its own file.
 
 mod bench;
+mod cache;
+mod embed;
 mod world;
 
 use std::process::ExitCode;
@@ -22,6 +24,10 @@ struct Cli {
 enum Command {
     /// Time the hot paths (median, min, max seconds per iteration and peak memory).
     Bench(bench::Args),
+    /// Run the teacher once over a dataset and/or D-text and store features for training.
+    Cache(cache::Args),
+    /// Write a model's text and image features to a safetensors file.
+    Embed(embed::Args),
     /// Write sample images of the built-in world with their captions.
     World(world::Args),
 }
@@ -38,6 +44,8 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Bench(args) => bench::run(args),
+        Command::Cache(args) => cache::run(args),
+        Command::Embed(args) => embed::run(args),
         Command::World(args) => world::run(args),
     };
     match result {

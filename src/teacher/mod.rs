@@ -28,3 +28,19 @@ pub trait ImageTeacher: Send + Sync {
     /// Features before normalisation, `[B, embed_dim]` f32, from pixels `[B, 3, S, S]`.
     fn image_features(&self, pixels: &Tensor) -> anyhow::Result<Tensor>;
 }
+
+/// Which model a command loads: `clip:DIR` (a Hugging Face CLIP directory). SpikeCLIP
+/// checkpoints join as another variant.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelSpec {
+    Clip(std::path::PathBuf),
+}
+
+impl ModelSpec {
+    pub fn parse(spec: &str) -> anyhow::Result<Self> {
+        match spec.split_once(':') {
+            Some(("clip", dir)) if !dir.is_empty() => Ok(Self::Clip(dir.into())),
+            _ => anyhow::bail!("model {spec:?}: expected clip:DIR"),
+        }
+    }
+}

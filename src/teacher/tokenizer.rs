@@ -25,6 +25,7 @@ pub const CLIP_CONTEXT: usize = 77;
 /// OpenAI's word pattern: contractions, letter runs, single digits, symbol runs.
 const WORD_PATTERN: &str =
     r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
+pub const OPENAI_BPE_FILE: &str = "bpe_simple_vocab_16e6.txt.gz";
 /// The merges OpenAI's tokenizer uses out of the 16e6 file (its vocabulary is 49408).
 const OPENAI_MERGES: usize = 49152 - 256 - 2;
 
@@ -43,7 +44,8 @@ pub struct ClipTokenizer {
 }
 
 impl ClipTokenizer {
-    /// `tokenizer.json` if the directory has one, else `vocab.json` + `merges.txt`.
+    /// `tokenizer.json` if the directory has one, else `vocab.json` + `merges.txt`, else
+    /// OpenAI's own `bpe_simple_vocab_16e6.txt.gz`.
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let json = dir.join("tokenizer.json");
         if json.exists() {
@@ -53,8 +55,12 @@ impl ClipTokenizer {
         if vocab.exists() && merges.exists() {
             return Self::from_vocab_merges(&vocab, &merges);
         }
+        let openai = dir.join(OPENAI_BPE_FILE);
+        if openai.exists() {
+            return Self::from_bpe_gz(&openai);
+        }
         bail!(
-            "{}: no tokenizer.json, nor vocab.json + merges.txt",
+            "{}: no tokenizer.json, vocab.json + merges.txt, nor {OPENAI_BPE_FILE}",
             dir.display()
         )
     }
