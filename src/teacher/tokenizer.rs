@@ -250,3 +250,68 @@ fn byte_symbols() -> Vec<char> {
         .map(|c| char::from_u32(c).expect("below the surrogate range"))
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn openai_gz() -> std::path::PathBuf {
+        let repo =
+            Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data")).join(OPENAI_BPE_FILE);
+        if repo.exists() {
+            repo
+        } else {
+            Path::new("/work/shared/data").join(OPENAI_BPE_FILE)
+        }
+    }
+
+    /// The Hugging Face file layouts load to the same tokenizer as OpenAI's merges file
+    /// (which the transformers parity test checks).
+    #[test]
+    fn hugging_face_layouts_agree_with_openai_merges() {
+        let reference = ClipTokenizer::from_bpe_gz(&openai_gz()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let vocab = reference.inner.get_vocab(true);
+        std::fs::write(
+            dir.path().join("vocab.json"),
+            serde_json::to_string(&vocab).unwrap(),
+        )
+        .unwrap();
+        let mut text = String::new();
+        flate2::read::GzDecoder::new(std::fs::File::open(openai_gz()).unwrap())
+            .read_to_string(&mut text)
+            .unwrap();
+        let merges: Vec<&str> = text.split('\n').skip(1).take(OPENAI_MERGES).collect();
+        std::fs::write(
+            dir.path().join("merges.txt"),
+            format!("#version: 0.2\n{}\n", merges.join("\n")),
+        )
+        .unwrap();
+        reference
+            .inner
+            .save(dir.path().join("saved.json"), false)
+            .unwrap();
+
+        let texts: Vec<String> = ["It's a Photo of 3 <|endoftext|> cats!", "naïve café 🙂", ""]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let want = reference.encode_with_mask(&texts, 20).unwrap();
+        let from_files = ClipTokenizer::from_dir(dir.path()).unwrap();
+        assert_eq!(from_files.encode_with_mask(&texts, 20).unwrap(), want);
+        let from_json = ClipTokenizer::from_tokenizer_json(&dir.path().join("saved.json")).unwrap();
+        assert_eq!(from_json.encode_with_mask(&texts, 20).unwrap(), want);
+    }
+
+    #[test]
+    fn bad_merges_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("vocab.json"), "{}").unwrap();
+        std::fs::write(dir.path().join("merges.txt"), "#version: 0.2\na b c\n").unwrap();
+        let err = format!("{:#}", ClipTokenizer::from_dir(dir.path()).err().unwrap());
+        assert!(
+            err.contains("merges.txt") && err.contains("merge 1"),
+            "{err}"
+        );
+    }
+}
