@@ -5,18 +5,28 @@ mod kernels;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
-use candle_core::{Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::VarMap;
+use image::RgbImage;
 
 use crate::bench::{measure, BenchResult, Budget};
+use crate::data::cache::{cache_images, Cache, CacheOptions};
+use crate::data::sources::ImageSource;
 use crate::data::world::{Split, World, WorldConfig};
 use crate::data::ImageFeatureSet;
 use crate::neuron::{LifConfig, MultiStepLif};
+use crate::teacher::clip::{ClipConfig, ClipModel};
+use crate::teacher::preprocess::Preprocessor;
+use crate::teacher::ImageTeacher;
+use crate::train::init::seeded_var_builder;
 use crate::train::optim::{Adam, AdamConfig};
+use crate::train::rng::Rng;
 
 #[derive(clap::Args)]
 pub struct Args {
     /// Run only this case (default: all). Cases: lif_fwd_bwd, world_batch, adam_step,
-    /// and the kernels' (conv_*, spike_*, dense_*; an unknown name lists them all).
+    /// clip_b16_images, clip_b16_texts, cache_read, and the kernels' (conv_*, spike_*, dense_*;
+    /// an unknown name lists them all).
     #[arg(long)]
     case: Option<String>,
     /// Also write the results as JSON to this file.
@@ -36,6 +46,9 @@ const CASES: &[Case] = &[
     ("lif_fwd_bwd", lif_fwd_bwd),
     ("world_batch", world_batch),
     ("adam_step", adam_step),
+    ("clip_b16_images", clip_b16_images),
+    ("clip_b16_texts", clip_b16_texts),
+    ("cache_read", cache_read),
 ];
 
 /// Every case: the end-to-end ones above, then the kernels'.
@@ -127,4 +140,97 @@ fn adam_step(budget: Budget) -> anyhow::Result<BenchResult> {
     };
     let mut adam = Adam::new(params, amsgrad);
     measure(budget, || Ok(adam.step(&grads)?))
+}
+
+/// CLIP ViT-B/16 (the paper's teacher) with random weights.
+fn clip_b16() -> anyhow::Result<ClipModel> {
+    let varmap = VarMap::new();
+    let vb = seeded_var_builder(&varmap, 0, DType::F32, &Device::Cpu);
+    ClipModel::new(vb, &ClipConfig::vit_b16())
+}
+
+/// Teacher image features for 8 images at 224x224: images/s = 8 / median_s. Bounds the
+/// one-off cost of `spikeclip cache` over a dataset.
+fn clip_b16_images(budget: Budget) -> anyhow::Result<BenchResult> {
+    let model = clip_b16()?;
+    let pixels = Tensor::randn(0f32, 1.0, (8, 3, 224, 224), &Device::Cpu)?;
+    measure(budget, || {
+        model.image_features(&pixels)?;
+        Ok(())
+    })
+}
+
+/// Teacher text features for 32 sentences of 77 tokens: texts/s = 32 / median_s (D-text).
+fn clip_b16_texts(budget: Budget) -> anyhow::Result<BenchResult> {
+    let model = clip_b16()?;
+    let ids: Vec<u32> = (0..32 * 77).map(|i| (i * 7919 % 49405) as u32).collect();
+    let ids = Tensor::from_vec(ids, (32, 77), &Device::Cpu)?;
+    measure(budget, || {
+        model.text_features(&ids, 49407)?;
+        Ok(())
+    })
+}
+
+/// Blank 32x32 images: the cache_read case times reading, not decoding.
+struct BlankImages(Vec<String>);
+
+impl ImageSource for BlankImages {
+    fn len(&self) -> usize {
+        8192
+    }
+    fn class_names(&self) -> &[String] {
+        &self.0
+    }
+    fn label(&self, index: usize) -> u32 {
+        (index % 10) as u32
+    }
+    fn image(&self, _: usize) -> anyhow::Result<RgbImage> {
+        Ok(RgbImage::new(32, 32))
+    }
+}
+
+/// Stands in for CLIP so building the cache is quick; features are 512-d as ViT-B/16's.
+struct RandomTeacher;
+
+impl ImageTeacher for RandomTeacher {
+    fn image_size(&self) -> usize {
+        32
+    }
+    fn image_features(&self, pixels: &Tensor) -> anyhow::Result<Tensor> {
+        Ok(Tensor::randn(
+            0f32,
+            1.0,
+            (pixels.dim(0)?, 512),
+            pixels.device(),
+        )?)
+    }
+}
+
+/// One training batch of 256 random rows from an 8192-image cache (2 shards): the per-step
+/// data cost of training on a real dataset.
+fn cache_read(budget: Budget) -> anyhow::Result<BenchResult> {
+    let dir = std::env::temp_dir().join(format!("spikeclip-bench-cache-{}", std::process::id()));
+    let source = BlankImages((0..10).map(|i| format!("c{i}")).collect());
+    let opts = CacheOptions {
+        progress: false,
+        ..Default::default()
+    };
+    let job = serde_json::json!("bench");
+    cache_images(
+        &source,
+        &RandomTeacher,
+        &Preprocessor::square(32),
+        job,
+        &dir,
+        &opts,
+    )?;
+    let cache = Cache::open(&dir)?;
+    let mut rng = Rng::new(0);
+    let result = measure(budget, || {
+        let indices: Vec<usize> = (0..256).map(|_| rng.below(8192)).collect();
+        ImageFeatureSet::batch(&cache, &indices, &Device::Cpu)?;
+        Ok(())
+    });
+    std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    result
 }

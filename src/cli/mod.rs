@@ -1,7 +1,9 @@
 //! The `spikeclip` command line: one subcommand per module, each in its own file.
 
 mod bench;
+mod cache;
 mod demo;
+mod embed;
 mod info;
 mod world;
 
@@ -26,6 +28,10 @@ enum Command {
     Demo(demo::Args),
     /// Time the hot paths (median, min, max seconds per iteration and peak memory).
     Bench(bench::Args),
+    /// Run the teacher once over a dataset and/or D-text and store features for training.
+    Cache(cache::Args),
+    /// Write a model's text and image features to a safetensors file.
+    Embed(embed::Args),
     /// Write sample images of the built-in world with their captions.
     World(world::Args),
     /// Print a preset's configuration and both encoders' parameter counts.
@@ -45,6 +51,8 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Bench(args) => bench::run(args),
         Command::Demo(args) => demo::run(args),
+        Command::Cache(args) => cache::run(args),
+        Command::Embed(args) => embed::run(args),
         Command::World(args) => world::run(args),
         Command::Info(args) => info::run(args),
     };

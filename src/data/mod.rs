@@ -4,7 +4,9 @@
 //! Training stages consume only these two traits, so the teacher runs once per dataset, never
 //! once per epoch.
 
+pub mod cache;
 pub mod prompts;
+pub mod sources;
 pub mod world;
 
 use candle_core::{Device, Tensor};

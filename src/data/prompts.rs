@@ -1,7 +1,10 @@
 //! Class names and prompt templates per dataset, the material of D-text and of zero-shot
 //! classifiers (prompt ensembling averages a class's embedding over its templates).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
 
 use serde::{Deserialize, Serialize};
 
@@ -17,4 +20,156 @@ pub struct DatasetPrompts {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct PromptSet {
     pub datasets: BTreeMap<String, DatasetPrompts>,
+}
+
+/// A class in the prompt file: one name, or several synonyms.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum ClassNames {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize)]
+struct FileDataset {
+    classes: Vec<ClassNames>,
+    templates: Vec<String>,
+}
+
+#[derive(Deserialize)]
+struct PromptFile {
+    datasets: BTreeMap<String, FileDataset>,
+}
+
+impl PromptSet {
+    /// Reads a file in the format of `clip_prompts.json`:
+    /// `{"datasets": {NAME: {"classes": [name or [synonyms]], "templates": ["... {} ..."]}}}`.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let file: PromptFile = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a prompt file", path.display()))?;
+        let mut datasets = BTreeMap::new();
+        for (name, d) in file.datasets {
+            if let Some(t) = d.templates.iter().find(|t| !t.contains("{}")) {
+                bail!(
+                    "{}: dataset {name}: template {t:?} has no {{}}",
+                    path.display()
+                );
+            }
+            let classes = d
+                .classes
+                .into_iter()
+                .map(|c| match c {
+                    ClassNames::One(n) => vec![n],
+                    ClassNames::Many(ns) => ns,
+                })
+                .collect::<Vec<_>>();
+            if let Some(i) = classes.iter().position(|c| c.is_empty()) {
+                bail!("{}: dataset {name}: class {i} has no name", path.display());
+            }
+            datasets.insert(
+                name,
+                DatasetPrompts {
+                    classes,
+                    templates: d.templates,
+                },
+            );
+        }
+        Ok(Self { datasets })
+    }
+
+    /// Keeps the named datasets; an unknown name is an error listing the known ones.
+    pub fn select(&self, names: &[String]) -> Result<Self> {
+        let datasets = names
+            .iter()
+            .map(|n| match self.datasets.get(n) {
+                Some(d) => Ok((n.clone(), d.clone())),
+                None => bail!(
+                    "no prompts for dataset {n:?}; known: {:?}",
+                    self.datasets.keys().collect::<Vec<_>>()
+                ),
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self { datasets })
+    }
+
+    /// D-text: every class name (synonyms included) in every template of its dataset,
+    /// deduplicated across datasets, in first-seen order.
+    pub fn dtext(&self) -> Vec<String> {
+        let mut seen = HashSet::new();
+        let mut out = Vec::new();
+        for d in self.datasets.values() {
+            for names in &d.classes {
+                for name in names {
+                    for t in &d.templates {
+                        let s = t.replace("{}", name);
+                        if seen.insert(s.clone()) {
+                            out.push(s);
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(json: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("prompts.json");
+        std::fs::write(&path, json).unwrap();
+        (dir, path)
+    }
+
+    #[test]
+    fn synonyms_and_duplicates_across_datasets() {
+        let (_d, path) = write(
+            r#"{"datasets": {"a": {"classes": ["cat", ["dog", "puppy"]], "templates": ["a {}.", "{}!"]},
+                             "b": {"classes": ["cat"], "templates": ["a {}."]}}}"#,
+        );
+        let set = PromptSet::from_file(&path).unwrap();
+        assert_eq!(set.datasets["a"].classes[1], vec!["dog", "puppy"]);
+        assert_eq!(
+            set.dtext(),
+            vec!["a cat.", "cat!", "a dog.", "dog!", "a puppy.", "puppy!"]
+        );
+        assert_eq!(set.select(&["b".into()]).unwrap().dtext(), vec!["a cat."]);
+        assert!(set.select(&["c".into()]).is_err());
+    }
+
+    #[test]
+    fn malformed_files_are_named() {
+        let (_d, path) =
+            write(r#"{"datasets": {"a": {"classes": ["cat"], "templates": ["no slot"]}}}"#);
+        let err = format!("{:#}", PromptSet::from_file(&path).err().unwrap());
+        assert!(
+            err.contains("prompts.json") && err.contains("no slot"),
+            "{err}"
+        );
+        let (_d, path) = write("{\"datasets\": ");
+        let err = format!("{:#}", PromptSet::from_file(&path).err().unwrap());
+        assert!(err.contains("not a prompt file"), "{err}");
+    }
+
+    #[test]
+    fn shared_prompt_file_dtext_size() {
+        let repo = std::path::PathBuf::from(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../shared/data/clip_prompts.json"
+        ));
+        let path = if repo.exists() {
+            repo
+        } else {
+            "/work/shared/data/clip_prompts.json".into()
+        };
+        let set = PromptSet::from_file(&path).unwrap();
+        assert_eq!(set.datasets.len(), 27);
+        // The paper reports 115,708; this file deduplicated across datasets gives 114,341.
+        assert_eq!(set.dtext().len(), 114_341);
+    }
 }

@@ -3,6 +3,10 @@
 
 use candle_core::Tensor;
 
+pub mod clip;
+pub mod preprocess;
+pub mod tokenizer;
+
 /// Turns sentences into the token ids the text encoders read.
 pub trait Tokenize: Send + Sync {
     fn vocab_size(&self) -> usize;
@@ -15,4 +19,28 @@ pub trait TextTeacher: Send + Sync {
     fn embed_dim(&self) -> usize;
     /// Features before normalisation, `[N, embed_dim]` f32.
     fn text_features(&self, texts: &[String]) -> anyhow::Result<Tensor>;
+}
+
+/// The teacher's image tower, which the feature cache runs once per dataset.
+pub trait ImageTeacher: Send + Sync {
+    /// Side of the square, CLIP-normalised input it reads.
+    fn image_size(&self) -> usize;
+    /// Features before normalisation, `[B, embed_dim]` f32, from pixels `[B, 3, S, S]`.
+    fn image_features(&self, pixels: &Tensor) -> anyhow::Result<Tensor>;
+}
+
+/// Which model a command loads: `clip:DIR` (a Hugging Face CLIP directory). SpikeCLIP
+/// checkpoints join as another variant.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelSpec {
+    Clip(std::path::PathBuf),
+}
+
+impl ModelSpec {
+    pub fn parse(spec: &str) -> anyhow::Result<Self> {
+        match spec.split_once(':') {
+            Some(("clip", dir)) if !dir.is_empty() => Ok(Self::Clip(dir.into())),
+            _ => anyhow::bail!("model {spec:?}: expected clip:DIR"),
+        }
+    }
 }
