@@ -4,6 +4,7 @@
 
 pub mod conv;
 pub mod lif_linear;
+pub mod maxpool;
 pub mod spikes;
 
 use candle_core::backend::BackendStorage;

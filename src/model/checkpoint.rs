@@ -5,11 +5,12 @@
 //! reports all mismatches in one error. Training checkpoints (`*_last.safetensors`,
 //! `*_best.safetensors`, with their `model.` prefix and optimiser state) load the same way.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use candle_core::{Device, Tensor};
+use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
 
 use super::config::SpikeClipConfig;
@@ -107,21 +108,34 @@ pub fn load_weights(student: &dyn Student, path: &Path) -> anyhow::Result<()> {
             .filter_map(|(k, v)| k.strip_prefix(TRAINING_PREFIX).map(|n| (n.to_string(), v)))
             .collect();
     }
-    let vars = named_vars(student.varmap());
+    assign(student.varmap(), "", stored, path)
+}
+
+/// Sets the variables of `varmap` under `prefix` from `tensors`, which must hold exactly those
+/// names with exactly their shapes; every missing, unexpected or wrong-shaped tensor is listed
+/// in one error naming `source`.
+pub fn assign(
+    varmap: &VarMap,
+    prefix: &str,
+    mut tensors: HashMap<String, Tensor>,
+    source: &Path,
+) -> anyhow::Result<()> {
+    let mut vars = named_vars(varmap);
+    vars.retain(|(name, _)| name.starts_with(prefix));
     let mut problems = Vec::new();
     for (name, var) in &vars {
-        match stored.get(name) {
-            None => problems.push(format!("missing {name} {:?}", var.shape().dims())),
-            Some(t) if t.shape() != var.shape() => problems.push(format!(
-                "{name}: checkpoint has {:?}, model expects {:?}",
-                t.shape().dims(),
-                var.shape().dims()
+        match tensors.get(name) {
+            None => problems.push(format!("missing {name} {:?}", var.dims())),
+            Some(t) if t.dims() != var.dims() => problems.push(format!(
+                "{name}: file has {:?}, model expects {:?}",
+                t.dims(),
+                var.dims()
             )),
             Some(_) => {}
         }
     }
-    let known: std::collections::HashSet<&str> = vars.iter().map(|(n, _)| n.as_str()).collect();
-    let mut unexpected: Vec<&String> = stored
+    let known: HashSet<&str> = vars.iter().map(|(n, _)| n.as_str()).collect();
+    let mut unexpected: Vec<&String> = tensors
         .keys()
         .filter(|k| !known.contains(k.as_str()))
         .collect();
@@ -130,16 +144,15 @@ pub fn load_weights(student: &dyn Student, path: &Path) -> anyhow::Result<()> {
     if !problems.is_empty() {
         bail!(
             "{} does not fit the model ({} problems):\n  {}",
-            path.display(),
+            source.display(),
             problems.len(),
             problems.join("\n  ")
         );
     }
     for (name, var) in vars {
-        let t = stored[&name]
-            .to_dtype(var.dtype())?
-            .to_device(var.device())?;
-        var.set(&t)?;
+        let t = tensors.remove(&name).expect("checked above");
+        var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)
+            .with_context(|| format!("{}: setting {name}", source.display()))?;
     }
     Ok(())
 }

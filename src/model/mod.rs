@@ -5,6 +5,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod import;
 pub mod layers;
 pub mod readout;
 pub mod scratch;

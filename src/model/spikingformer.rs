@@ -38,7 +38,7 @@ impl NamedLif {
 /// Spiking self-attention: q, k, v from spikes, `(q k^T) v * 0.125` without softmax.
 #[derive(Debug, Clone)]
 struct SpikingSelfAttention {
-    pre: NamedLif,
+    input: NamedLif,
     q: LinearBn,
     k: LinearBn,
     v: LinearBn,
@@ -62,7 +62,7 @@ impl SpikingSelfAttention {
         };
         let lif = |n: &str, cfg| NamedLif::new(format!("{prefix}.{n}"), cfg);
         Ok(Self {
-            pre: lif("pre_lif", LifConfig::default()),
+            input: lif("in_lif", LifConfig::default()),
             q: qkv("q")?,
             k: qkv("k")?,
             v: qkv("v")?,
@@ -79,7 +79,7 @@ impl SpikingSelfAttention {
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let (t, b, n, c) = x.dims4()?;
         let (h, d) = (self.heads, c / self.heads);
-        let s = self.pre.forward(x)?;
+        let s = self.input.forward(x)?;
         // [T, B, N, C] -> [T * B * H, N, d]: candle's CPU matmul wants 3-D contiguous inputs.
         let split = |y: Tensor| -> Result<Tensor> {
             y.reshape((t, b, n, h, d))?
@@ -101,7 +101,7 @@ impl SpikingSelfAttention {
 
     fn lifs(&self) -> [&NamedLif; 5] {
         [
-            &self.pre,
+            &self.input,
             &self.q_lif,
             &self.k_lif,
             &self.v_lif,
@@ -184,7 +184,7 @@ impl ImageEncoder {
             })
             .collect::<Result<Vec<_>>>()?;
         let conv_lifs = (0..4)
-            .map(|i| NamedLif::new(format!("patch_embed.lif{i}"), LifConfig::default()))
+            .map(|i| NamedLif::new(format!("patch_embed.lif{}", i + 1), LifConfig::default()))
             .collect();
         let blocks = (0..c.depth)
             .map(|i| {
@@ -292,7 +292,7 @@ impl ImageEncoder {
             let input = if i == 0 {
                 OpInput::Real
             } else {
-                OpInput::Spikes(format!("patch_embed.lif{}", i - 1))
+                OpInput::Spikes(format!("patch_embed.lif{i}"))
             };
             snn.push(Op::conv2d(
                 format!("patch_embed.block{i}_conv"),
@@ -310,24 +310,9 @@ impl ImageEncoder {
             let p = format!("block.{i}");
             let spikes = |l: &str| OpInput::Spikes(format!("{p}.{l}"));
             let mut block = vec![
-                Op::linear(
-                    format!("{p}.attn.q_conv"),
-                    n,
-                    (d, d),
-                    spikes("attn.pre_lif"),
-                ),
-                Op::linear(
-                    format!("{p}.attn.k_conv"),
-                    n,
-                    (d, d),
-                    spikes("attn.pre_lif"),
-                ),
-                Op::linear(
-                    format!("{p}.attn.v_conv"),
-                    n,
-                    (d, d),
-                    spikes("attn.pre_lif"),
-                ),
+                Op::linear(format!("{p}.attn.q_conv"), n, (d, d), spikes("attn.in_lif")),
+                Op::linear(format!("{p}.attn.k_conv"), n, (d, d), spikes("attn.in_lif")),
+                Op::linear(format!("{p}.attn.v_conv"), n, (d, d), spikes("attn.in_lif")),
             ];
             let attn_names = (
                 format!("{p}.attn.q_lif"),

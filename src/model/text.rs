@@ -81,12 +81,12 @@ impl TextEncoder {
         Ok(Self {
             embedding: TokenEmbedding::new(vb.clone(), cfg)?,
             lif1: NamedLif {
-                name: "text.lif1".into(),
+                name: "lif1".into(),
                 lif: MultiStepLif::new(LifConfig::default()),
             },
             fc1: candle_nn::linear(flat, c.hidden, vb.pp("fc1"))?,
             lif2: NamedLif {
-                name: "text.lif2".into(),
+                name: "lif2".into(),
                 lif: MultiStepLif::new(LifConfig::default()),
             },
             fc2: candle_nn::linear(c.hidden, cfg.out_dim, vb.pp("fc2"))?,
@@ -115,16 +115,16 @@ impl TextEncoder {
         let c = &self.cfg.text;
         let snn = vec![
             Op::linear(
-                "text.fc1",
+                "fc1",
                 1,
                 (c.context_length * c.width, c.hidden),
-                OpInput::Spikes("text.lif1".into()),
+                OpInput::Spikes("lif1".into()),
             ),
             Op::linear(
-                "text.fc2",
+                "fc2",
                 1,
                 (c.hidden, self.cfg.out_dim),
-                OpInput::Spikes("text.lif2".into()),
+                OpInput::Spikes("lif2".into()),
             ),
         ];
         let ann = snn.iter().map(Op::as_ann).collect();

@@ -1,0 +1,161 @@
+//! Padded 2-d max-pooling as our own op. candle's `max_pool2d` has no padding, refuses
+//! backward when kernel != stride and returns wrong gradients when they are equal; this op
+//! routes each output's gradient to the first maximum of its window, as PyTorch does.
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+
+/// Window geometry of one pooling call on `[N, C, H, W]`.
+#[derive(Debug, Clone, Copy)]
+struct Pool {
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+    h: usize,
+    w: usize,
+    oh: usize,
+    ow: usize,
+}
+
+impl Pool {
+    /// Input index of the first maximum of output `(plane, oy, ox)`'s window.
+    fn argmax(&self, x: &[f32], plane: usize, oy: usize, ox: usize) -> usize {
+        let mut best = (f32::NEG_INFINITY, usize::MAX);
+        for dy in 0..self.kernel {
+            let iy = (oy * self.stride + dy).wrapping_sub(self.padding);
+            if iy >= self.h {
+                continue;
+            }
+            for dx in 0..self.kernel {
+                let ix = (ox * self.stride + dx).wrapping_sub(self.padding);
+                if ix >= self.w {
+                    continue;
+                }
+                let idx = (plane * self.h + iy) * self.w + ix;
+                if best.1 == usize::MAX || x[idx] > best.0 {
+                    best = (x[idx], idx);
+                }
+            }
+        }
+        best.1
+    }
+
+    /// Calls `f(output index, argmax input index)` for every output.
+    fn each(&self, x: &[f32], planes: usize, mut f: impl FnMut(usize, usize)) {
+        for plane in 0..planes {
+            for oy in 0..self.oh {
+                for ox in 0..self.ow {
+                    f(
+                        (plane * self.oh + oy) * self.ow + ox,
+                        self.argmax(x, plane, oy, ox),
+                    );
+                }
+            }
+        }
+    }
+}
+
+struct MaxPool(Pool);
+
+impl CustomOp1 for MaxPool {
+    fn name(&self) -> &'static str {
+        "spikeclip-max-pool2d"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (start, end) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("max_pool2d: non-contiguous input".into()))?;
+        let x = &storage.as_slice::<f32>()?[start..end];
+        let dims = layout.dims();
+        let p = self.0;
+        let planes = dims[0] * dims[1];
+        let mut out = vec![0f32; planes * p.oh * p.ow];
+        p.each(x, planes, |o, i| out[o] = x[i]);
+        Ok((
+            CpuStorage::F32(out),
+            Shape::from((dims[0], dims[1], p.oh, p.ow)),
+        ))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let x = arg.flatten_all()?.to_vec1::<f32>()?;
+        let g = grad_res.flatten_all()?.to_vec1::<f32>()?;
+        let mut grad = vec![0f32; x.len()];
+        let planes = arg.dim(0)? * arg.dim(1)?;
+        self.0.each(&x, planes, |o, i| grad[i] += g[o]);
+        Ok(Some(Tensor::from_vec(grad, arg.shape(), arg.device())?))
+    }
+}
+
+/// 2-d max-pooling of `[N, C, H, W]` f32 with square kernel, stride and implicit `-inf`
+/// padding, as `torch.nn.MaxPool2d(kernel, stride, padding)`.
+pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    if kernel == 0
+        || stride == 0
+        || 2 * padding > kernel
+        || h + 2 * padding < kernel
+        || w + 2 * padding < kernel
+    {
+        candle_core::bail!(
+            "max_pool2d: invalid kernel {kernel}, stride {stride}, padding {padding} for {h}x{w}"
+        )
+    }
+    let out = |n: usize| (n + 2 * padding - kernel) / stride + 1;
+    let pool = Pool {
+        kernel,
+        stride,
+        padding,
+        h,
+        w,
+        oh: out(h),
+        ow: out(w),
+    };
+    x.contiguous()?.apply_op1(MaxPool(pool))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn matches_a_direct_loop_and_routes_gradients_to_the_maxima() -> Result<()> {
+        let dev = Device::Cpu;
+        let (h, w) = (5, 6);
+        let vals: Vec<f32> = (0..h * w).map(|i| ((i * 37 % 29) as f32) - 14.0).collect();
+        let x = Var::from_vec(vals.clone(), (1, 1, h, w), &dev)?;
+        let y = max_pool2d(x.as_tensor(), 3, 2, 1)?;
+        assert_eq!(y.dims(), &[1, 1, 3, 3]);
+        let got = y.flatten_all()?.to_vec1::<f32>()?;
+        let mut expected = Vec::new();
+        let mut argmax = Vec::new();
+        for oy in 0..3i64 {
+            for ox in 0..3i64 {
+                let mut best = (f32::NEG_INFINITY, 0);
+                for dy in 0..3 {
+                    for dx in 0..3 {
+                        let (iy, ix) = (oy * 2 - 1 + dy, ox * 2 - 1 + dx);
+                        if (0..h as i64).contains(&iy) && (0..w as i64).contains(&ix) {
+                            let idx = (iy * w as i64 + ix) as usize;
+                            if vals[idx] > best.0 {
+                                best = (vals[idx], idx);
+                            }
+                        }
+                    }
+                }
+                expected.push(best.0);
+                argmax.push(best.1);
+            }
+        }
+        assert_eq!(got, expected);
+        let grads = y.sum_all()?.backward()?;
+        let g = grads.get(&x).unwrap().flatten_all()?.to_vec1::<f32>()?;
+        let mut want = vec![0f32; h * w];
+        for i in argmax {
+            want[i] += 1.0;
+        }
+        assert_eq!(g, want);
+        Ok(())
+    }
+}
