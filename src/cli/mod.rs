@@ -2,8 +2,11 @@
 
 mod bench;
 mod cache;
+mod classify;
 mod demo;
 mod embed;
+mod energy;
+mod eval;
 mod info;
 mod world;
 
@@ -24,6 +27,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Firing rates, operation counts and energy of a SpikeCLIP checkpoint vs its ANN twin.
+    Energy(energy::Args),
+    /// Rank label names for images with a trained checkpoint (zero-shot).
+    Classify(classify::Args),
+    /// Zero-shot top-1/top-5 of a checkpoint, beside the teacher's.
+    Eval(eval::Args),
     /// Run the whole recipe on the built-in world: SpikeCLIP vs ScratchCLIP, report and plots.
     Demo(demo::Args),
     /// Time the hot paths (median, min, max seconds per iteration and peak memory).
@@ -50,6 +59,9 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Bench(args) => bench::run(args),
+        Command::Energy(args) => energy::run(args),
+        Command::Classify(args) => classify::run(args),
+        Command::Eval(args) => eval::run(args),
         Command::Demo(args) => demo::run(args),
         Command::Cache(args) => cache::run(args),
         Command::Embed(args) => embed::run(args),

@@ -16,6 +16,16 @@ pub struct DatasetPrompts {
     pub templates: Vec<String>,
 }
 
+impl DatasetPrompts {
+    /// Every sentence of class `c`: each of its names in each template.
+    pub fn class_sentences(&self, c: usize) -> Vec<String> {
+        self.classes[c]
+            .iter()
+            .flat_map(|name| self.templates.iter().map(move |t| t.replace("{}", name)))
+            .collect()
+    }
+}
+
 /// Prompts of several datasets, by name.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct PromptSet {

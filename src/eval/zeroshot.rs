@@ -27,10 +27,7 @@ pub fn class_embeddings(
         .enumerate()
         .map(|(i, names)| {
             ensure!(!names.is_empty(), "class {i} has no name");
-            let texts: Vec<String> = names
-                .iter()
-                .flat_map(|n| prompts.templates.iter().map(move |t| t.replace("{}", n)))
-                .collect();
+            let texts = prompts.class_sentences(i);
             let features = embed(&texts)
                 .with_context(|| format!("embedding the prompts of class {:?}", names[0]))?;
             Ok(normalize(&features)?.mean_keepdim(0)?)

@@ -100,6 +100,9 @@ impl Student for SpikeClip {
             },
         ])
     }
+    fn first_layer_spikes(&self, image: &Tensor) -> Option<Result<(String, Tensor)>> {
+        Some(self.image.first_layer_spikes(image))
+    }
     fn time_steps(&self) -> usize {
         self.config.time_steps
     }

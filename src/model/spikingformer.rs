@@ -229,22 +229,26 @@ impl ImageEncoder {
         })
     }
 
+    /// The first conv's output repeated over T, `[T, B, C, H, W]`: the input is the same at every
+    /// step, so the conv runs once, and BatchNorm sees the same statistics as over T copies.
+    fn first_conv(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let first = self.convs[0].forward(x, train)?;
+        let (b, c, h, w) = first.dims4()?;
+        first
+            .unsqueeze(0)?
+            .broadcast_as((self.cfg.time_steps, b, c, h, w))?
+            .contiguous()
+    }
+
+    /// The first LIF layer's name and spikes `[T, B, C, H, W]` (eval mode).
+    pub fn first_layer_spikes(&self, x: &Tensor) -> Result<(String, Tensor)> {
+        let lif = &self.conv_lifs[0];
+        Ok((lif.name.clone(), lif.forward(&self.first_conv(x, false)?)?))
+    }
+
     /// Spike tokens `[T, B, N, C]` of images `[B, 3, H, W]`.
     fn tokens(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let t = self.cfg.time_steps;
-        // The input is the same at every step, so the first conv runs once; BatchNorm sees the
-        // same statistics as over T copies.
-        let first = self.convs[0].forward(x, train)?;
-        let mut y = first
-            .unsqueeze(0)?
-            .broadcast_as((
-                t,
-                first.dim(0)?,
-                first.dim(1)?,
-                first.dim(2)?,
-                first.dim(3)?,
-            ))?
-            .contiguous()?;
+        let mut y = self.first_conv(x, train)?;
         for (i, conv) in self.convs.iter().enumerate().skip(1) {
             let spikes = self.conv_lifs[i - 1].forward(&y)?;
             y = over_time(&spikes, |s| {

@@ -9,6 +9,7 @@ use anyhow::Context;
 use candle_core::{Device, Tensor};
 use serde::Serialize;
 
+use super::energy::{measure_energy, prompt_token_ids};
 use super::stages::{
     distill_image, distill_text, finetune, student_class_embeddings, teacher_zero_shot, zero_shot,
     FinetuneTargets,
@@ -16,7 +17,7 @@ use super::stages::{
 use super::student::Student;
 use crate::data::world::{Split, World, WorldConfig, DATASET};
 use crate::data::ImageFeatureSet;
-use crate::energy::{write_report, EnergyConstants, EnergyReport, ReportInputs};
+use crate::energy::{EnergyConstants, EnergyReport};
 use crate::eval::zeroshot::{class_embeddings, TopK};
 use crate::model::checkpoint::{self, ModelCard, ModelKind, TokenizerSpec};
 use crate::model::config::SpikeClipConfig;
@@ -171,7 +172,7 @@ pub fn run_demo(cfg: &DemoConfig, out: &Path, show_progress: bool) -> anyhow::Re
     }
     let scratchclip = reports.pop().expect("two reports");
     let spikeclip = reports.pop().expect("two reports");
-    let energy = measure_energy(&spiking, &world, &out.join("energy"))?;
+    let energy = world_energy(&spiking, &world, &out.join("energy"))?;
     let report = DemoReport {
         chance: 1.0 / World::class_names().len() as f64,
         teacher,
@@ -265,40 +266,24 @@ fn train_one(
 
 /// Firing rates of the spiking student over the seen test images and the class prompts, and
 /// the energy report they give.
-fn measure_energy(
+fn world_energy(
     student: &dyn Student,
     world: &World,
     dir: &Path,
 ) -> anyhow::Result<Option<EnergyReport>> {
-    let Some(encoders) = student.energy_ops() else {
-        return Ok(None);
-    };
     let dev = Device::Cpu;
     let images = world.images(Split::TestSeen);
     let idx: Vec<usize> = (0..images.len().min(256)).collect();
     let batch = images.batch(&idx, &dev)?;
     let prompts = &World::prompts().datasets[DATASET];
-    let max_len = world.config().max_len;
-    for enc in &encoders {
-        enc.monitors.record(|| {
-            // Each encoder's monitors only see its own layers, so running both towers under
-            // each record is harmless and keeps the code simple.
-            student.image_features(&batch.inputs, false)?;
-            student_class_embeddings(student, world.tokenizer(), prompts, max_len, &dev)?;
-            Ok(())
-        })?;
-    }
-    let report = write_report(
-        &ReportInputs {
-            encoders: &encoders,
-            time_steps: student.time_steps(),
-            samples: idx.len(),
-            constants: EnergyConstants::fp32(),
-            raster: None,
-        },
-        dir,
+    let ids = prompt_token_ids(
+        prompts,
+        world.tokenizer(),
+        world.config().max_len,
+        256,
+        &dev,
     )?;
-    Ok(Some(report))
+    measure_energy(student, &batch.inputs, &ids, EnergyConstants::fp32(), dir)
 }
 
 fn write_files(report: &DemoReport, out: &Path) -> anyhow::Result<()> {

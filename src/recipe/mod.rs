@@ -4,7 +4,9 @@
 //! zero-shot evaluation in between. Every step works through the [`Student`] trait, so the
 //! spiking SpikeCLIP and its ANN twin ScratchCLIP run the same code.
 
+pub mod classifier;
 pub mod demo;
+pub mod energy;
 pub mod stages;
 pub mod student;
 

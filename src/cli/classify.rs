@@ -1,0 +1,142 @@
+//! `spikeclip classify`: ranked label probabilities for images, from a trained checkpoint and
+//! label names alone (zero-shot).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use candle_core::{Device, Tensor, D};
+
+use crate::data::prompts::{DatasetPrompts, PromptSet};
+use crate::data::world::World;
+use crate::model::checkpoint::TokenizerSpec;
+use crate::recipe::classifier::LoadedStudent;
+use crate::teacher::preprocess::{batch, student_input, Preprocessor};
+use crate::train::loss::cosine_logits;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// A checkpoint directory (model.safetensors + model.json), e.g. runs/demo/spikeclip.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Image files or folders of images (JPEG/PNG).
+    #[arg(long, required = true)]
+    image: Vec<PathBuf>,
+    /// Comma-separated label names.
+    #[arg(long, value_delimiter = ',')]
+    labels: Vec<String>,
+    /// A prompts file (clip_prompts.json format) with --prompt-set naming its dataset.
+    #[arg(long, requires = "prompt_set")]
+    prompts: Option<PathBuf>,
+    #[arg(long)]
+    prompt_set: Option<String>,
+    /// How many labels to print per image.
+    #[arg(long, default_value_t = 5)]
+    top: usize,
+}
+
+/// The label set: a prompts file's dataset, names given on the command line, or for a
+/// world-trained checkpoint the world's classes.
+pub(crate) fn label_prompts(
+    loaded: &LoadedStudent,
+    labels: &[String],
+    prompts: Option<&Path>,
+    prompt_set: Option<&str>,
+) -> anyhow::Result<DatasetPrompts> {
+    if let (Some(file), Some(name)) = (prompts, prompt_set) {
+        let set = PromptSet::from_file(file)?;
+        return set.datasets.get(name).cloned().with_context(|| {
+            format!(
+                "{}: no dataset {name:?} in the prompts file",
+                file.display()
+            )
+        });
+    }
+    let given = !labels.is_empty();
+    let labels: Vec<String> = labels
+        .iter()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect();
+    let classes = if !labels.is_empty() {
+        labels
+    } else if given {
+        bail!("the label list is empty: --labels needs at least one name")
+    } else if loaded.card.tokenizer == TokenizerSpec::World {
+        World::class_names()
+    } else {
+        bail!("the label list is empty: give --labels a,b,c or --prompts FILE --prompt-set NAME")
+    };
+    Ok(DatasetPrompts {
+        classes: classes.into_iter().map(|c| vec![c]).collect(),
+        templates: loaded.default_templates(),
+    })
+}
+
+fn image_files(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for p in paths {
+        if p.is_dir() {
+            let mut inside: Vec<PathBuf> = std::fs::read_dir(p)
+                .with_context(|| format!("reading folder {}", p.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|f| {
+                    f.extension().and_then(|e| e.to_str()).is_some_and(|e| {
+                        matches!(e.to_ascii_lowercase().as_str(), "png" | "jpg" | "jpeg")
+                    })
+                })
+                .collect();
+            inside.sort();
+            files.extend(inside);
+        } else if p.exists() {
+            files.push(p.clone());
+        } else {
+            bail!("{}: no such image or folder", p.display());
+        }
+    }
+    if files.is_empty() {
+        bail!("no images found in the given paths");
+    }
+    Ok(files)
+}
+
+/// Student inputs `[B, 3, 32, 32]`: CLIP's 224 preprocessing, then bilinear down to 32 as the
+/// authors feed their student.
+pub(crate) fn student_images(files: &[PathBuf], device: &Device) -> anyhow::Result<Tensor> {
+    let pre = Preprocessor::square(224);
+    let pixels = files
+        .iter()
+        .map(|f| pre.load(f))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    student_input(&batch(pixels, 224, 224, device)?, 32)
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let dev = Device::Cpu;
+    let loaded = LoadedStudent::open(&args.checkpoint, &dev)?;
+    let prompts = label_prompts(
+        &loaded,
+        &args.labels,
+        args.prompts.as_deref(),
+        args.prompt_set.as_deref(),
+    )?;
+    let classes = loaded.class_embeddings(&prompts, &dev)?;
+    let files = image_files(&args.image)?;
+    // Probabilities as CLIP reports them: softmax over cosine similarities times 100.
+    for chunk in files.chunks(64) {
+        let feats = loaded
+            .student
+            .image_features(&student_images(chunk, &dev)?, false)?;
+        let probs =
+            candle_nn::ops::softmax(&cosine_logits(&feats, &classes, Some(100.0))?, D::Minus1)?
+                .to_vec2::<f32>()?;
+        for (file, row) in chunk.iter().zip(probs) {
+            let mut ranked: Vec<(usize, f32)> = row.into_iter().enumerate().collect();
+            ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
+            println!("{}", file.display());
+            for (c, p) in ranked.into_iter().take(args.top) {
+                println!("  {:6.2}%  {}", 100.0 * p, prompts.classes[c][0]);
+            }
+        }
+    }
+    Ok(())
+}

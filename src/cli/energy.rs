@@ -1,0 +1,84 @@
+//! `spikeclip energy`: per-layer firing rates, operation counts and energy of a SpikeCLIP
+//! checkpoint against its ANN twin, from a normal evaluation pass.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use candle_core::Device;
+
+use super::classify::label_prompts;
+use crate::data::cache::Cache;
+use crate::data::world::{Split, World, WorldConfig};
+use crate::data::ImageFeatureSet;
+use crate::energy::EnergyConstants;
+use crate::recipe::classifier::LoadedStudent;
+use crate::recipe::energy::{measure_energy, prompt_token_ids};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// A SpikeCLIP checkpoint directory (model.safetensors + model.json).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Images to measure on: `world` (the built-in world's seen test split) or `cache:DIR`.
+    #[arg(long, default_value = "world")]
+    dataset: String,
+    /// How many images (and sentences) the evaluation pass runs.
+    #[arg(long, default_value_t = 256)]
+    samples: usize,
+    /// Energy per operation: fp32 (4.6 / 0.9 pJ, 45 nm), fp16, int8, or `MAC,AC` in pJ.
+    #[arg(long, default_value = "fp32")]
+    precision: String,
+    /// Prompts file and dataset whose sentences drive the text encoder (default: the world's
+    /// prompts, or the checkpoint's default template over --labels).
+    #[arg(long, requires = "prompt_set")]
+    prompts: Option<PathBuf>,
+    #[arg(long)]
+    prompt_set: Option<String>,
+    #[arg(long, value_delimiter = ',')]
+    labels: Vec<String>,
+    /// Where energy.json, energy.txt and the plots go.
+    #[arg(long, default_value = "runs/energy")]
+    out: PathBuf,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let dev = Device::Cpu;
+    let loaded = LoadedStudent::open(&args.checkpoint, &dev)?;
+    let constants: EnergyConstants = args.precision.parse()?;
+    let idx: Vec<usize> = (0..args.samples.max(1)).collect();
+    let images = if args.dataset == "world" {
+        let set = World::new(WorldConfig::default()).images(Split::TestSeen);
+        set.batch(&idx[..idx.len().min(set.len())], &dev)?.inputs
+    } else if let Some(dir) = args.dataset.strip_prefix("cache:") {
+        let set = Cache::open(&PathBuf::from(dir).join("images"))
+            .or_else(|_| Cache::open(&PathBuf::from(dir)))
+            .with_context(|| format!("opening the image cache in {dir}"))?;
+        set.batch(&idx[..idx.len().min(set.len())], &dev)?.inputs
+    } else {
+        bail!("--dataset {:?}: expected world or cache:DIR", args.dataset);
+    };
+    let prompts = label_prompts(
+        &loaded,
+        &args.labels,
+        args.prompts.as_deref(),
+        args.prompt_set.as_deref(),
+    )?;
+    let ids = prompt_token_ids(
+        &prompts,
+        loaded.tokenizer.as_ref(),
+        loaded.card.config.text.context_length,
+        args.samples,
+        &dev,
+    )?;
+    let Some(report) =
+        measure_energy(loaded.student.as_ref(), &images, &ids, constants, &args.out)?
+    else {
+        bail!(
+            "{}: not a spiking checkpoint (energy compares SpikeCLIP with its ANN twin)",
+            args.checkpoint.display()
+        );
+    };
+    print!("{}", report.table());
+    println!("wrote {}", args.out.join("energy.json").display());
+    Ok(())
+}

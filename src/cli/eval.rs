@@ -1,0 +1,116 @@
+//! `spikeclip eval`: zero-shot top-1/top-5 of a checkpoint with prompt ensembling, with the
+//! teacher's own accuracy beside it.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use candle_core::Device;
+use serde_json::json;
+
+use crate::data::cache::Cache;
+use crate::data::world::{Split, World, WorldConfig};
+use crate::data::ImageFeatureSet;
+use crate::eval::zeroshot::{class_embeddings, TopK};
+use crate::recipe::classifier::LoadedStudent;
+use crate::recipe::{teacher_zero_shot, zero_shot};
+use crate::teacher::clip::ClipTeacher;
+use crate::teacher::{ModelSpec, TextTeacher};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// A checkpoint directory (model.safetensors + model.json).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// `world` (the built-in world's seen and unseen test splits) or `cache:DIR` (a
+    /// teacher-feature cache written by `spikeclip cache`).
+    #[arg(long, default_value = "world")]
+    data: String,
+    /// Seed of the built-in world.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Prompts file and dataset name (required for a cache).
+    #[arg(long, requires = "prompt_set")]
+    prompts: Option<PathBuf>,
+    #[arg(long)]
+    prompt_set: Option<String>,
+    /// The teacher, for its own zero-shot accuracy beside the student's (`clip:DIR`; the
+    /// world's analytic teacher needs none).
+    #[arg(long)]
+    teacher: Option<String>,
+    /// Also write the results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+fn row(name: &str, acc: &TopK) -> serde_json::Value {
+    println!(
+        "{name:<28} top-1 {:6.2}%  top-5 {:6.2}%  ({} images)",
+        100.0 * acc.top1(),
+        100.0 * acc.top5(),
+        acc.total
+    );
+    json!({"set": name, "top1": acc.top1(), "top5": acc.top5(), "images": acc.total})
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let dev = Device::Cpu;
+    let loaded = LoadedStudent::open(&args.checkpoint, &dev)?;
+    let mut rows = Vec::new();
+    if args.data == "world" {
+        let world = World::new(WorldConfig {
+            seed: args.seed,
+            ..WorldConfig::default()
+        });
+        let prompts = &World::prompts().datasets[crate::data::world::DATASET];
+        let classes = loaded.class_embeddings(prompts, &dev)?;
+        let teacher = class_embeddings(prompts, |t| world.teacher().text_features(t))?;
+        for (name, split) in [("seen", Split::TestSeen), ("unseen", Split::TestUnseen)] {
+            let set = world.images(split);
+            rows.push(row(
+                &format!("student {name}"),
+                &zero_shot(loaded.student.as_ref(), &set, &classes, &dev)?,
+            ));
+            rows.push(row(
+                &format!("teacher {name}"),
+                &teacher_zero_shot(&set, &teacher, &dev)?,
+            ));
+        }
+    } else if let Some(dir) = args.data.strip_prefix("cache:") {
+        let (Some(file), Some(name)) = (&args.prompts, &args.prompt_set) else {
+            bail!("evaluating a cache needs --prompts FILE --prompt-set NAME");
+        };
+        let set = Cache::open(&PathBuf::from(dir).join("images"))
+            .or_else(|_| Cache::open(&PathBuf::from(dir)))
+            .with_context(|| format!("opening the image cache in {dir}"))?;
+        let prompts = crate::data::prompts::PromptSet::from_file(file)?
+            .datasets
+            .get(name)
+            .cloned()
+            .with_context(|| format!("{}: no dataset {name:?}", file.display()))?;
+        if set.class_names().len() != prompts.classes.len() {
+            bail!(
+                "the cache has {} classes but prompt set {name:?} has {}",
+                set.class_names().len(),
+                prompts.classes.len()
+            );
+        }
+        let classes = loaded.class_embeddings(&prompts, &dev)?;
+        rows.push(row(
+            "student",
+            &zero_shot(loaded.student.as_ref(), &set, &classes, &dev)?,
+        ));
+        if let Some(spec) = &args.teacher {
+            let ModelSpec::Clip(tdir) = ModelSpec::parse(spec)?;
+            let clip = ClipTeacher::load(&tdir, &dev)?;
+            let teacher = class_embeddings(&prompts, |t| clip.text_features(t))?;
+            rows.push(row("teacher", &teacher_zero_shot(&set, &teacher, &dev)?));
+        }
+    } else {
+        bail!("--data {:?}: expected world or cache:DIR", args.data);
+    }
+    if let Some(path) = args.json {
+        std::fs::write(&path, serde_json::to_string_pretty(&rows)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,75 @@
+//! A trained student ready to classify: the checkpoint, the tokenizer its card names, and the
+//! zero-shot classifier built from label names, as `classify`, `eval` and `energy` use it.
+
+use std::path::Path;
+
+use anyhow::Context;
+use candle_core::{Device, Tensor};
+
+use super::stages::student_class_embeddings;
+use super::student::Student;
+use crate::data::prompts::DatasetPrompts;
+use crate::data::world::{World, WorldConfig, PROMPT_TEMPLATES};
+use crate::model::checkpoint::{self, ModelCard, TokenizerSpec};
+use crate::teacher::tokenizer::ClipTokenizer;
+use crate::teacher::Tokenize;
+
+pub struct LoadedStudent {
+    pub student: Box<dyn Student>,
+    pub card: ModelCard,
+    pub tokenizer: Box<dyn Tokenize>,
+}
+
+impl LoadedStudent {
+    /// Loads a checkpoint (a directory with `model.safetensors` + `model.json`, or a weights
+    /// file beside a `model.json`) and the tokenizer it was trained with.
+    pub fn open(path: &Path, device: &Device) -> anyhow::Result<Self> {
+        let (student, card) = checkpoint::load(path, device)?;
+        let tokenizer: Box<dyn Tokenize> = match &card.tokenizer {
+            TokenizerSpec::World => {
+                Box::new(World::new(WorldConfig::default()).tokenizer().clone())
+            }
+            TokenizerSpec::Clip { path: p } => {
+                let tok = if p.is_dir() {
+                    ClipTokenizer::from_dir(p)
+                } else if p.extension().is_some_and(|e| e == "gz") {
+                    ClipTokenizer::from_bpe_gz(p)
+                } else {
+                    ClipTokenizer::from_tokenizer_json(p)
+                };
+                Box::new(tok.with_context(|| {
+                    format!("loading the checkpoint's tokenizer {}", p.display())
+                })?)
+            }
+        };
+        Ok(Self {
+            student,
+            card,
+            tokenizer,
+        })
+    }
+
+    /// Templates to use when only label names are given: the world's for world-trained
+    /// students, CLIP's plain "a photo of a {}." otherwise.
+    pub fn default_templates(&self) -> Vec<String> {
+        match self.card.tokenizer {
+            TokenizerSpec::World => PROMPT_TEMPLATES.iter().map(|t| t.to_string()).collect(),
+            TokenizerSpec::Clip { .. } => vec!["a photo of a {}.".to_string()],
+        }
+    }
+
+    /// Prompt-ensembled unit class embeddings `[C, D]`.
+    pub fn class_embeddings(
+        &self,
+        prompts: &DatasetPrompts,
+        device: &Device,
+    ) -> anyhow::Result<Tensor> {
+        student_class_embeddings(
+            self.student.as_ref(),
+            self.tokenizer.as_ref(),
+            prompts,
+            self.card.config.text.context_length,
+            device,
+        )
+    }
+}

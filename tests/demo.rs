@@ -1,0 +1,114 @@
+//! `spikeclip demo --quick` end to end, then the commands that read its checkpoints.
+
+use std::process::Command;
+
+fn spikeclip() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_spikeclip"))
+}
+
+#[test]
+fn quick_demo_writes_its_report_and_checkpoints_that_other_commands_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("demo");
+    let run = spikeclip()
+        .args(["demo", "--quick", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    assert!((report["chance"].as_f64().unwrap() - 1.0 / 24.0).abs() < 1e-12);
+    for model in ["spikeclip", "scratchclip"] {
+        for key in ["seen_top1", "unseen_top1"] {
+            let v = report[model][key].as_f64().unwrap();
+            assert!((0.0..=1.0).contains(&v), "{model}.{key} = {v}");
+        }
+        assert_eq!(report[model]["stages"].as_array().unwrap().len(), 3);
+        assert!(out.join(model).join("model.safetensors").exists());
+    }
+    let reduction = report["energy"]["encoders"][0]["reduction_rate"]
+        .as_f64()
+        .unwrap();
+    assert!(reduction > 0.0 && reduction < 1.0, "{reduction}");
+    for png in [
+        "curves.png",
+        "energy/firing_rates.png",
+        "energy/spike_raster.png",
+    ] {
+        let img = image::open(out.join(png)).unwrap();
+        assert!(img.width() > 100 && img.height() > 100, "{png}");
+    }
+    assert!(std::fs::read_to_string(out.join("report.md"))
+        .unwrap()
+        .contains("SpikeCLIP"));
+
+    let eval = spikeclip()
+        .args(["eval", "--checkpoint"])
+        .arg(out.join("spikeclip"))
+        .output()
+        .unwrap();
+    assert!(
+        eval.status.success(),
+        "{}",
+        String::from_utf8_lossy(&eval.stderr)
+    );
+    let text = String::from_utf8_lossy(&eval.stdout);
+    assert!(
+        text.contains("student unseen") && text.contains("teacher seen"),
+        "{text}"
+    );
+
+    // classify: a world image written as PNG, with the checkpoint's own labels.
+    let png = dir.path().join("x.png");
+    image::RgbImage::from_fn(32, 32, |x, y| {
+        image::Rgb([(x * 8) as u8, (y * 8) as u8, 128])
+    })
+    .save(&png)
+    .unwrap();
+    let cls = spikeclip()
+        .args(["classify", "--top", "3", "--checkpoint"])
+        .arg(out.join("spikeclip"))
+        .arg("--image")
+        .arg(&png)
+        .output()
+        .unwrap();
+    assert!(
+        cls.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cls.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&cls.stdout).matches('%').count(), 3);
+
+    // Bad inputs: clear errors, no panics.
+    let bad = spikeclip()
+        .args(["classify", "--labels", " , ", "--checkpoint"])
+        .arg(out.join("spikeclip"))
+        .arg("--image")
+        .arg(&png)
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    let missing = spikeclip()
+        .args(["eval", "--checkpoint"])
+        .arg(dir.path().join("nowhere"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&missing.stderr);
+    assert!(
+        !missing.status.success() && err.contains("model.json"),
+        "{err}"
+    );
+    let ann_energy = spikeclip()
+        .args(["energy", "--checkpoint"])
+        .arg(out.join("scratchclip"))
+        .arg("--out")
+        .arg(dir.path().join("e"))
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&ann_energy.stderr).contains("not a spiking checkpoint"));
+}
