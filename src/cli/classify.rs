@@ -1,7 +1,7 @@
 //! `spikeclip classify`: ranked label probabilities for images, from a trained checkpoint and
 //! label names alone (zero-shot).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use candle_core::{Device, Tensor, D};
@@ -21,6 +21,16 @@ pub struct Args {
     /// Image files or folders of images (JPEG/PNG).
     #[arg(long, required = true)]
     image: Vec<PathBuf>,
+    #[command(flatten)]
+    labels: LabelArgs,
+    /// How many labels to print per image.
+    #[arg(long, default_value_t = 5)]
+    top: usize,
+}
+
+/// Where the label set comes from.
+#[derive(clap::Args)]
+pub(crate) struct LabelArgs {
     /// Comma-separated label names.
     #[arg(long, value_delimiter = ',')]
     labels: Vec<String>,
@@ -29,20 +39,16 @@ pub struct Args {
     prompts: Option<PathBuf>,
     #[arg(long)]
     prompt_set: Option<String>,
-    /// How many labels to print per image.
-    #[arg(long, default_value_t = 5)]
-    top: usize,
 }
 
 /// The label set: a prompts file's dataset, names given on the command line, or for a
 /// world-trained checkpoint the world's classes.
 pub(crate) fn label_prompts(
     loaded: &LoadedStudent,
-    labels: &[String],
-    prompts: Option<&Path>,
-    prompt_set: Option<&str>,
+    args: &LabelArgs,
 ) -> anyhow::Result<DatasetPrompts> {
-    if let (Some(file), Some(name)) = (prompts, prompt_set) {
+    let labels = &args.labels;
+    if let (Some(file), Some(name)) = (&args.prompts, &args.prompt_set) {
         let set = PromptSet::from_file(file)?;
         return set.datasets.get(name).cloned().with_context(|| {
             format!(
@@ -113,12 +119,7 @@ pub(crate) fn student_images(files: &[PathBuf], device: &Device) -> anyhow::Resu
 pub fn run(args: Args) -> anyhow::Result<()> {
     let dev = Device::Cpu;
     let loaded = LoadedStudent::open(&args.checkpoint, &dev)?;
-    let prompts = label_prompts(
-        &loaded,
-        &args.labels,
-        args.prompts.as_deref(),
-        args.prompt_set.as_deref(),
-    )?;
+    let prompts = label_prompts(&loaded, &args.labels)?;
     let classes = loaded.class_embeddings(&prompts, &dev)?;
     let files = image_files(&args.image)?;
     // Probabilities as CLIP reports them: softmax over cosine similarities times 100.

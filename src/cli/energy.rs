@@ -3,10 +3,10 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use candle_core::Device;
 
-use super::classify::label_prompts;
+use super::classify::{label_prompts, LabelArgs};
 use crate::data::cache::Cache;
 use crate::data::world::{Split, World, WorldConfig};
 use crate::data::ImageFeatureSet;
@@ -28,14 +28,10 @@ pub struct Args {
     /// Energy per operation: fp32 (4.6 / 0.9 pJ, 45 nm), fp16, int8, or `MAC,AC` in pJ.
     #[arg(long, default_value = "fp32")]
     precision: String,
-    /// Prompts file and dataset whose sentences drive the text encoder (default: the world's
-    /// prompts, or the checkpoint's default template over --labels).
-    #[arg(long, requires = "prompt_set")]
-    prompts: Option<PathBuf>,
-    #[arg(long)]
-    prompt_set: Option<String>,
-    #[arg(long, value_delimiter = ',')]
-    labels: Vec<String>,
+    /// The label set whose prompt sentences drive the text encoder (default for a
+    /// world-trained checkpoint: the world's classes).
+    #[command(flatten)]
+    labels: LabelArgs,
     /// Where energy.json, energy.txt and the plots go.
     #[arg(long, default_value = "runs/energy")]
     out: PathBuf,
@@ -50,19 +46,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let set = World::new(WorldConfig::default()).images(Split::TestSeen);
         set.batch(&idx[..idx.len().min(set.len())], &dev)?.inputs
     } else if let Some(dir) = args.dataset.strip_prefix("cache:") {
-        let set = Cache::open(&PathBuf::from(dir).join("images"))
-            .or_else(|_| Cache::open(&PathBuf::from(dir)))
-            .with_context(|| format!("opening the image cache in {dir}"))?;
+        let set = Cache::open_images(&PathBuf::from(dir))?;
         set.batch(&idx[..idx.len().min(set.len())], &dev)?.inputs
     } else {
         bail!("--dataset {:?}: expected world or cache:DIR", args.dataset);
     };
-    let prompts = label_prompts(
-        &loaded,
-        &args.labels,
-        args.prompts.as_deref(),
-        args.prompt_set.as_deref(),
-    )?;
+    let prompts = label_prompts(&loaded, &args.labels)?;
     let ids = prompt_token_ids(
         &prompts,
         loaded.tokenizer.as_ref(),

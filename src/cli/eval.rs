@@ -79,9 +79,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let (Some(file), Some(name)) = (&args.prompts, &args.prompt_set) else {
             bail!("evaluating a cache needs --prompts FILE --prompt-set NAME");
         };
-        let set = Cache::open(&PathBuf::from(dir).join("images"))
-            .or_else(|_| Cache::open(&PathBuf::from(dir)))
-            .with_context(|| format!("opening the image cache in {dir}"))?;
+        let set = Cache::open_images(&PathBuf::from(dir))?;
         let prompts = crate::data::prompts::PromptSet::from_file(file)?
             .datasets
             .get(name)

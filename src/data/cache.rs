@@ -323,6 +323,13 @@ impl Cache {
         Ok(Shard { map, fields })
     }
 
+    /// The image cache of a `spikeclip cache --out DIR` run: `DIR/images`, or `DIR` itself.
+    pub fn open_images(dir: &Path) -> Result<Self> {
+        Self::open(&dir.join("images"))
+            .or_else(|_| Self::open(dir))
+            .with_context(|| format!("opening the image cache in {}", dir.display()))
+    }
+
     pub fn len(&self) -> usize {
         self.starts.last().copied().unwrap_or(0)
     }

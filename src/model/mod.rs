@@ -13,7 +13,7 @@ pub mod spikingformer;
 pub mod text;
 
 use candle_core::{DType, Device, Result, Tensor};
-use candle_nn::VarMap;
+use candle_nn::{VarBuilder, VarMap};
 
 use crate::energy::{EncoderOps, MonitorSet};
 use crate::recipe::Student;
@@ -47,14 +47,28 @@ pub struct SpikeClip {
     varmap: VarMap,
 }
 
+/// A fresh VarMap with both towers built in it from `seed` (`image.`, `text.`), TDW weights
+/// initialised.
+fn build_towers<I, T>(
+    config: &SpikeClipConfig,
+    seed: u64,
+    device: &Device,
+    image: impl FnOnce(VarBuilder, &SpikeClipConfig) -> Result<I>,
+    text: impl FnOnce(VarBuilder, &SpikeClipConfig) -> Result<T>,
+) -> Result<(I, T, VarMap)> {
+    let varmap = VarMap::new();
+    let vb = seeded_var_builder(&varmap, seed, DType::F32, device);
+    let i = image(vb.pp("image"), config)?;
+    let t = text(vb.pp("text"), config)?;
+    init_tdw(&varmap)?;
+    Ok((i, t, varmap))
+}
+
 impl SpikeClip {
     /// Fresh weights drawn from `seed`.
     pub fn new(config: &SpikeClipConfig, seed: u64, device: &Device) -> Result<Self> {
-        let varmap = VarMap::new();
-        let vb = seeded_var_builder(&varmap, seed, DType::F32, device);
-        let image = ImageEncoder::new(vb.pp("image"), config)?;
-        let text = TextEncoder::new(vb.pp("text"), config)?;
-        init_tdw(&varmap)?;
+        let (image, text, varmap) =
+            build_towers(config, seed, device, ImageEncoder::new, TextEncoder::new)?;
         Ok(Self {
             image,
             text,
@@ -118,11 +132,13 @@ pub struct ScratchClip {
 
 impl ScratchClip {
     pub fn new(config: &SpikeClipConfig, seed: u64, device: &Device) -> Result<Self> {
-        let varmap = VarMap::new();
-        let vb = seeded_var_builder(&varmap, seed, DType::F32, device);
-        let image = ScratchImageEncoder::new(vb.pp("image"), config)?;
-        let text = ScratchTextEncoder::new(vb.pp("text"), config)?;
-        init_tdw(&varmap)?;
+        let (image, text, varmap) = build_towers(
+            config,
+            seed,
+            device,
+            ScratchImageEncoder::new,
+            ScratchTextEncoder::new,
+        )?;
         Ok(Self {
             image,
             text,

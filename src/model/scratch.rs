@@ -9,7 +9,7 @@ use candle_nn::{Linear, VarBuilder};
 use super::config::SpikeClipConfig;
 use super::layers::{max_pool_3x3_s2, ConvBn, LayerNorm};
 use super::readout::Readout;
-use super::spikingformer::tokenizer_widths;
+use super::spikingformer::tokenizer_convs;
 use super::text::TokenEmbedding;
 
 /// `x * sigmoid(1.702 x)`, CLIP's activation.
@@ -81,18 +81,7 @@ pub struct ScratchImageEncoder {
 impl ScratchImageEncoder {
     pub fn new(vb: VarBuilder, cfg: &SpikeClipConfig) -> Result<Self> {
         let c = &cfg.image;
-        let widths = tokenizer_widths(c.in_channels, c.embed_dim);
-        let pe = vb.pp("patch_embed");
-        let convs = (0..5)
-            .map(|i| {
-                ConvBn::new(
-                    &pe,
-                    (widths[i], widths[i + 1], 3),
-                    false,
-                    (&format!("block{i}_conv"), &format!("block{i}_bn")),
-                )
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let convs = tokenizer_convs(&vb, cfg)?;
         let blocks = (0..c.depth)
             .map(|i| {
                 TransformerBlock::new(

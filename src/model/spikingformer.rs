@@ -158,6 +158,24 @@ pub fn tokenizer_widths(in_channels: usize, d: usize) -> [usize; 6] {
     [in_channels, d / 8, d / 4, d / 2, d, d]
 }
 
+/// The five 3x3 conv + BN stages of the tokenizer, at the authors' names
+/// (`patch_embed.block{i}_conv`, `patch_embed.block{i}_bn`); shared with the ANN twin.
+pub fn tokenizer_convs(vb: &VarBuilder, cfg: &SpikeClipConfig) -> Result<Vec<ConvBn>> {
+    let c = &cfg.image;
+    let widths = tokenizer_widths(c.in_channels, c.embed_dim);
+    let pe = vb.pp("patch_embed");
+    (0..5)
+        .map(|i| {
+            ConvBn::new(
+                &pe,
+                (widths[i], widths[i + 1], 3),
+                false,
+                (&format!("block{i}_conv"), &format!("block{i}_bn")),
+            )
+        })
+        .collect()
+}
+
 /// The tokenizer convs after which the feature map is max-pooled (halved).
 const POOLED: [usize; 2] = [2, 3];
 
@@ -171,18 +189,7 @@ impl ImageEncoder {
                 c.num_heads
             )
         }
-        let widths = tokenizer_widths(c.in_channels, c.embed_dim);
-        let pe = vb.pp("patch_embed");
-        let convs = (0..5)
-            .map(|i| {
-                ConvBn::new(
-                    &pe,
-                    (widths[i], widths[i + 1], 3),
-                    false,
-                    (&format!("block{i}_conv"), &format!("block{i}_bn")),
-                )
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let convs = tokenizer_convs(&vb, cfg)?;
         let conv_lifs = (0..4)
             .map(|i| NamedLif::new(format!("patch_embed.lif{}", i + 1), LifConfig::default()))
             .collect();
