@@ -8,6 +8,7 @@ mod embed;
 mod energy;
 mod eval;
 mod info;
+mod train;
 mod world;
 
 use std::process::ExitCode;
@@ -27,6 +28,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// One stage of the recipe (distill-text, distill-image, finetune), resumable.
+    Train(train::Args),
     /// Firing rates, operation counts and energy of a SpikeCLIP checkpoint vs its ANN twin.
     Energy(energy::Args),
     /// Rank label names for images with a trained checkpoint (zero-shot).
@@ -59,6 +62,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Bench(args) => bench::run(args),
+        Command::Train(args) => train::run(args),
         Command::Energy(args) => energy::run(args),
         Command::Classify(args) => classify::run(args),
         Command::Eval(args) => eval::run(args),

@@ -1,0 +1,233 @@
+//! `spikeclip train`: one stage of the recipe on the built-in world or a teacher-feature cache,
+//! resumable, ending in a checkpoint the other commands read.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use candle_core::Device;
+
+use crate::data::cache::Cache;
+use crate::data::prompts::PromptSet;
+use crate::data::world::{Split, World, WorldConfig, DATASET};
+use crate::data::{ImageFeatureSet, TextFeatureSet};
+use crate::eval::zeroshot::class_embeddings;
+use crate::model::checkpoint::{self, ModelCard, ModelKind, TokenizerSpec};
+use crate::model::config::SpikeClipConfig;
+use crate::recipe::classifier::LoadedStudent;
+use crate::recipe::{distill_image, distill_text, finetune, FinetuneTargets};
+use crate::teacher::clip::ClipTeacher;
+use crate::teacher::{ModelSpec, TextTeacher, Tokenize};
+use crate::train::loss::DualLossConfig;
+use crate::train::stage::{StageConfig, StageRun};
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Stage {
+    /// (0) the text encoder from the teacher's text features on D-text.
+    DistillText,
+    /// (1) the image encoder from the teacher's image features.
+    DistillImage,
+    /// (2) the image encoder with the dual loss on a labelled set.
+    Finetune,
+}
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[arg(long, value_enum)]
+    stage: Stage,
+    /// `world` or `cache:DIR` (from `spikeclip cache`: `DIR/texts` for D-text, `DIR/images`).
+    #[arg(long, default_value = "world")]
+    data: String,
+    /// Start from this checkpoint (its card fixes model, config and tokenizer).
+    #[arg(long)]
+    init: Option<PathBuf>,
+    /// Without --init: spikeclip or scratchclip, with a preset.
+    #[arg(long, default_value = "spikeclip")]
+    model: String,
+    #[arg(long, default_value = "tiny")]
+    preset: String,
+    /// Without --init, on a cache: the CLIP tokenizer the cache was built with (tokenizer.json,
+    /// a CLIP directory or bpe_simple_vocab_16e6.txt.gz).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Fine-tuning on a cache: the label prompts and the CLIP teacher (`clip:DIR`).
+    #[arg(long, requires = "prompt_set")]
+    prompts: Option<PathBuf>,
+    #[arg(long)]
+    prompt_set: Option<String>,
+    #[arg(long)]
+    teacher: Option<String>,
+    #[arg(long, default_value = "runs/train")]
+    out: PathBuf,
+    /// Continue from OUT/{stage}_last.safetensors.
+    #[arg(long)]
+    resume: bool,
+    /// Defaults: the paper's (lr 5e-3 annealed to 5e-4 for distillation, 5e-4 for fine-tuning,
+    /// batch 196).
+    #[arg(long)]
+    epochs: Option<usize>,
+    #[arg(long)]
+    batch_size: Option<usize>,
+    #[arg(long)]
+    lr: Option<f64>,
+    #[arg(long)]
+    eta_min: Option<f64>,
+    #[arg(long)]
+    amsgrad: bool,
+    /// Weight of the KL term of the dual loss.
+    #[arg(long, default_value_t = 1.0)]
+    lambda: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+fn stage_config(args: &Args) -> StageConfig {
+    let base = if args.stage == Stage::Finetune {
+        StageConfig::paper_finetune()
+    } else {
+        StageConfig::paper_pretrain()
+    };
+    StageConfig {
+        epochs: args.epochs.unwrap_or(base.epochs),
+        batch_size: args.batch_size.unwrap_or(base.batch_size),
+        lr: args.lr.unwrap_or(base.lr),
+        eta_min: args.eta_min.unwrap_or(base.eta_min),
+        amsgrad: args.amsgrad,
+        seed: args.seed,
+        ..base
+    }
+}
+
+/// The student to train: from --init, or fresh from a preset sized for the data's tokenizer.
+fn student(args: &Args, world: Option<&World>, dev: &Device) -> anyhow::Result<LoadedStudent> {
+    if let Some(init) = &args.init {
+        return LoadedStudent::open(init, dev);
+    }
+    let mut config = SpikeClipConfig::preset(&args.preset)?;
+    let tokenizer = match world {
+        Some(w) => {
+            config.text.vocab_size = w.tokenizer().vocab_size();
+            TokenizerSpec::World
+        }
+        None => TokenizerSpec::Clip {
+            path: args
+                .tokenizer
+                .clone()
+                .context("training from a cache without --init needs --tokenizer")?,
+        },
+    };
+    let kind = match args.model.as_str() {
+        "spikeclip" => ModelKind::SpikeClip,
+        "scratchclip" => ModelKind::ScratchClip,
+        other => bail!("--model {other:?}: expected spikeclip or scratchclip"),
+    };
+    let dir = args.out.join("init");
+    let card = ModelCard {
+        kind,
+        config,
+        tokenizer,
+    };
+    let fresh = match kind {
+        ModelKind::SpikeClip => {
+            Box::new(crate::model::SpikeClip::new(&card.config, args.seed, dev)?)
+                as Box<dyn crate::recipe::Student>
+        }
+        ModelKind::ScratchClip => Box::new(crate::model::ScratchClip::new(
+            &card.config,
+            args.seed,
+            dev,
+        )?),
+    };
+    checkpoint::save(&dir, fresh.as_ref(), &card)?;
+    LoadedStudent::open(&dir, dev)
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let dev = Device::Cpu;
+    let world = (args.data == "world").then(|| World::new(WorldConfig::default()));
+    let cache_dir = match args.data.strip_prefix("cache:") {
+        Some(d) => Some(PathBuf::from(d)),
+        None if world.is_some() => None,
+        None => bail!("--data {:?}: expected world or cache:DIR", args.data),
+    };
+    let loaded = student(&args, world.as_ref(), &dev)?;
+    let cfg = stage_config(&args);
+    let stage_name = match args.stage {
+        Stage::DistillText => "distill_text",
+        Stage::DistillImage => "distill_image",
+        Stage::Finetune => "finetune",
+    };
+    let run = StageRun {
+        name: stage_name,
+        out_dir: &args.out,
+        varmap: loaded.student.varmap(),
+        config: &cfg,
+        resume: args.resume,
+        show_progress: true,
+    };
+    let s = loaded.student.as_ref();
+    let outcome = match (args.stage, &world, &cache_dir) {
+        (Stage::DistillText, Some(w), _) => distill_text(s, &w.dtext(), run, &dev, None)?,
+        (Stage::DistillText, None, Some(d)) => {
+            let texts: Box<dyn TextFeatureSet> = Box::new(Cache::open(&d.join("texts"))?);
+            distill_text(s, texts.as_ref(), run, &dev, None)?
+        }
+        (Stage::DistillImage, Some(w), _) => {
+            distill_image(s, &w.images(Split::Train), run, &dev, None)?
+        }
+        (Stage::DistillImage, None, Some(d)) => {
+            distill_image(s, &Cache::open_images(d)?, run, &dev, None)?
+        }
+        (Stage::Finetune, Some(w), _) => {
+            let prompts = &World::prompts().datasets[DATASET];
+            let targets = FinetuneTargets {
+                student_classes: loaded.class_embeddings(prompts, &dev)?,
+                teacher_classes: class_embeddings(prompts, |t| w.teacher().text_features(t))?,
+                teacher_logit_scale: 100.0,
+            };
+            let loss = DualLossConfig {
+                lambda: args.lambda,
+                ..DualLossConfig::default()
+            };
+            finetune(s, &w.images(Split::Train), &targets, &loss, run, &dev, None)?
+        }
+        (Stage::Finetune, None, Some(d)) => {
+            let (Some(file), Some(name), Some(teacher)) =
+                (&args.prompts, &args.prompt_set, &args.teacher)
+            else {
+                bail!("fine-tuning on a cache needs --prompts FILE --prompt-set NAME --teacher clip:DIR");
+            };
+            let prompts = PromptSet::from_file(file)?
+                .datasets
+                .get(name)
+                .cloned()
+                .with_context(|| format!("{}: no dataset {name:?}", file.display()))?;
+            let images = Cache::open_images(d)?;
+            if images.class_names().len() != prompts.classes.len() {
+                bail!(
+                    "the cache has {} classes but prompt set {name:?} has {}",
+                    images.class_names().len(),
+                    prompts.classes.len()
+                );
+            }
+            let ModelSpec::Clip(tdir) = ModelSpec::parse(teacher)?;
+            let clip = ClipTeacher::load(&tdir, &dev)?;
+            let targets = FinetuneTargets {
+                student_classes: loaded.class_embeddings(&prompts, &dev)?,
+                teacher_classes: class_embeddings(&prompts, |t| clip.text_features(t))?,
+                teacher_logit_scale: 100.0,
+            };
+            let loss = DualLossConfig {
+                lambda: args.lambda,
+                ..DualLossConfig::default()
+            };
+            finetune(s, &images, &targets, &loss, run, &dev, None)?
+        }
+        _ => unreachable!("data is world or a cache"),
+    };
+    let path = checkpoint::save(&args.out, s, &loaded.card)?;
+    if let Some(last) = outcome.epochs.last() {
+        println!("{stage_name}: epoch {} loss {:.4}", last.epoch, last.loss);
+    }
+    println!("wrote {}", path.display());
+    Ok(())
+}

@@ -1,0 +1,61 @@
+//! `spikeclip train`: a stage on the built-in world, resumed, ending in a checkpoint.
+
+use std::process::Command;
+
+fn train(out: &std::path::Path, extra: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_spikeclip"))
+        .args([
+            "train",
+            "--stage",
+            "distill-text",
+            "--batch-size",
+            "512",
+            "--out",
+        ])
+        .arg(out)
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn a_stage_runs_resumes_and_leaves_a_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = train(dir.path(), &["--epochs", "1"]);
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let resumed = train(dir.path(), &["--epochs", "2", "--resume"]);
+    assert!(
+        resumed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&resumed.stderr)
+    );
+    let metrics = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
+    let epochs: Vec<u64> = metrics
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["epoch"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(epochs, [1, 2]);
+    assert!(dir.path().join("model.safetensors").exists());
+    assert!(dir.path().join("model.json").exists());
+    let bad = Command::new(env!("CARGO_BIN_EXE_spikeclip"))
+        .args([
+            "train",
+            "--stage",
+            "finetune",
+            "--data",
+            "cache:/nowhere",
+            "--init",
+        ])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--prompt-set"));
+}
