@@ -288,13 +288,8 @@ fn chunked_conv2d(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::test_util::*;
     use candle_core::{Device, Var};
-
-    fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
-        let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
-        let scale = b.abs().unwrap().max_all().unwrap();
-        (diff.to_scalar::<f32>().unwrap()) / scale.to_scalar::<f32>().unwrap().max(1e-12)
-    }
 
     /// Forward, input gradient and weight gradient against candle's conv2d.
     fn check((b, c, h, w): (usize, usize, usize, usize), o: usize, win: Window) {
@@ -319,25 +314,7 @@ mod tests {
             .unwrap();
         assert_eq!(ours.dims(), theirs.dims());
         assert!(max_rel_diff(&ours, &theirs) < 1e-4, "forward differs");
-        let g = Tensor::randn(0f32, 1.0, theirs.dims(), &dev).unwrap();
-        let ga = (ours * &g).unwrap().sum_all().unwrap().backward().unwrap();
-        let gb = (theirs * &g)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        for v in [&x, &wt] {
-            let (a, b) = (
-                ga.get(v.as_tensor()).unwrap(),
-                gb.get(v.as_tensor()).unwrap(),
-            );
-            assert!(
-                max_rel_diff(a, b) < 1e-4,
-                "gradient differs for {:?}",
-                v.dims()
-            );
-        }
+        assert_same_gradients(ours, theirs, &[&x, &wt], 1e-4);
     }
 
     #[test]

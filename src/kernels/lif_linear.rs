@@ -93,14 +93,9 @@ impl CustomOp2 for LifLinear {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::test_util::*;
     use crate::neuron::LifConfig;
     use candle_core::Var;
-
-    fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
-        let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
-        let scale = b.abs().unwrap().max_all().unwrap();
-        diff.to_scalar::<f32>().unwrap() / scale.to_scalar::<f32>().unwrap().max(1e-12)
-    }
 
     /// Values and both gradients equal the composition of the LIF op and a matmul.
     #[test]
@@ -120,25 +115,7 @@ mod tests {
             .unwrap();
         assert_eq!(ours.dims(), &[4, 3, 5, 9]);
         assert!(max_rel_diff(&ours, &composed) < 1e-5);
-        let g = Tensor::randn(0f32, 1.0, ours.dims(), &dev).unwrap();
-        let ga = (ours * &g).unwrap().sum_all().unwrap().backward().unwrap();
-        let gb = (composed * &g)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        for v in [&x, &w] {
-            let (a, b) = (
-                ga.get(v.as_tensor()).unwrap(),
-                gb.get(v.as_tensor()).unwrap(),
-            );
-            assert!(
-                max_rel_diff(a, b) < 1e-5,
-                "gradient differs for {:?}",
-                v.dims()
-            );
-        }
+        assert_same_gradients(ours, composed, &[&x, &w], 1e-5);
     }
 
     #[test]

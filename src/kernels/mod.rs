@@ -20,3 +20,40 @@ fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Res
         None => candle_core::bail!("{op}: expected a contiguous tensor"),
     }
 }
+
+/// Comparisons shared by the kernels' tests.
+#[cfg(test)]
+pub(crate) mod test_util {
+    use candle_core::{Tensor, Var};
+
+    /// Largest absolute difference relative to the largest magnitude of `b`.
+    pub fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
+        let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+        let scale = b.abs().unwrap().max_all().unwrap();
+        diff.to_scalar::<f32>().unwrap() / scale.to_scalar::<f32>().unwrap().max(1e-12)
+    }
+
+    /// `ours` and `theirs` give the same gradients, within `tol` relative, to every var in
+    /// `vars` under the same random upstream gradient.
+    pub fn assert_same_gradients(ours: Tensor, theirs: Tensor, vars: &[&Var], tol: f32) {
+        let g = Tensor::randn(0f32, 1.0, theirs.dims(), theirs.device()).unwrap();
+        let ga = (ours * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = (theirs * &g)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for v in vars {
+            let (a, b) = (
+                ga.get(v.as_tensor()).unwrap(),
+                gb.get(v.as_tensor()).unwrap(),
+            );
+            assert!(
+                max_rel_diff(a, b) < tol,
+                "gradient differs for {:?}",
+                v.dims()
+            );
+        }
+    }
+}

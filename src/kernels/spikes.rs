@@ -485,17 +485,12 @@ mod simd {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::test_util::*;
 
     /// Random 0/1 spikes firing at about `rate`.
     fn spikes(shape: &[usize], rate: f64) -> Tensor {
         let u = Tensor::rand(0f32, 1.0, shape, &Device::Cpu).unwrap();
         u.lt(rate).unwrap().to_dtype(DType::F32).unwrap()
-    }
-
-    fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
-        let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
-        let scale = b.abs().unwrap().max_all().unwrap();
-        diff.to_scalar::<f32>().unwrap() / scale.to_scalar::<f32>().unwrap().max(1e-12)
     }
 
     #[test]
