@@ -1,8 +1,11 @@
 //! spikeclip: SpikeCLIP in Rust, a spiking image and text encoder pair distilled from CLIP that
 //! classifies images zero-shot from label names at a fraction of an ANN's energy.
 //!
-//! The modules follow the data's path: [`neuron`] (spiking neurons and their kernels) →
-//! [`teacher`] and [`data`] → [`cli`]; [`bench`] times the hot paths.
+//! The modules follow the data's path: [`neuron`] and [`kernels`] (spiking neurons and the
+//! hand-written ops) → [`model`] (SpikeCLIP's encoders and the ANN twin) → [`teacher`] and
+//! [`data`] (CLIP, datasets, the built-in world, the teacher-feature cache) → [`train`] and
+//! [`recipe`] (the training stages) → [`eval`], [`energy`] and [`experiments`] → [`cli`];
+//! [`bench`] times the hot paths and [`plot`] draws the reports.
 
 pub mod bench;
 pub mod cli;
