@@ -1,5 +1,8 @@
 //! Parity with transformers' CLIP: fixtures from scripts/clip_fixtures.py.
 
+mod common;
+use common::max_abs_diff;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -87,20 +90,6 @@ fn teacher() -> ClipTeacher {
         tokenizer: ClipTokenizer::from_bpe_gz(&shared_file("bpe_simple_vocab_16e6.txt.gz"))
             .unwrap(),
     }
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 #[test]

@@ -2,6 +2,9 @@
 //! it at a small size with their parameter names): imported weights give the same spikes per
 //! layer and time step and the same features, within 1e-4, in eval mode.
 
+mod common;
+use common::max_abs_diff;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -68,17 +71,6 @@ fn check_spikes(lifs: Vec<&NamedLif>, prefix: &str, io: &HashMap<String, Tensor>
     }
 }
 
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap()
-}
-
 #[test]
 fn imported_image_encoder_matches_pytorch_in_eval_mode() {
     let (model, io) = load();
@@ -87,7 +79,7 @@ fn imported_image_encoder_matches_pytorch_in_eval_mode() {
     lifs.iter().for_each(|l| l.lif.monitor().enable());
     let features = model.image_features(&io["pixels"], false).unwrap();
     check_spikes(lifs, "image_spikes.", &io);
-    let diff = max_diff(&features, &io["image_features"]);
+    let diff = max_abs_diff(&features, &io["image_features"]);
     assert!(diff < 1e-4, "image features differ by {diff}");
 }
 
@@ -99,7 +91,7 @@ fn imported_text_encoder_matches_pytorch_in_eval_mode() {
     let ids = io["ids"].to_dtype(DType::U32).unwrap();
     let features = model.text_features(&ids, false).unwrap();
     check_spikes(lifs, "text_spikes.", &io);
-    let diff = max_diff(&features, &io["text_features"]);
+    let diff = max_abs_diff(&features, &io["text_features"]);
     assert!(diff < 1e-4, "text features differ by {diff}");
 }
 
@@ -128,12 +120,12 @@ fn max_pool_matches_pytorch_forward_and_gradient() {
     let io = candle_core::safetensors::load(fixture("maxpool.safetensors"), &Device::Cpu).unwrap();
     let x = candle_core::Var::from_tensor(&io["x"]).unwrap();
     let y = spikeclip::model::layers::max_pool_3x3_s2(x.as_tensor()).unwrap();
-    assert_eq!(max_diff(&y, &io["y"]), 0.0);
+    assert_eq!(max_abs_diff(&y, &io["y"]), 0.0);
     let grads = (y * &io["g"])
         .unwrap()
         .sum_all()
         .unwrap()
         .backward()
         .unwrap();
-    assert!(max_diff(grads.get(x.as_tensor()).unwrap(), &io["grad"]) < 1e-6);
+    assert!(max_abs_diff(grads.get(x.as_tensor()).unwrap(), &io["grad"]) < 1e-6);
 }

@@ -1,8 +1,11 @@
 //! The teacher-feature cache, with the tiny fixture CLIP as teacher.
 
+mod common;
+use common::max_abs_diff;
+
 use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use spikeclip::data::cache::{cache_images, cache_texts, Cache, CacheOptions};
 use spikeclip::data::sources::DatasetSpec;
 use spikeclip::data::{ImageFeatureSet, TextFeatureSet};
@@ -29,19 +32,6 @@ fn teacher() -> ClipTeacher {
         model: ClipModel::load(&fixture_dir(), &Device::Cpu).unwrap(),
         tokenizer: ClipTokenizer::from_bpe_gz(&gz).unwrap(),
     }
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 fn image_folder(root: &Path) {

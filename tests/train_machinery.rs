@@ -1,6 +1,9 @@
 //! The training machinery against PyTorch (fixtures from scripts/optim_fixtures.py) and its
 //! crash/resume guarantees.
 
+mod common;
+use common::max_abs_diff;
+
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -66,19 +69,6 @@ fn grads_for(t: &TorchAdam, params: &[(String, Var)], step: usize) -> GradStore 
         loss = (loss + (var.as_tensor() * g).unwrap().sum_all().unwrap()).unwrap();
     }
     loss.backward().unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
 }
 
 #[test]
