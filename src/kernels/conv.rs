@@ -42,6 +42,23 @@ impl Window {
             .filter(|&i| i < len)
     }
 
+    /// Calls `f(patch_offset, image_offset)` for each in-image tap of output pixel (oy, ox):
+    /// offsets of a `c`-channel run in the patch row (ordered ky, kx, c) and in a `[H, W, C]`
+    /// image. im2col copies along these pairs and col2im adds back along them.
+    #[inline]
+    fn for_each_tap(&self, (oy, ox): (usize, usize), d: Nhwc, mut f: impl FnMut(usize, usize)) {
+        for ky in 0..self.kh {
+            let Some(iy) = self.source(oy, ky, d.h) else {
+                continue;
+            };
+            for kx in 0..self.kw {
+                if let Some(ix) = self.source(ox, kx, d.w) {
+                    f((ky * self.kw + kx) * d.c, (iy * d.w + ix) * d.c);
+                }
+            }
+        }
+    }
+
     fn is_pointwise(&self) -> bool {
         self.kh == 1 && self.kw == 1 && self.padding == 0 && self.stride == 1
     }
@@ -69,19 +86,9 @@ fn im2col(x: &[f32], d: Nhwc, win: Window, (ho, wo): (usize, usize)) -> Vec<f32>
             let (bi, oy) = (task / ho, task % ho);
             let image = &x[bi * image_len..(bi + 1) * image_len];
             for (ox, patch) in out.chunks_exact_mut(row).enumerate() {
-                for ky in 0..win.kh {
-                    let Some(iy) = win.source(oy, ky, d.h) else {
-                        continue;
-                    };
-                    for kx in 0..win.kw {
-                        let Some(ix) = win.source(ox, kx, d.w) else {
-                            continue;
-                        };
-                        let dst = (ky * win.kw + kx) * d.c;
-                        let src = (iy * d.w + ix) * d.c;
-                        patch[dst..dst + d.c].copy_from_slice(&image[src..src + d.c]);
-                    }
-                }
+                win.for_each_tap((oy, ox), d, |dst, src| {
+                    patch[dst..dst + d.c].copy_from_slice(&image[src..src + d.c]);
+                });
             }
         });
     cols
@@ -97,22 +104,11 @@ fn col2im(cols: &[f32], d: Nhwc, win: Window, (ho, wo): (usize, usize)) -> Vec<f
         .for_each(|(bi, image)| {
             let image_cols = &cols[bi * ho * wo * row..(bi + 1) * ho * wo * row];
             for (p, patch) in image_cols.chunks_exact(row).enumerate() {
-                let (oy, ox) = (p / wo, p % wo);
-                for ky in 0..win.kh {
-                    let Some(iy) = win.source(oy, ky, d.h) else {
-                        continue;
-                    };
-                    for kx in 0..win.kw {
-                        let Some(ix) = win.source(ox, kx, d.w) else {
-                            continue;
-                        };
-                        let src = (ky * win.kw + kx) * d.c;
-                        let dst = (iy * d.w + ix) * d.c;
-                        for (o, g) in image[dst..dst + d.c].iter_mut().zip(&patch[src..src + d.c]) {
-                            *o += g;
-                        }
+                win.for_each_tap((p / wo, p % wo), d, |src, dst| {
+                    for (o, g) in image[dst..dst + d.c].iter_mut().zip(&patch[src..src + d.c]) {
+                        *o += g;
                     }
-                }
+                });
             }
         });
     x
