@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use candle_core::{Device, Tensor, D};
 
-use crate::data::prompts::{DatasetPrompts, PromptSet};
+use super::prompt_args::PromptFileArgs;
+use crate::data::prompts::DatasetPrompts;
 use crate::data::world::World;
 use crate::model::checkpoint::TokenizerSpec;
 use crate::recipe::classifier::LoadedStudent;
@@ -34,11 +35,8 @@ pub(crate) struct LabelArgs {
     /// Comma-separated label names.
     #[arg(long, value_delimiter = ',')]
     labels: Vec<String>,
-    /// A prompts file (clip_prompts.json format) with --prompt-set naming its dataset.
-    #[arg(long, requires = "prompt_set")]
-    prompts: Option<PathBuf>,
-    #[arg(long)]
-    prompt_set: Option<String>,
+    #[command(flatten)]
+    prompts: PromptFileArgs,
 }
 
 /// The label set: a prompts file's dataset, names given on the command line, or for a
@@ -48,14 +46,8 @@ pub(crate) fn label_prompts(
     args: &LabelArgs,
 ) -> anyhow::Result<DatasetPrompts> {
     let labels = &args.labels;
-    if let (Some(file), Some(name)) = (&args.prompts, &args.prompt_set) {
-        let set = PromptSet::from_file(file)?;
-        return set.datasets.get(name).cloned().with_context(|| {
-            format!(
-                "{}: no dataset {name:?} in the prompts file",
-                file.display()
-            )
-        });
+    if let Some(prompts) = args.prompts.load()? {
+        return Ok(prompts);
     }
     let given = !labels.is_empty();
     let labels: Vec<String> = labels

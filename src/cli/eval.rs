@@ -7,9 +7,9 @@ use anyhow::{bail, Context};
 use candle_core::Device;
 use serde_json::json;
 
+use super::prompt_args::PromptFileArgs;
 use crate::data::cache::Cache;
 use crate::data::world::{Split, World, WorldConfig};
-use crate::data::ImageFeatureSet;
 use crate::eval::zeroshot::{class_embeddings, TopK};
 use crate::recipe::classifier::LoadedStudent;
 use crate::recipe::{teacher_zero_shot, zero_shot};
@@ -29,10 +29,8 @@ pub struct Args {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Prompts file and dataset name (required for a cache).
-    #[arg(long, requires = "prompt_set")]
-    prompts: Option<PathBuf>,
-    #[arg(long)]
-    prompt_set: Option<String>,
+    #[command(flatten)]
+    prompts: PromptFileArgs,
     /// The teacher, for its own zero-shot accuracy beside the student's (`clip:DIR`; the
     /// world's analytic teacher needs none).
     #[arg(long)]
@@ -76,22 +74,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             ));
         }
     } else if let Some(dir) = args.data.strip_prefix("cache:") {
-        let (Some(file), Some(name)) = (&args.prompts, &args.prompt_set) else {
-            bail!("evaluating a cache needs --prompts FILE --prompt-set NAME");
-        };
         let set = Cache::open_images(&PathBuf::from(dir))?;
-        let prompts = crate::data::prompts::PromptSet::from_file(file)?
-            .datasets
-            .get(name)
-            .cloned()
-            .with_context(|| format!("{}: no dataset {name:?}", file.display()))?;
-        if set.class_names().len() != prompts.classes.len() {
-            bail!(
-                "the cache has {} classes but prompt set {name:?} has {}",
-                set.class_names().len(),
-                prompts.classes.len()
-            );
-        }
+        let prompts = args.prompts.for_images(&set, "evaluating")?;
         let classes = loaded.class_embeddings(&prompts, &dev)?;
         rows.push(row(
             "student",

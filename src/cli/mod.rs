@@ -8,6 +8,7 @@ mod embed;
 mod energy;
 mod eval;
 mod info;
+mod prompt_args;
 mod train;
 mod world;
 

@@ -6,10 +6,10 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use candle_core::Device;
 
+use super::prompt_args::PromptFileArgs;
 use crate::data::cache::Cache;
-use crate::data::prompts::PromptSet;
 use crate::data::world::{Split, World, WorldConfig, DATASET};
-use crate::data::{ImageFeatureSet, TextFeatureSet};
+use crate::data::TextFeatureSet;
 use crate::eval::zeroshot::class_embeddings;
 use crate::model::checkpoint::{self, ModelCard, ModelKind, TokenizerSpec};
 use crate::model::config::SpikeClipConfig;
@@ -50,10 +50,8 @@ pub struct Args {
     #[arg(long)]
     tokenizer: Option<PathBuf>,
     /// Fine-tuning on a cache: the label prompts and the CLIP teacher (`clip:DIR`).
-    #[arg(long, requires = "prompt_set")]
-    prompts: Option<PathBuf>,
-    #[arg(long)]
-    prompt_set: Option<String>,
+    #[command(flatten)]
+    prompts: PromptFileArgs,
     #[arg(long)]
     teacher: Option<String>,
     #[arg(long, default_value = "runs/train")]
@@ -191,24 +189,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             finetune(s, &w.images(Split::Train), &targets, &loss, run, &dev, None)?
         }
         (Stage::Finetune, None, Some(d)) => {
-            let (Some(file), Some(name), Some(teacher)) =
-                (&args.prompts, &args.prompt_set, &args.teacher)
-            else {
+            let Some(teacher) = &args.teacher else {
                 bail!("fine-tuning on a cache needs --prompts FILE --prompt-set NAME --teacher clip:DIR");
             };
-            let prompts = PromptSet::from_file(file)?
-                .datasets
-                .get(name)
-                .cloned()
-                .with_context(|| format!("{}: no dataset {name:?}", file.display()))?;
             let images = Cache::open_images(d)?;
-            if images.class_names().len() != prompts.classes.len() {
-                bail!(
-                    "the cache has {} classes but prompt set {name:?} has {}",
-                    images.class_names().len(),
-                    prompts.classes.len()
-                );
-            }
+            let prompts = args.prompts.for_images(&images, "fine-tuning")?;
             let ModelSpec::Clip(tdir) = ModelSpec::parse(teacher)?;
             let clip = ClipTeacher::load(&tdir, &dev)?;
             let targets = FinetuneTargets {
