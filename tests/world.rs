@@ -2,7 +2,8 @@
 //! perfect zero-shot classifier, and its images informative about their class.
 
 use candle_core::{Device, Tensor, D};
-use spikeclip::data::world::concepts::Concept;
+use spikeclip::data::world::concepts::{Concept, COLOURS, SHAPES};
+use spikeclip::data::world::render::{Sample, Subject};
 use spikeclip::data::world::{Split, World, WorldConfig, DATASET};
 use spikeclip::data::{ImageFeatureSet, TextFeatureSet};
 use spikeclip::eval::zeroshot::{class_embeddings, TopK};
@@ -191,14 +192,69 @@ fn world_command_writes_grids_and_captions() {
     // 5 images in a 3-column grid: 2 rows of 130-pixel tiles.
     assert_eq!((grid.width(), grid.height()), (3 * 130, 2 * 130));
     let captions = std::fs::read_to_string(dir.path().join("captions.txt")).unwrap();
-    assert_eq!(captions.lines().count(), 10);
+    assert_eq!(captions.lines().count(), 15, "three grids of five");
     let w = World::new(WorldConfig {
         seed: 3,
         ..Default::default()
     });
     let first = w.sample(Split::TestUnseen, 0).concept.name();
     assert!(
-        captions.lines().nth(5).unwrap().ends_with(&first),
+        captions.lines().nth(10).unwrap().ends_with(&first),
         "{captions}"
+    );
+}
+
+#[test]
+fn pretraining_shows_attributes_apart_and_no_held_out_pair() {
+    let w = world(8);
+    let dev = Device::Cpu;
+    let batch = w.images(Split::Pretrain).batch(&all(400), &dev).unwrap();
+    assert!(
+        batch.labels.is_empty(),
+        "the pre-training split is unlabelled"
+    );
+    assert!(w.images(Split::Pretrain).class_names().is_empty());
+    let samples: Vec<Sample> = (0..400).map(|i| w.sample(Split::Pretrain, i)).collect();
+    let count = |s: Subject| samples.iter().filter(|x| x.subject == s).count();
+    // attribute_share 0.5: about 100 of each single-attribute kind, 200 objects.
+    for (subject, lo, hi) in [
+        (Subject::Object, 150, 250),
+        (Subject::ColourSplash, 60, 140),
+        (Subject::GreyShape, 60, 140),
+    ] {
+        let n = count(subject);
+        assert!(n >= lo && n <= hi, "{subject:?}: {n} of 400");
+    }
+    assert!(samples
+        .iter()
+        .filter(|x| x.subject == Subject::Object)
+        .all(|x| !x.concept.is_unseen()));
+    // The teacher sees only what is shown: a splash means its colour, not its shape.
+    let teacher = w.teacher();
+    let text = |t: &str| Tensor::new(teacher.text_embedding(t).unwrap(), &dev).unwrap();
+    let cos = |a: &Tensor, b: &Tensor| {
+        let n = |x: &Tensor| x.sqr().unwrap().sum_all().unwrap().sqrt().unwrap();
+        (a * b)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .div(&(n(a) * n(b)).unwrap())
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    let splash = samples
+        .iter()
+        .position(|x| x.subject == Subject::ColourSplash)
+        .unwrap();
+    let feature = batch.teacher.get(splash).unwrap();
+    let concept = samples[splash].concept;
+    let colour = text(COLOURS[concept.colour].0);
+    let shape = text(SHAPES[concept.shape]);
+    assert!(cos(&feature, &colour) > 0.7, "{}", cos(&feature, &colour));
+    assert!(
+        cos(&feature, &shape).abs() < 0.3,
+        "{}",
+        cos(&feature, &shape)
     );
 }

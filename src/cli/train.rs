@@ -170,7 +170,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             distill_text(s, texts.as_ref(), run, &dev, None)?
         }
         (Stage::DistillImage, Some(w), _) => {
-            distill_image(s, &w.images(Split::Train), run, &dev, None)?
+            distill_image(s, &w.images(Split::Pretrain), run, &dev, None)?
         }
         (Stage::DistillImage, None, Some(d)) => {
             distill_image(s, &Cache::open_images(d)?, run, &dev, None)?

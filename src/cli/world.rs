@@ -7,7 +7,6 @@ use std::path::PathBuf;
 use anyhow::Context;
 use image::{Rgb, RgbImage};
 
-use crate::data::world::concepts::SIZES;
 use crate::data::world::render::SIDE;
 use crate::data::world::{Split, World, WorldConfig};
 
@@ -40,6 +39,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     });
     let mut captions = String::new();
     for (split, file) in [
+        (Split::Pretrain, "grid_pretrain.png"),
         (Split::Train, "grid_train.png"),
         (Split::TestUnseen, "grid_unseen.png"),
     ] {
@@ -62,13 +62,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             {
                 grid.put_pixel(x0 + x, y0 + y, *p);
             }
-            let name = sample.concept.name();
-            let size = SIZES[sample.size];
             writeln!(
                 captions,
-                "{file} #{i} (row {}, column {}): a {size} {name}",
+                "{file} #{i} (row {}, column {}): {}",
                 i as u32 / columns,
-                i as u32 % columns
+                i as u32 % columns,
+                sample.description()
             )?;
         }
         grid.save(&path)
@@ -77,7 +76,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let path = args.out.join("captions.txt");
     std::fs::write(&path, captions).with_context(|| format!("writing {}", path.display()))?;
     println!(
-        "wrote {} images per grid to {} (grid_train.png: seen pairs, grid_unseen.png: held-out pairs, captions.txt)",
+        "wrote {} images per grid to {} (grid_pretrain.png: pre-training images, grid_train.png: seen pairs, grid_unseen.png: held-out pairs, captions.txt)",
         args.count,
         args.out.display()
     );

@@ -54,7 +54,9 @@ impl DemoConfig {
     fn sized(seed: u64, sets: (usize, usize, usize), epochs: (usize, usize)) -> Self {
         let pretrain = StageConfig {
             epochs: epochs.0,
-            batch_size: 64,
+            // Smaller than the paper's 196: the world's sets are small, and held-out pairs
+            // are recognised only after many steps.
+            batch_size: 32,
             lr: 5e-3,
             eta_min: 5e-4,
             t_max: None,
@@ -196,7 +198,8 @@ fn train_one(
     let dev = Device::Cpu;
     let prompts = &World::prompts().datasets[DATASET];
     let max_len = world.config().max_len;
-    let (train, seen, unseen) = (
+    let (pretrain, train, seen, unseen) = (
+        world.images(Split::Pretrain),
         world.images(Split::Train),
         world.images(Split::TestSeen),
         world.images(Split::TestUnseen),
@@ -230,7 +233,7 @@ fn train_one(
     stages.push(score("distill_text")?);
     let image = distill_image(
         student,
-        &train,
+        &pretrain,
         stage("distill_image", &cfg.pretrain),
         &dev,
         None,

@@ -12,7 +12,7 @@ pub mod tokenizer;
 use std::sync::Arc;
 
 use concepts::{Concept, COLOURS, SHAPES, SIZES};
-use render::Sample;
+use render::{Sample, Subject};
 pub use sets::{WorldImages, WorldText};
 use teacher::AnalyticTeacher;
 use tokenizer::{words, WorldTokenizer};
@@ -51,6 +51,9 @@ pub struct WorldConfig {
     /// Size of each test split (seen and unseen pairs).
     pub test_images: usize,
     pub dtext_sentences: usize,
+    /// Share of the pre-training images that show one attribute alone (half colour splashes,
+    /// half grey shapes); the rest are objects of seen pairs.
+    pub attribute_share: f64,
     pub embed_dim: usize,
     /// Sequence length of token ids.
     pub max_len: usize,
@@ -63,6 +66,7 @@ impl Default for WorldConfig {
             train_images: 3000,
             test_images: 600,
             dtext_sentences: 4000,
+            attribute_share: 0.5,
             embed_dim: 512,
             max_len: 20,
         }
@@ -72,17 +76,22 @@ impl Default for WorldConfig {
 /// The image splits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Split {
-    /// Seen colour-shape pairs only.
+    /// Labelled objects of the seen colour-shape pairs only, for fine-tuning.
     Train,
     /// Other images of the seen pairs.
     TestSeen,
     /// Images of the held-out pairs, never in training.
     TestUnseen,
+    /// Unlabelled images for image distillation: objects of the seen pairs, and with
+    /// [`WorldConfig::attribute_share`] colour splashes and grey shapes that show one attribute.
+    Pretrain,
 }
 
 impl Split {
     /// The concepts this split draws from.
     pub fn concepts(self) -> Vec<Concept> {
+        // Pre-training never shows a held-out pair either: a splash or grey shape shows one
+        // attribute of a seen pair, and every colour and shape occurs in a seen pair.
         let unseen = self == Split::TestUnseen;
         Concept::all()
             .into_iter()
@@ -158,7 +167,7 @@ impl World {
 
     pub fn split_len(&self, split: Split) -> usize {
         match split {
-            Split::Train => self.cfg.train_images,
+            Split::Pretrain | Split::Train => self.cfg.train_images,
             Split::TestSeen | Split::TestUnseen => self.cfg.test_images,
         }
     }
@@ -172,7 +181,16 @@ impl World {
         let concepts = split.concepts();
         let mut rng = self.split_rng(split).fork(index as u64);
         let concept = concepts[rng.below(concepts.len())];
-        Sample::draw(concept, &mut rng)
+        let subject = match split {
+            Split::Pretrain if rng.range(0.0, 1.0) < self.cfg.attribute_share => {
+                match rng.below(2) {
+                    0 => Subject::ColourSplash,
+                    _ => Subject::GreyShape,
+                }
+            }
+            _ => Subject::Object,
+        };
+        Sample::draw(concept, subject, &mut rng)
     }
 
     /// The teacher's feature of image `index` of `split`.

@@ -27,11 +27,16 @@ pub struct WorldImages {
 }
 
 impl WorldImages {
+    /// The pre-training split is unlabelled: it has no class names and its batches no labels.
     pub fn new(world: World, split: Split) -> Self {
+        let class_names = match split {
+            Split::Pretrain => Vec::new(),
+            _ => World::class_names(),
+        };
         Self {
             world,
             split,
-            class_names: World::class_names(),
+            class_names,
         }
     }
 
@@ -73,7 +78,10 @@ impl ImageFeatureSet for WorldImages {
             .collect();
         let pixels: Vec<f32> = items.iter().flat_map(|it| it.0.iter().copied()).collect();
         let teacher: Vec<f32> = items.iter().flat_map(|it| it.1.iter().copied()).collect();
-        let labels = items.iter().map(|it| it.2).collect();
+        let labels = match self.split {
+            Split::Pretrain => Vec::new(),
+            _ => items.iter().map(|it| it.2).collect(),
+        };
         let n = indices.len();
         Ok(ImageBatch {
             inputs: Tensor::from_vec(pixels, (n, 3, SIDE, SIDE), device)?,
