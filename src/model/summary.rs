@@ -44,20 +44,19 @@ pub fn batch_norm_params(bn: &BatchNorm) -> usize {
 
 /// The table as aligned text with a total line.
 pub fn render(title: &str, layers: &[Layer]) -> String {
-    let mut out = format!(
-        "{title}\n{:<28} {:<24} {:<18} {:>12}\n",
-        "layer", "kind", "output", "params"
-    );
+    let row = |name: &str, kind: &str, shape: &str, params: &str| {
+        format!("{name:<28} {kind:<28} {shape:<18} {params:>12}\n")
+    };
+    let mut out = format!("{title}\n{}", row("layer", "kind", "output", "params"));
     for l in layers {
-        out.push_str(&format!(
-            "{:<28} {:<24} {:<18} {:>12}\n",
-            l.name,
+        out.push_str(&row(
+            &l.name,
             l.kind,
-            format!("{:?}", l.shape),
-            l.params
+            &format!("{:?}", l.shape),
+            &l.params.to_string(),
         ));
     }
-    out.push_str(&format!("{:<72} {:>12}\n", "total", total(layers)));
+    out.push_str(&row("total", "", "", &total(layers).to_string()));
     out
 }
 
