@@ -161,6 +161,8 @@ pub struct Block {
     attn: SpikingSelfAttention,
     mlp: SpikingMlp,
     name: String,
+    dim: usize,
+    mlp_ratio: usize,
 }
 
 impl Block {
@@ -177,6 +179,8 @@ impl Block {
             attn: SpikingSelfAttention::new(&bv.pp("attn"), &format!("{name}.attn"), dim, heads)?,
             mlp: SpikingMlp::new(&bv.pp("mlp"), &format!("{name}.mlp"), dim, dim * mlp_ratio)?,
             name,
+            dim,
+            mlp_ratio,
         })
     }
 
@@ -193,10 +197,10 @@ impl Block {
         all
     }
 
-    /// The block's compute over `n` tokens of width `d` (`heads` heads, MLP `ratio * d` wide):
-    /// SNN ops and the ANN twin's, whose attention keeps the softmax.
-    pub fn ops(&self, n: usize, d: usize, heads: usize, ratio: usize) -> (Vec<Op>, Vec<Op>) {
-        let p = &self.name;
+    /// The block's compute over `n` tokens: SNN ops and the ANN twin's, whose attention keeps
+    /// the softmax.
+    pub fn ops(&self, n: usize) -> (Vec<Op>, Vec<Op>) {
+        let (p, d, heads, ratio) = (&self.name, self.dim, self.attn.heads, self.mlp_ratio);
         let spikes = |l: &str| OpInput::Spikes(format!("{p}.{l}"));
         let head_dim = d / heads;
         let mut snn = vec![
@@ -244,9 +248,9 @@ impl Block {
         (snn, ann)
     }
 
-    /// Layer-table rows of the block for one sample of `n` tokens of width `d`, `t` steps.
-    pub fn layers(&self, t: usize, n: usize, d: usize) -> Vec<Layer> {
-        let shape = vec![t, n, d];
+    /// Layer-table rows of the block for one sample of `n` tokens over `t` steps.
+    pub fn layers(&self, t: usize, n: usize) -> Vec<Layer> {
+        let shape = vec![t, n, self.dim];
         vec![
             Layer::new(
                 format!("{}.attn", self.name),
@@ -417,7 +421,7 @@ impl ImageEncoder {
             ));
         }
         for b in &self.blocks {
-            rows.extend(b.layers(t, s * s, d));
+            rows.extend(b.layers(t, s * s));
         }
         rows.push(self.readout.layer(d));
         rows.push(Layer::new(
@@ -454,12 +458,11 @@ impl ImageEncoder {
         let n = s * s;
         let mut ann = snn.iter().map(Op::as_ann).collect::<Vec<_>>();
         for b in &self.blocks {
-            let (bs, ba) = b.ops(n, c.embed_dim, c.num_heads, c.mlp_ratio);
+            let (bs, ba) = b.ops(n);
             snn.extend(bs);
             ann.extend(ba);
         }
-        let d = c.embed_dim;
-        let head = Op::linear("proj", 1, (d, self.cfg.out_dim), OpInput::Real);
+        let head = Op::linear("proj", 1, (c.embed_dim, self.cfg.out_dim), OpInput::Real);
         ann.push(head.clone());
         snn.push(head);
         (snn, ann)

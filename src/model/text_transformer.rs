@@ -96,7 +96,7 @@ impl TextTransformer {
         let c = &self.cfg.text;
         let (mut snn, mut ann) = (Vec::new(), Vec::new());
         for b in &self.blocks {
-            let (bs, ba) = b.ops(c.context_length, c.width, c.num_heads, c.mlp_ratio);
+            let (bs, ba) = b.ops(c.context_length);
             snn.extend(bs);
             ann.extend(ba);
         }
@@ -116,7 +116,7 @@ impl TextTransformer {
         let (t, c) = (self.cfg.time_steps, &self.cfg.text);
         let mut rows = vec![self.embedding.layer(vec![t, c.context_length, c.width])];
         for b in &self.blocks {
-            rows.extend(b.layers(t, c.context_length, c.width));
+            rows.extend(b.layers(t, c.context_length));
         }
         rows.push(Layer::new(
             "proj",
