@@ -184,7 +184,8 @@ impl Block {
         })
     }
 
-    /// `[T, B, N, C]` to `[T, B, N, C]`; see [`SpikingSelfAttention::forward`] for `key_mask`.
+    /// `[T, B, N, C]` to `[T, B, N, C]`; `key_mask` (`[B, N]`, 1 for tokens, 0 for padding)
+    /// takes padding out of attention.
     pub fn forward(&self, x: &Tensor, key_mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
         let x = (x + self.attn.forward(x, key_mask, train)?)?;
         &x + self.mlp.forward(&x, train)?
