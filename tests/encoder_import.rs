@@ -10,7 +10,7 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use spikeclip::model::config::{
-    ImageEncoderConfig, ReadoutKind, SpikeClipConfig, TextEncoderConfig,
+    ImageEncoderConfig, ReadoutKind, SpikeClipConfig, TextEncoderConfig, TextEncoderKind,
 };
 use spikeclip::model::import::load_pth;
 use spikeclip::model::spikingformer::NamedLif;
@@ -37,11 +37,15 @@ fn config() -> SpikeClipConfig {
             depth: 1,
         },
         text: TextEncoderConfig {
+            kind: TextEncoderKind::Mlp,
             vocab_size: 30,
             context_length: 20,
             max_positions: 24,
             width: 4,
             hidden: 32,
+            depth: 1,
+            num_heads: 1,
+            mlp_ratio: 1,
         },
     }
 }

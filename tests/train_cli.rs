@@ -59,3 +59,34 @@ fn a_stage_runs_resumes_and_leaves_a_checkpoint() {
         .unwrap();
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--prompt-set"));
 }
+
+#[test]
+fn overrides_shape_a_fresh_model_and_are_refused_with_init() {
+    let dir = tempfile::tempdir().unwrap();
+    // Zero epochs: the fresh model is built and saved, nothing is trained.
+    let sets = ["--set", "text.kind=transformer", "--set", "text.depth=1"];
+    let fresh = train(dir.path(), &[&["--epochs", "0"][..], &sets].concat());
+    assert!(
+        fresh.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fresh.stderr)
+    );
+    let card: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("model.json")).unwrap())
+            .unwrap();
+    assert_eq!(card["config"]["text"]["kind"], "transformer");
+    let init = dir.path().join("model.safetensors");
+    let again = train(
+        &dir.path().join("again"),
+        &[
+            "--epochs",
+            "1",
+            "--init",
+            init.to_str().unwrap(),
+            "--set",
+            "readout=mean",
+        ],
+    );
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--set builds a fresh model"));
+}

@@ -47,7 +47,7 @@ enum Command {
     Embed(embed::Args),
     /// Write sample images of the built-in world with their captions.
     World(world::Args),
-    /// Print a preset's configuration and both encoders' parameter counts.
+    /// Print a preset's configuration (with overrides) and both encoders' layer tables.
     Info(info::Args),
 }
 

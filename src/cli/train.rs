@@ -45,6 +45,10 @@ pub struct Args {
     model: String,
     #[arg(long, default_value = "tiny")]
     preset: String,
+    /// Without --init: override a preset setting, e.g. `--set text.kind=transformer` (the
+    /// world's vocabulary size still wins on the built-in world).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
     /// Without --init, on a cache: the CLIP tokenizer the cache was built with (tokenizer.json,
     /// a CLIP directory or bpe_simple_vocab_16e6.txt.gz).
     #[arg(long)]
@@ -98,9 +102,12 @@ fn stage_config(args: &Args) -> StageConfig {
 /// The student to train: from --init, or fresh from a preset sized for the data's tokenizer.
 fn student(args: &Args, world: Option<&World>, dev: &Device) -> anyhow::Result<LoadedStudent> {
     if let Some(init) = &args.init {
+        if !args.sets.is_empty() {
+            bail!("--set builds a fresh model; with --init the checkpoint's card fixes the config");
+        }
         return LoadedStudent::open(init, dev);
     }
-    let mut config = SpikeClipConfig::preset(&args.preset)?;
+    let mut config = SpikeClipConfig::preset(&args.preset)?.with_overrides(&args.sets)?;
     let tokenizer = match world {
         Some(w) => {
             config.text.vocab_size = w.tokenizer().vocab_size();

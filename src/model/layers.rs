@@ -3,6 +3,8 @@
 use candle_core::{Module, ModuleT, Result, Tensor, D};
 use candle_nn::{BatchNorm, BatchNormConfig, Linear, VarBuilder};
 
+use super::summary::{batch_norm_params, linear_params};
+
 /// BatchNorm as the paper trains it: eps 1e-5, momentum 0.1, affine.
 pub fn batch_norm(channels: usize, vb: VarBuilder) -> Result<BatchNorm> {
     candle_nn::batch_norm(
@@ -71,6 +73,17 @@ impl ConvBn {
         })
     }
 
+    pub fn out_channels(&self) -> usize {
+        self.weight.dims()[0]
+    }
+
+    /// Trainable parameters: the kernel, its bias if any, BatchNorm's affine pair.
+    pub fn params(&self) -> usize {
+        self.weight.elem_count()
+            + self.bias.as_ref().map_or(0, Tensor::elem_count)
+            + batch_norm_params(&self.bn)
+    }
+
     /// `[N, C, H, W]` to `[N, C_out, H, W]`.
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let mut y = conv2d(x, &self.weight, self.padding)?;
@@ -105,6 +118,11 @@ impl LinearBn {
             linear,
             bn: batch_norm(c_out, vb.pp(bn))?,
         })
+    }
+
+    /// Trainable parameters: the linear layer's and BatchNorm's affine pair.
+    pub fn params(&self) -> usize {
+        linear_params(&self.linear) + batch_norm_params(&self.bn)
     }
 
     /// `[..., C]` to `[..., C_out]`.

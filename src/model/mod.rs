@@ -10,7 +10,9 @@ pub mod layers;
 pub mod readout;
 pub mod scratch;
 pub mod spikingformer;
+pub mod summary;
 pub mod text;
+pub mod text_transformer;
 
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::{VarBuilder, VarMap};
@@ -22,7 +24,10 @@ use config::SpikeClipConfig;
 use readout::{tdw_init, TDW_NAME};
 use scratch::{ScratchImageEncoder, ScratchTextEncoder};
 use spikingformer::{ImageEncoder, NamedLif};
-use text::TextEncoder;
+use text::TextTower;
+
+/// Side of the square images the students read.
+pub const INPUT_SIDE: usize = 32;
 
 /// Sets every TDW weight of a freshly built VarMap to the paper's initialisation.
 fn init_tdw(varmap: &VarMap) -> Result<()> {
@@ -39,10 +44,11 @@ fn init_tdw(varmap: &VarMap) -> Result<()> {
     Ok(())
 }
 
-/// The spiking student: Spikingformer image encoder and spiking MLP text encoder.
+/// The spiking student: Spikingformer image encoder and a spiking text encoder (MLP or
+/// transformer, by `config.text.kind`).
 pub struct SpikeClip {
     pub image: ImageEncoder,
-    pub text: TextEncoder,
+    pub text: TextTower,
     pub config: SpikeClipConfig,
     varmap: VarMap,
 }
@@ -68,7 +74,7 @@ impl SpikeClip {
     /// Fresh weights drawn from `seed`.
     pub fn new(config: &SpikeClipConfig, seed: u64, device: &Device) -> Result<Self> {
         let (image, text, varmap) =
-            build_towers(config, seed, device, ImageEncoder::new, TextEncoder::new)?;
+            build_towers(config, seed, device, ImageEncoder::new, TextTower::new)?;
         Ok(Self {
             image,
             text,
@@ -97,7 +103,7 @@ impl Student for SpikeClip {
         &self.varmap
     }
     fn energy_ops(&self) -> Option<Vec<EncoderOps>> {
-        let (snn, ann) = self.image.ops(32);
+        let (snn, ann) = self.image.ops(INPUT_SIDE);
         let (tsnn, tann) = self.text.ops();
         Some(vec![
             EncoderOps {

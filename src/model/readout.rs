@@ -5,12 +5,14 @@ use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::config::ReadoutKind;
+use super::summary::Layer;
 
 /// A weighted sum over time of `[T, B, D]`, giving `[B, D]`.
 #[derive(Debug, Clone)]
 pub struct Readout {
     /// `[T, 1, 1]` weights: learnable for TDW, fixed otherwise.
     weights: Tensor,
+    learnable: bool,
 }
 
 impl Readout {
@@ -32,7 +34,20 @@ impl Readout {
             ReadoutKind::Ad => fixed((1..=steps).map(|t| t as f32).collect())?,
             ReadoutKind::Ar => fixed((0..steps).map(|t| 2f32.powi(t as i32)).collect())?,
         };
-        Ok(Self { weights })
+        Ok(Self {
+            weights,
+            learnable: kind == ReadoutKind::Tdw,
+        })
+    }
+
+    /// The readout's layer-table row, its output `[out]` for one sample.
+    pub fn layer(&self, out: usize) -> Layer {
+        let params = if self.learnable {
+            self.weights.elem_count()
+        } else {
+            0
+        };
+        Layer::new("readout", "readout over T", vec![out], params)
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {

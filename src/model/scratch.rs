@@ -120,7 +120,8 @@ impl ScratchImageEncoder {
     }
 }
 
-/// ScratchCLIP's text encoder: SpikeCLIP's MLP with ReLU in place of LIF.
+/// ScratchCLIP's text encoder: SpikeCLIP's MLP with ReLU in place of LIF. It stays an MLP when
+/// `text.kind` is `transformer`: the architecture ablation is about the spiking text tower.
 #[derive(Debug, Clone)]
 pub struct ScratchTextEncoder {
     embedding: TokenEmbedding,

@@ -4,7 +4,8 @@
 //! linear head map the mean token into CLIP's space.
 //!
 //! Tokens are kept channels-last, `[T, B, N, C]`, inside the blocks: every 1x1 convolution is
-//! then a plain matrix product over rows.
+//! then a plain matrix product over rows. The blocks know nothing of images, so the spiking
+//! transformer text encoder runs the same [`Block`] over its word tokens.
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
@@ -12,6 +13,7 @@ use candle_nn::{Linear, VarBuilder};
 use super::config::SpikeClipConfig;
 use super::layers::{max_pool_3x3_s2, over_time, ConvBn, LinearBn};
 use super::readout::Readout;
+use super::summary::{linear_params, Layer};
 use crate::energy::{Op, OpInput};
 use crate::neuron::{LifConfig, MultiStepLif};
 
@@ -23,7 +25,7 @@ pub struct NamedLif {
 }
 
 impl NamedLif {
-    fn new(name: impl Into<String>, cfg: LifConfig) -> Self {
+    pub fn new(name: impl Into<String>, cfg: LifConfig) -> Self {
         Self {
             name: name.into(),
             lif: MultiStepLif::new(cfg),
@@ -75,8 +77,10 @@ impl SpikingSelfAttention {
         })
     }
 
-    /// `[T, B, N, C]` to `[T, B, N, C]`.
-    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    /// `[T, B, N, C]` to `[T, B, N, C]`. `key_mask` (`[B, N]`, 1 for tokens, 0 for padding)
+    /// zeroes the keys of padding: without a softmax, a zero key row removes that token's value
+    /// from every query's output.
+    fn forward(&self, x: &Tensor, key_mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
         let (t, b, n, c) = x.dims4()?;
         let (h, d) = (self.heads, c / self.heads);
         let s = self.input.forward(x)?;
@@ -88,7 +92,11 @@ impl SpikingSelfAttention {
                 .reshape((t * b * h, n, d))
         };
         let q = split(self.q_lif.forward(&self.q.forward(&s, train)?)?)?;
-        let k = split(self.k_lif.forward(&self.k.forward(&s, train)?)?)?;
+        let mut k = self.k_lif.forward(&self.k.forward(&s, train)?)?;
+        if let Some(m) = key_mask {
+            k = k.broadcast_mul(&m.reshape((1, b, n, 1))?)?;
+        }
+        let k = split(k)?;
         let v = split(self.v_lif.forward(&self.v.forward(&s, train)?)?)?;
         let attn = q.matmul(&k.t()?.contiguous()?)?;
         let y = (attn.matmul(&v)? * 0.125)?
@@ -97,6 +105,13 @@ impl SpikingSelfAttention {
             .contiguous()?
             .reshape((t, b, n, c))?;
         self.proj.forward(&self.attn_lif.forward(&y)?, train)
+    }
+
+    fn params(&self) -> usize {
+        [&self.q, &self.k, &self.v, &self.proj]
+            .iter()
+            .map(|l| l.params())
+            .sum()
     }
 
     fn lifs(&self) -> [&NamedLif; 5] {
@@ -129,16 +144,129 @@ impl SpikingMlp {
         })
     }
 
+    fn params(&self) -> usize {
+        self.fc1.params() + self.fc2.params()
+    }
+
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let h = self.fc1.forward(&self.lif1.forward(x)?, train)?;
         self.fc2.forward(&self.lif2.forward(&h)?, train)
     }
 }
 
+/// One Spikingformer block over `[T, B, N, C]` tokens: `x + SSA(x)`, then `x + MLP(x)`, the
+/// residuals on the real-valued stream. Parameters and LIF layers are named `block.{i}.*`.
 #[derive(Debug, Clone)]
-struct Block {
+pub struct Block {
     attn: SpikingSelfAttention,
     mlp: SpikingMlp,
+    name: String,
+    dim: usize,
+    mlp_ratio: usize,
+}
+
+impl Block {
+    pub fn new(
+        vb: &VarBuilder,
+        i: usize,
+        dim: usize,
+        heads: usize,
+        mlp_ratio: usize,
+    ) -> Result<Self> {
+        let name = format!("block.{i}");
+        let bv = vb.pp(&name);
+        Ok(Self {
+            attn: SpikingSelfAttention::new(&bv.pp("attn"), &format!("{name}.attn"), dim, heads)?,
+            mlp: SpikingMlp::new(&bv.pp("mlp"), &format!("{name}.mlp"), dim, dim * mlp_ratio)?,
+            name,
+            dim,
+            mlp_ratio,
+        })
+    }
+
+    /// `[T, B, N, C]` to `[T, B, N, C]`; `key_mask` (`[B, N]`, 1 for tokens, 0 for padding)
+    /// takes padding out of attention.
+    pub fn forward(&self, x: &Tensor, key_mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
+        let x = (x + self.attn.forward(x, key_mask, train)?)?;
+        &x + self.mlp.forward(&x, train)?
+    }
+
+    /// The block's LIF layers, in forward order.
+    pub fn lifs(&self) -> Vec<&NamedLif> {
+        let mut all = self.attn.lifs().to_vec();
+        all.extend([&self.mlp.lif1, &self.mlp.lif2]);
+        all
+    }
+
+    /// The block's compute over `n` tokens: SNN ops and the ANN twin's, whose attention keeps
+    /// the softmax.
+    pub fn ops(&self, n: usize) -> (Vec<Op>, Vec<Op>) {
+        let (p, d, heads, ratio) = (&self.name, self.dim, self.attn.heads, self.mlp_ratio);
+        let spikes = |l: &str| OpInput::Spikes(format!("{p}.{l}"));
+        let head_dim = d / heads;
+        let mut snn = vec![
+            Op::linear(format!("{p}.attn.q_conv"), n, (d, d), spikes("attn.in_lif")),
+            Op::linear(format!("{p}.attn.k_conv"), n, (d, d), spikes("attn.in_lif")),
+            Op::linear(format!("{p}.attn.v_conv"), n, (d, d), spikes("attn.in_lif")),
+        ];
+        let tail = vec![
+            Op::linear(
+                format!("{p}.attn.proj_conv"),
+                n,
+                (d, d),
+                spikes("attn.attn_lif"),
+            ),
+            Op::linear(
+                format!("{p}.mlp.mlp1_conv"),
+                n,
+                (d, d * ratio),
+                spikes("mlp.lif1"),
+            ),
+            Op::linear(
+                format!("{p}.mlp.mlp2_conv"),
+                n,
+                (d * ratio, d),
+                spikes("mlp.lif2"),
+            ),
+        ];
+        let mut ann: Vec<Op> = snn.iter().map(Op::as_ann).collect();
+        ann.push(Op::softmax_attention(
+            format!("{p}.attn.softmax_qkv"),
+            heads,
+            n,
+            head_dim,
+        ));
+        ann.extend(tail.iter().map(Op::as_ann));
+        let lif = |l: &str| format!("{p}.attn.{l}");
+        snn.push(Op::spike_attention(
+            format!("{p}.attn.qkv"),
+            heads,
+            n,
+            head_dim,
+            (&lif("q_lif"), &lif("k_lif"), &lif("v_lif")),
+        ));
+        snn.extend(tail);
+        (snn, ann)
+    }
+
+    /// Layer-table rows of the block for one sample of `n` tokens over `t` steps.
+    pub fn layers(&self, t: usize, n: usize) -> Vec<Layer> {
+        let shape = vec![t, n, self.dim];
+        vec![
+            Layer::new(
+                format!("{}.attn", self.name),
+                "spiking self-attention",
+                shape.clone(),
+                self.attn.params(),
+            ),
+            Layer::new(
+                format!("{}.mlp", self.name),
+                "spiking MLP",
+                shape,
+                self.mlp.params(),
+            ),
+        ]
+    }
 }
 
 /// The Spikingformer image encoder.
@@ -194,23 +322,7 @@ impl ImageEncoder {
             .map(|i| NamedLif::new(format!("patch_embed.lif{}", i + 1), LifConfig::default()))
             .collect();
         let blocks = (0..c.depth)
-            .map(|i| {
-                let bv = vb.pp(format!("block.{i}"));
-                Ok(Block {
-                    attn: SpikingSelfAttention::new(
-                        &bv.pp("attn"),
-                        &format!("block.{i}.attn"),
-                        c.embed_dim,
-                        c.num_heads,
-                    )?,
-                    mlp: SpikingMlp::new(
-                        &bv.pp("mlp"),
-                        &format!("block.{i}.mlp"),
-                        c.embed_dim,
-                        c.embed_dim * c.mlp_ratio,
-                    )?,
-                })
-            })
+            .map(|i| Block::new(&vb, i, c.embed_dim, c.num_heads, c.mlp_ratio))
             .collect::<Result<Vec<_>>>()?;
         let head = candle_nn::Linear::new(
             vb.pp("proj").get_with_hints(
@@ -275,8 +387,7 @@ impl ImageEncoder {
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let mut x = self.tokens(x, train)?;
         for b in &self.blocks {
-            x = (&x + b.attn.forward(&x, train)?)?;
-            x = (&x + b.mlp.forward(&x, train)?)?;
+            x = b.forward(&x, None, train)?;
         }
         let pooled = x.mean(2)?; // [T, B, C]
         self.head.forward(&self.readout.forward(&pooled)?)
@@ -286,11 +397,41 @@ impl ImageEncoder {
     pub fn lif_layers(&self) -> Vec<&NamedLif> {
         let mut all: Vec<&NamedLif> = self.conv_lifs.iter().collect();
         for b in &self.blocks {
-            all.extend(b.attn.lifs());
-            all.push(&b.mlp.lif1);
-            all.push(&b.mlp.lif2);
+            all.extend(b.lifs());
         }
         all
+    }
+
+    /// The layer table for one `side x side` image.
+    pub fn layers(&self, side: usize) -> Vec<Layer> {
+        let (t, d) = (self.cfg.time_steps, self.cfg.image.embed_dim);
+        let mut s = side;
+        let mut rows = Vec::new();
+        for (i, conv) in self.convs.iter().enumerate() {
+            let kind = if POOLED.contains(&i) {
+                s /= 2;
+                "conv3x3 + BN + max-pool"
+            } else {
+                "conv3x3 + BN"
+            };
+            rows.push(Layer::new(
+                format!("patch_embed.block{i}"),
+                kind,
+                vec![t, conv.out_channels(), s, s],
+                conv.params(),
+            ));
+        }
+        for b in &self.blocks {
+            rows.extend(b.layers(t, s * s));
+        }
+        rows.push(self.readout.layer(d));
+        rows.push(Layer::new(
+            "proj",
+            "linear",
+            vec![self.cfg.out_dim],
+            linear_params(&self.head),
+        ));
+        rows
     }
 
     /// The encoder's compute for energy accounting (32x32 inputs): SNN ops and the ANN twin's.
@@ -315,61 +456,14 @@ impl ImageEncoder {
                 s /= 2;
             }
         }
-        let (n, d, h) = (s * s, c.embed_dim, c.num_heads);
+        let n = s * s;
         let mut ann = snn.iter().map(Op::as_ann).collect::<Vec<_>>();
-        for i in 0..c.depth {
-            let p = format!("block.{i}");
-            let spikes = |l: &str| OpInput::Spikes(format!("{p}.{l}"));
-            let mut block = vec![
-                Op::linear(format!("{p}.attn.q_conv"), n, (d, d), spikes("attn.in_lif")),
-                Op::linear(format!("{p}.attn.k_conv"), n, (d, d), spikes("attn.in_lif")),
-                Op::linear(format!("{p}.attn.v_conv"), n, (d, d), spikes("attn.in_lif")),
-            ];
-            let attn_names = (
-                format!("{p}.attn.q_lif"),
-                format!("{p}.attn.k_lif"),
-                format!("{p}.attn.v_lif"),
-            );
-            let product = Op::spike_attention(
-                format!("{p}.attn.qkv"),
-                h,
-                n,
-                d / h,
-                (&attn_names.0, &attn_names.1, &attn_names.2),
-            );
-            let tail = vec![
-                Op::linear(
-                    format!("{p}.attn.proj_conv"),
-                    n,
-                    (d, d),
-                    spikes("attn.attn_lif"),
-                ),
-                Op::linear(
-                    format!("{p}.mlp.mlp1_conv"),
-                    n,
-                    (d, d * c.mlp_ratio),
-                    spikes("mlp.lif1"),
-                ),
-                Op::linear(
-                    format!("{p}.mlp.mlp2_conv"),
-                    n,
-                    (d * c.mlp_ratio, d),
-                    spikes("mlp.lif2"),
-                ),
-            ];
-            ann.extend(block.iter().map(Op::as_ann));
-            ann.push(Op::softmax_attention(
-                format!("{p}.attn.softmax_qkv"),
-                h,
-                n,
-                d / h,
-            ));
-            ann.extend(tail.iter().map(Op::as_ann));
-            block.push(product);
-            block.extend(tail);
-            snn.extend(block);
+        for b in &self.blocks {
+            let (bs, ba) = b.ops(n);
+            snn.extend(bs);
+            ann.extend(ba);
         }
-        let head = Op::linear("proj", 1, (d, self.cfg.out_dim), OpInput::Real);
+        let head = Op::linear("proj", 1, (c.embed_dim, self.cfg.out_dim), OpInput::Real);
         ann.push(head.clone());
         snn.push(head);
         (snn, ann)

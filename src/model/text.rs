@@ -1,13 +1,16 @@
 //! The spiking text encoder: CLIP's token and position embeddings for 20 tokens, flattened and
 //! repeated over T steps, then LIF -> Linear -> LIF -> Linear and a TDW readout. A plain MLP on
-//! purpose: the paper found it distils CLIP's text space as well as a spiking transformer.
+//! purpose: the paper found it distils CLIP's text space as well as a spiking transformer
+//! ([`TextTower`] selects that one instead, for the ablation).
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Embedding, Linear, VarBuilder};
 
-use super::config::SpikeClipConfig;
+use super::config::{SpikeClipConfig, TextEncoderKind};
 use super::readout::Readout;
 use super::spikingformer::NamedLif;
+use super::summary::{linear_params, Layer};
+use super::text_transformer::TextTransformer;
 use crate::energy::{Op, OpInput};
 use crate::neuron::{LifConfig, MultiStepLif};
 
@@ -49,6 +52,11 @@ impl TokenEmbedding {
 
     /// Token ids `[B, L]` to `[B, L * width]`.
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        self.tokens(ids)?.flatten_from(1)
+    }
+
+    /// Token ids `[B, L]` to embedded tokens `[B, L, width]`.
+    pub fn tokens(&self, ids: &Tensor) -> Result<Tensor> {
         let l = self.context_length;
         if ids.rank() != 2 || ids.dim(1)? != l {
             candle_core::bail!(
@@ -58,8 +66,18 @@ impl TokenEmbedding {
         }
         self.token
             .forward(ids)?
-            .broadcast_add(&self.position.narrow(0, 0, l)?)?
-            .flatten_from(1)
+            .broadcast_add(&self.position.narrow(0, 0, l)?)
+    }
+
+    /// The layer-table row of the embeddings, whose output is `shape`.
+    pub fn layer(&self, shape: Vec<usize>) -> Layer {
+        let params = self.token.embeddings().elem_count() + self.position.elem_count();
+        Layer::new(
+            "clip_embedding",
+            "token + position embedding",
+            shape,
+            params,
+        )
     }
 }
 
@@ -110,6 +128,27 @@ impl TextEncoder {
         vec![&self.lif1, &self.lif2]
     }
 
+    /// The layer table for one token window.
+    pub fn layers(&self) -> Vec<Layer> {
+        let (t, c) = (self.cfg.time_steps, &self.cfg.text);
+        vec![
+            self.embedding.layer(vec![t, c.context_length * c.width]),
+            Layer::new(
+                "fc1",
+                "LIF + linear",
+                vec![t, c.hidden],
+                linear_params(&self.fc1),
+            ),
+            Layer::new(
+                "fc2",
+                "LIF + linear",
+                vec![t, self.cfg.out_dim],
+                linear_params(&self.fc2),
+            ),
+            self.readout.layer(self.cfg.out_dim),
+        ]
+    }
+
     /// The encoder's compute for energy accounting: SNN ops and the ANN twin's.
     pub fn ops(&self) -> (Vec<Op>, Vec<Op>) {
         let c = &self.cfg.text;
@@ -129,5 +168,50 @@ impl TextEncoder {
         ];
         let ann = snn.iter().map(Op::as_ann).collect();
         (snn, ann)
+    }
+}
+
+/// SpikeCLIP's text tower, chosen by `text.kind`. Each encoder keeps its own parameter names
+/// under `text.`, so MLP checkpoints and the authors' `.pth` import are unaffected.
+#[derive(Debug, Clone)]
+pub enum TextTower {
+    Mlp(TextEncoder),
+    Transformer(TextTransformer),
+}
+
+impl TextTower {
+    pub fn new(vb: VarBuilder, cfg: &SpikeClipConfig) -> Result<Self> {
+        Ok(match cfg.text.kind {
+            TextEncoderKind::Mlp => Self::Mlp(TextEncoder::new(vb, cfg)?),
+            TextEncoderKind::Transformer => Self::Transformer(TextTransformer::new(vb, cfg)?),
+        })
+    }
+
+    pub fn forward(&self, ids: &Tensor, train: bool) -> Result<Tensor> {
+        match self {
+            Self::Mlp(e) => e.forward(ids, train),
+            Self::Transformer(e) => e.forward(ids, train),
+        }
+    }
+
+    pub fn lif_layers(&self) -> Vec<&NamedLif> {
+        match self {
+            Self::Mlp(e) => e.lif_layers(),
+            Self::Transformer(e) => e.lif_layers(),
+        }
+    }
+
+    pub fn ops(&self) -> (Vec<Op>, Vec<Op>) {
+        match self {
+            Self::Mlp(e) => e.ops(),
+            Self::Transformer(e) => e.ops(),
+        }
+    }
+
+    pub fn layers(&self) -> Vec<Layer> {
+        match self {
+            Self::Mlp(e) => e.layers(),
+            Self::Transformer(e) => e.layers(),
+        }
     }
 }
