@@ -8,7 +8,7 @@ use candle_core::Device;
 
 use super::prompt_args::PromptFileArgs;
 use crate::data::cache::Cache;
-use crate::data::world::{Split, World, WorldConfig, DATASET};
+use crate::data::world::{Split, World, WorldConfig};
 use crate::data::TextFeatureSet;
 use crate::eval::zeroshot::class_embeddings;
 use crate::model::checkpoint::{self, ModelCard, ModelKind, TokenizerSpec};
@@ -183,7 +183,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             distill_image(s, &Cache::open_images(d)?, run, &dev, None)?
         }
         (Stage::Finetune, Some(w), _) => {
-            let prompts = &World::prompts().datasets[DATASET];
+            let prompts = &World::split_prompts(Split::Train);
             let targets = FinetuneTargets {
                 student_classes: loaded.class_embeddings(prompts, &dev)?,
                 teacher_classes: class_embeddings(prompts, |t| w.teacher().text_features(t))?,

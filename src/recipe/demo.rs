@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use anyhow::Context;
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use serde::Serialize;
 
 use super::energy::{measure_energy, prompt_token_ids};
@@ -162,7 +162,7 @@ pub fn run_demo(cfg: &DemoConfig, out: &Path, show_progress: bool) -> anyhow::Re
     ];
     for (name, student, kind) in students {
         let dir = out.join(name);
-        let report = train_one(cfg, &world, student, &teacher_classes, &dir, show_progress)
+        let report = train_one(cfg, &world, student, &dir, show_progress)
             .with_context(|| format!("training {name}"))?;
         let card = ModelCard {
             kind,
@@ -191,7 +191,6 @@ fn train_one(
     cfg: &DemoConfig,
     world: &World,
     student: &dyn Student,
-    teacher_classes: &Tensor,
     dir: &Path,
     show_progress: bool,
 ) -> anyhow::Result<ModelReport> {
@@ -240,11 +239,13 @@ fn train_one(
     )?;
     curves.extend(image.epochs);
     stages.push(score("distill_image")?);
+    // Fine-tuning learns the labels of its own data: the seen pairs.
+    let train_prompts = World::split_prompts(Split::Train);
     let student_classes =
-        student_class_embeddings(student, world.tokenizer(), prompts, max_len, &dev)?;
+        student_class_embeddings(student, world.tokenizer(), &train_prompts, max_len, &dev)?;
     let targets = FinetuneTargets {
         student_classes,
-        teacher_classes: teacher_classes.clone(),
+        teacher_classes: class_embeddings(&train_prompts, |t| world.teacher().text_features(t))?,
         teacher_logit_scale: cfg.teacher_logit_scale,
     };
     let fine = finetune(

@@ -80,6 +80,17 @@ pub fn finetune(
         !data.class_names().is_empty(),
         "fine-tuning needs a labelled dataset"
     );
+    for (what, classes) in [
+        ("student", &targets.student_classes),
+        ("teacher", &targets.teacher_classes),
+    ] {
+        let rows = classes.dim(0)?;
+        anyhow::ensure!(
+            rows == data.class_names().len(),
+            "fine-tuning: the dataset has {} classes but the {what} has {rows} class embeddings",
+            data.class_names().len()
+        );
+    }
     let student_classes = targets.student_classes.detach();
     run.run(
         trainable(student, "image."),

@@ -98,6 +98,17 @@ impl Split {
             .filter(|c| c.is_unseen() == unseen)
             .collect()
     }
+
+    /// The label set of the split, in label order. Fine-tuning data are labelled with the pairs
+    /// they show, so its cross-entropy never pushes the held-out pairs down; the test splits
+    /// are scored against every pair (generalised zero-shot); pre-training is unlabelled.
+    pub fn classes(self) -> Vec<Concept> {
+        match self {
+            Split::Pretrain => Vec::new(),
+            Split::Train => self.concepts(),
+            Split::TestSeen | Split::TestUnseen => Concept::all(),
+        }
+    }
 }
 
 /// One world, cheap to clone (the teacher is shared).
@@ -156,12 +167,20 @@ impl World {
 
     /// The label set as prompts, under [`DATASET`].
     pub fn prompts() -> PromptSet {
-        let prompts = DatasetPrompts {
-            classes: Self::class_names().into_iter().map(|n| vec![n]).collect(),
-            templates: PROMPT_TEMPLATES.iter().map(|t| t.to_string()).collect(),
-        };
         PromptSet {
-            datasets: [(DATASET.to_string(), prompts)].into(),
+            datasets: [(DATASET.to_string(), Self::split_prompts(Split::TestSeen))].into(),
+        }
+    }
+
+    /// Prompts of a split's label set ([`Split::classes`]).
+    pub fn split_prompts(split: Split) -> DatasetPrompts {
+        DatasetPrompts {
+            classes: split
+                .classes()
+                .into_iter()
+                .map(|c| vec![c.name()])
+                .collect(),
+            templates: PROMPT_TEMPLATES.iter().map(|t| t.to_string()).collect(),
         }
     }
 

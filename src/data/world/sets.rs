@@ -3,6 +3,7 @@
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
+use super::concepts::Concept;
 use super::render::SIDE;
 use super::{Split, World};
 use crate::data::{ImageBatch, ImageFeatureSet, TextBatch, TextFeatureSet};
@@ -23,20 +24,20 @@ fn check_indices(indices: &[usize], len: usize, what: &str) -> anyhow::Result<()
 pub struct WorldImages {
     world: World,
     split: Split,
+    classes: Vec<Concept>,
     class_names: Vec<String>,
 }
 
 impl WorldImages {
-    /// The pre-training split is unlabelled: it has no class names and its batches no labels.
+    /// Labels index the split's own label set ([`Split::classes`]); the pre-training split is
+    /// unlabelled: it has no class names and its batches no labels.
     pub fn new(world: World, split: Split) -> Self {
-        let class_names = match split {
-            Split::Pretrain => Vec::new(),
-            _ => World::class_names(),
-        };
+        let classes = split.classes();
         Self {
             world,
             split,
-            class_names,
+            class_names: classes.iter().map(|c| c.name()).collect(),
+            classes,
         }
     }
 
@@ -62,7 +63,7 @@ impl ImageFeatureSet for WorldImages {
         )?;
         let plane = SIDE * SIDE;
         // Images are independent: render them in parallel, then concatenate in order.
-        let items: Vec<(Vec<f32>, Vec<f32>, u32)> = indices
+        let items: Vec<(Vec<f32>, Vec<f32>, Option<usize>)> = indices
             .par_iter()
             .map(|&i| {
                 let sample = self.world.sample(self.split, i);
@@ -73,15 +74,17 @@ impl ImageFeatureSet for WorldImages {
                         .for_each(|v| *v = (*v - CLIP_MEAN[c]) / CLIP_STD[c]);
                 }
                 let feature = self.world.image_feature(self.split, i, &sample);
-                (image, feature, sample.concept.label() as u32)
+                let label = self.classes.iter().position(|c| *c == sample.concept);
+                (image, feature, label)
             })
             .collect();
         let pixels: Vec<f32> = items.iter().flat_map(|it| it.0.iter().copied()).collect();
         let teacher: Vec<f32> = items.iter().flat_map(|it| it.1.iter().copied()).collect();
-        let labels = match self.split {
-            Split::Pretrain => Vec::new(),
-            _ => items.iter().map(|it| it.2).collect(),
-        };
+        // Every labelled split's images show one of its classes; the pre-training split has none.
+        let labels = items
+            .iter()
+            .filter_map(|it| it.2.map(|l| l as u32))
+            .collect();
         let n = indices.len();
         Ok(ImageBatch {
             inputs: Tensor::from_vec(pixels, (n, 3, SIDE, SIDE), device)?,
