@@ -19,6 +19,22 @@ pub struct BenchResult {
     /// Peak resident set of the process while the case ran (Linux; 0 elsewhere).
     pub peak_rss_mib: f64,
     pub iters: usize,
+    /// Items (images, texts) per second at the median, for cases that process a batch.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub throughput_per_s: Option<f64>,
+    /// Case-specific measurements beyond one timing, such as a sweep's table.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub details: Option<serde_json::Value>,
+}
+
+impl BenchResult {
+    /// The same result with the throughput of `items` per step.
+    pub fn per_step(self, items: usize) -> Self {
+        Self {
+            throughput_per_s: Some(items as f64 / self.median_s),
+            ..self
+        }
+    }
 }
 
 /// Runs `step` `warmup` times untimed, then `iters` times timed.
@@ -49,6 +65,8 @@ pub fn measure(
         max_s: times[n - 1],
         peak_rss_mib: peak_rss_mib(),
         iters: n,
+        throughput_per_s: None,
+        details: None,
     })
 }
 
