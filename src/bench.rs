@@ -3,6 +3,7 @@
 
 use std::time::Instant;
 
+use candle_nn::VarMap;
 use serde::Serialize;
 
 #[derive(Debug, Clone, Copy)]
@@ -85,4 +86,15 @@ fn peak_rss_mib() -> f64 {
         .find_map(|l| l.strip_prefix("VmHWM:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
         .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// Sets the shift (bias) of every BatchNorm in `varmap` to `shift`: the same as lowering every
+/// LIF threshold behind a BatchNorm by `shift`, a knob for the firing rate of a random model.
+pub fn set_batch_norm_shift(varmap: &VarMap, shift: f32) -> candle_core::Result<()> {
+    for (name, var) in varmap.data().lock().expect("VarMap lock").iter() {
+        if name.ends_with("_bn.bias") {
+            var.set(&var.as_tensor().ones_like()?.affine(shift.into(), 0.0)?)?;
+        }
+    }
+    Ok(())
 }
