@@ -4,9 +4,10 @@
 //! (`--iters 5 --warmup 1`).
 
 use candle_core::{Device, Tensor};
+use serde::Serialize;
 
 use super::Case;
-use crate::bench::{measure, BenchResult, Budget};
+use crate::bench::{measure, set_batch_norm_shift, BenchResult, Budget};
 use crate::model::config::SpikeClipConfig;
 use crate::model::SpikeClip;
 use crate::recipe::student::{trainable, Student};
@@ -18,6 +19,8 @@ pub const CASES: &[Case] = &[
     ("img_train_b32", img_train_b32),
     ("img_train_b64", img_train_b64),
     ("img_infer_b64", img_infer_b64),
+    ("img_infer_b64_sparse", img_infer_b64_sparse),
+    ("sparse_sweep", sparse_sweep),
     ("txt_train_b256", txt_train_b256),
     ("txt_infer_b1024", txt_infer_b1024),
 ];
@@ -84,15 +87,162 @@ fn img_train_b64(budget: Budget) -> anyhow::Result<BenchResult> {
     img_train(budget, 64)
 }
 
+/// BatchNorm shift of the inference cases: a fresh model's spikes die out after a few layers,
+/// this one fires at about the rates of a trained one (printed with the result).
+const INFER_SHIFT: f32 = 0.5;
+
+/// Which image-encoder path an inference case runs.
+#[derive(Debug, Clone, Copy)]
+enum ImagePath {
+    Dense,
+    Sparse,
+}
+
+/// Eval-mode image features of `x` timed on `path`.
+fn img_infer(
+    budget: Budget,
+    model: &SpikeClip,
+    x: &Tensor,
+    path: ImagePath,
+) -> anyhow::Result<BenchResult> {
+    let result = match path {
+        ImagePath::Dense => measure(budget, || {
+            model.image_features(x, false)?;
+            Ok(())
+        })?,
+        ImagePath::Sparse => {
+            let weights = model.image.sparse_weights()?;
+            measure(budget, || {
+                model.image.forward_sparse(x, &weights)?;
+                Ok(())
+            })?
+        }
+    };
+    Ok(result.per_step(x.dim(0)?))
+}
+
+/// The paper's model shifted to fire at inference rates, and 64 images.
+fn infer_setup() -> anyhow::Result<(SpikeClip, Tensor)> {
+    let model = paper_model()?;
+    set_batch_norm_shift(model.varmap(), INFER_SHIFT)?;
+    let x = images(64)?;
+    println!("  firing rate {:.3}", firing_rate(&model, &x)?);
+    Ok((model, x))
+}
+
 /// Eval-mode image features of 64 images (BatchNorm on running statistics).
 fn img_infer_b64(budget: Budget) -> anyhow::Result<BenchResult> {
+    let (model, x) = infer_setup()?;
+    img_infer(budget, &model, &x, ImagePath::Dense)
+}
+
+/// The same through the spike-driven path (weights folded once, outside the timing).
+fn img_infer_b64_sparse(budget: Budget) -> anyhow::Result<BenchResult> {
+    let (model, x) = infer_setup()?;
+    img_infer(budget, &model, &x, ImagePath::Sparse)
+}
+
+/// Spikes per neuron-step over all of the image encoder's LIF layers in one eval pass on `x`.
+fn firing_rate(model: &SpikeClip, x: &Tensor) -> anyhow::Result<f64> {
+    let lifs = model.image.lif_layers();
+    for l in &lifs {
+        l.lif.monitor().reset();
+        l.lif.monitor().enable();
+    }
+    model.image_features(x, false)?;
+    let (mut spikes, mut steps) = (0, 0);
+    for l in &lifs {
+        let c = l.lif.monitor().counts();
+        (spikes, steps) = (spikes + c.spikes, steps + c.neuron_steps);
+        l.lif.monitor().disable();
+    }
+    Ok(spikes as f64 / steps.max(1) as f64)
+}
+
+/// One point of the firing-rate sweep.
+#[derive(Debug, Serialize)]
+struct SweepPoint {
+    batch_norm_shift: f32,
+    firing_rate: f64,
+    dense_median_s: f64,
+    sparse_median_s: f64,
+    /// Dense time over sparse time: above 1 the sparse path is faster.
+    speedup: f64,
+}
+
+/// BatchNorm shifts of the sweep, chosen to span about 5 to 40 % firing on the paper's model.
+const SWEEP_SHIFTS: [f32; 5] = [0.0, 0.25, 0.5, 0.75, 1.0];
+
+/// Images per sweep step: a quarter of the inference batch keeps ten timings short.
+const SWEEP_BATCH: usize = 16;
+
+/// The whole image encoder, dense and sparse, at rising firing rates (raised by shifting every
+/// BatchNorm), with the rate where the sparse path stops paying off. The case's own timing is
+/// the dense one at the middle shift; the table is in `details`.
+fn sparse_sweep(budget: Budget) -> anyhow::Result<BenchResult> {
     let model = paper_model()?;
-    let x = images(64)?;
-    let result = measure(budget, || {
-        model.image_features(&x, false)?;
-        Ok(())
-    })?;
-    Ok(result.per_step(64))
+    let x = images(SWEEP_BATCH)?;
+    let mut points = Vec::new();
+    let mut middle = None;
+    println!(
+        "  {:>6} {:>8} {:>9} {:>9} {:>8}",
+        "shift", "firing", "dense_s", "sparse_s", "speedup"
+    );
+    for (i, &shift) in SWEEP_SHIFTS.iter().enumerate() {
+        set_batch_norm_shift(model.varmap(), shift)?;
+        let rate = firing_rate(&model, &x)?;
+        let dense = img_infer(budget, &model, &x, ImagePath::Dense)?;
+        let sparse = img_infer(budget, &model, &x, ImagePath::Sparse)?;
+        let point = SweepPoint {
+            batch_norm_shift: shift,
+            firing_rate: rate,
+            dense_median_s: dense.median_s,
+            sparse_median_s: sparse.median_s,
+            speedup: dense.median_s / sparse.median_s,
+        };
+        println!(
+            "  {:>6.2} {:>7.1}% {:>9.4} {:>9.4} {:>7.2}x",
+            shift,
+            100.0 * rate,
+            point.dense_median_s,
+            point.sparse_median_s,
+            point.speedup
+        );
+        points.push(point);
+        if i == SWEEP_SHIFTS.len() / 2 {
+            middle = Some(dense);
+        }
+    }
+    let crossover = crossover(&points);
+    match crossover {
+        Some(rate) => println!("  sparse is faster below about {:.1}% firing", 100.0 * rate),
+        None if points.iter().all(|p| p.speedup > 1.0) => {
+            println!("  sparse is faster at every measured rate")
+        }
+        None if points.iter().all(|p| p.speedup < 1.0) => {
+            println!("  sparse is slower at every measured rate")
+        }
+        None => println!("  no clean crossover: see the table"),
+    }
+    let mut result = middle.expect("the sweep has a middle point");
+    result.details = Some(serde_json::json!({
+        "batch": SWEEP_BATCH,
+        "points": points,
+        "crossover_firing_rate": crossover,
+    }));
+    Ok(result)
+}
+
+/// The firing rate where the speedup falls through 1, interpolated linearly between the two
+/// points around it (points in rising firing rate); `None` if it never does.
+fn crossover(points: &[SweepPoint]) -> Option<f64> {
+    points.windows(2).find_map(|w| {
+        let (a, b) = (&w[0], &w[1]);
+        (a.speedup >= 1.0 && b.speedup < 1.0).then(|| {
+            let t = (a.speedup - 1.0) / (a.speedup - b.speedup);
+            a.firing_rate + t * (b.firing_rate - a.firing_rate)
+        })
+    })
 }
 
 /// A text training step on 256 random sentences; the embeddings are trained too.
