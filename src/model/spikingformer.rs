@@ -62,6 +62,17 @@ impl<'a, W> Pass<'a, W> {
         matches!(self, Pass::Dense { train: true })
     }
 
+    /// `t` cut from the autograd graph unless training: the weights are variables, so without
+    /// cuts every intermediate of an inference pass would stay alive until its output is dropped
+    /// (several GB at the paper's size).
+    fn cut(self, t: Tensor) -> Tensor {
+        if self.train() {
+            t
+        } else {
+            t.detach()
+        }
+    }
+
     /// The same pass over a part of the model.
     fn map<V>(self, part: impl FnOnce(&'a W) -> &'a V) -> Pass<'a, V> {
         match self {
@@ -376,7 +387,7 @@ impl ImageEncoder {
 
     /// Spike tokens `[T, B, N, C]` of images `[B, 3, H, W]`.
     fn tokens(&self, x: &Tensor, pass: Pass<SparseWeights>) -> Result<Tensor> {
-        let mut y = self.first_conv(x, pass.train())?;
+        let mut y = pass.cut(self.first_conv(x, pass.train())?);
         for (i, conv) in self.convs.iter().enumerate().skip(1) {
             let spikes = self.conv_lifs[i - 1].forward(&y)?;
             y = over_time(&spikes, |s| {
@@ -391,7 +402,8 @@ impl ImageEncoder {
                 } else {
                     Ok(z)
                 }
-            })?;
+            })
+            .map(|y| pass.cut(y))?;
         }
         // [T, B, C, H, W] -> [T, B, N, C]
         y.flatten_from(3)?.transpose(2, 3)?.contiguous()
@@ -439,7 +451,7 @@ impl ImageEncoder {
         for (i, b) in self.blocks.iter().enumerate() {
             let block = pass.map(|w| &w.blocks[i]);
             x = (&x + b.attn.forward(&x, block.map(|w| &w.attn))?)?;
-            x = (&x + b.mlp.forward(&x, block.map(|w| &w.mlp))?)?;
+            x = pass.cut((&x + b.mlp.forward(&x, block.map(|w| &w.mlp))?)?);
         }
         let pooled = x.mean(2)?; // [T, B, C]
         self.head.forward(&self.readout.forward(&pooled)?)

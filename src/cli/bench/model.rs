@@ -9,6 +9,7 @@ use serde::Serialize;
 use super::Case;
 use crate::bench::{measure, set_batch_norm_shift, BenchResult, Budget};
 use crate::model::config::SpikeClipConfig;
+use crate::model::spikingformer::SparseWeights;
 use crate::model::SpikeClip;
 use crate::recipe::student::{trainable, Student};
 use crate::train::loss::cosine_distillation;
@@ -98,65 +99,74 @@ enum ImagePath {
     Sparse,
 }
 
-/// Eval-mode image features of `x` timed on `path`.
-fn img_infer(
-    budget: Budget,
-    model: &SpikeClip,
-    x: &Tensor,
-    path: ImagePath,
-) -> anyhow::Result<BenchResult> {
-    let result = match path {
-        ImagePath::Dense => measure(budget, || {
-            model.image_features(x, false)?;
-            Ok(())
-        })?,
-        ImagePath::Sparse => {
-            let weights = model.image.sparse_weights()?;
-            measure(budget, || {
-                model.image.forward_sparse(x, &weights)?;
-                Ok(())
-            })?
-        }
-    };
-    Ok(result.per_step(x.dim(0)?))
+/// Eval-mode image features of `x` on one path.
+struct ImageInference<'a> {
+    model: &'a SpikeClip,
+    /// Folded weights for the sparse path, prepared once outside the timing.
+    sparse: Option<SparseWeights>,
 }
 
-/// The paper's model shifted to fire at inference rates, and 64 images.
-fn infer_setup() -> anyhow::Result<(SpikeClip, Tensor)> {
+impl<'a> ImageInference<'a> {
+    fn new(model: &'a SpikeClip, path: ImagePath) -> anyhow::Result<Self> {
+        let sparse = match path {
+            ImagePath::Dense => None,
+            ImagePath::Sparse => Some(model.image.sparse_weights()?),
+        };
+        Ok(Self { model, sparse })
+    }
+
+    fn features(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match &self.sparse {
+            None => self.model.image_features(x, false),
+            Some(w) => self.model.image.forward_sparse(x, w),
+        }
+    }
+
+    fn time(&self, budget: Budget, x: &Tensor) -> anyhow::Result<BenchResult> {
+        let result = measure(budget, || {
+            self.features(x)?;
+            Ok(())
+        })?;
+        Ok(result.per_step(x.dim(0)?))
+    }
+
+    /// Spikes per neuron-step over all of the encoder's LIF layers in one pass on `x`.
+    fn firing_rate(&self, x: &Tensor) -> anyhow::Result<f64> {
+        let lifs = self.model.image.lif_layers();
+        for l in &lifs {
+            l.lif.monitor().reset();
+            l.lif.monitor().enable();
+        }
+        self.features(x)?;
+        let (mut spikes, mut steps) = (0, 0);
+        for l in &lifs {
+            let c = l.lif.monitor().counts();
+            (spikes, steps) = (spikes + c.spikes, steps + c.neuron_steps);
+            l.lif.monitor().disable();
+        }
+        Ok(spikes as f64 / steps.max(1) as f64)
+    }
+}
+
+/// Eval-mode features of 64 images on `path`, the paper's model shifted to fire at inference
+/// rates (printed).
+fn img_infer_b64_on(budget: Budget, path: ImagePath) -> anyhow::Result<BenchResult> {
     let model = paper_model()?;
     set_batch_norm_shift(model.varmap(), INFER_SHIFT)?;
     let x = images(64)?;
-    println!("  firing rate {:.3}", firing_rate(&model, &x)?);
-    Ok((model, x))
+    let infer = ImageInference::new(&model, path)?;
+    println!("  firing rate {:.3}", infer.firing_rate(&x)?);
+    infer.time(budget, &x)
 }
 
 /// Eval-mode image features of 64 images (BatchNorm on running statistics).
 fn img_infer_b64(budget: Budget) -> anyhow::Result<BenchResult> {
-    let (model, x) = infer_setup()?;
-    img_infer(budget, &model, &x, ImagePath::Dense)
+    img_infer_b64_on(budget, ImagePath::Dense)
 }
 
-/// The same through the spike-driven path (weights folded once, outside the timing).
+/// The same through the spike-driven path.
 fn img_infer_b64_sparse(budget: Budget) -> anyhow::Result<BenchResult> {
-    let (model, x) = infer_setup()?;
-    img_infer(budget, &model, &x, ImagePath::Sparse)
-}
-
-/// Spikes per neuron-step over all of the image encoder's LIF layers in one eval pass on `x`.
-fn firing_rate(model: &SpikeClip, x: &Tensor) -> anyhow::Result<f64> {
-    let lifs = model.image.lif_layers();
-    for l in &lifs {
-        l.lif.monitor().reset();
-        l.lif.monitor().enable();
-    }
-    model.image_features(x, false)?;
-    let (mut spikes, mut steps) = (0, 0);
-    for l in &lifs {
-        let c = l.lif.monitor().counts();
-        (spikes, steps) = (spikes + c.spikes, steps + c.neuron_steps);
-        l.lif.monitor().disable();
-    }
-    Ok(spikes as f64 / steps.max(1) as f64)
+    img_infer_b64_on(budget, ImagePath::Sparse)
 }
 
 /// One point of the firing-rate sweep.
@@ -190,9 +200,10 @@ fn sparse_sweep(budget: Budget) -> anyhow::Result<BenchResult> {
     );
     for (i, &shift) in SWEEP_SHIFTS.iter().enumerate() {
         set_batch_norm_shift(model.varmap(), shift)?;
-        let rate = firing_rate(&model, &x)?;
-        let dense = img_infer(budget, &model, &x, ImagePath::Dense)?;
-        let sparse = img_infer(budget, &model, &x, ImagePath::Sparse)?;
+        let dense_path = ImageInference::new(&model, ImagePath::Dense)?;
+        let rate = dense_path.firing_rate(&x)?;
+        let dense = dense_path.time(budget, &x)?;
+        let sparse = ImageInference::new(&model, ImagePath::Sparse)?.time(budget, &x)?;
         let point = SweepPoint {
             batch_norm_shift: shift,
             firing_rate: rate,
