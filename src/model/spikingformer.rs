@@ -10,7 +10,7 @@
 //! LIF reads bit-packed spikes through the accumulate-only kernels of
 //! [`crate::kernels::spikes`] with its BatchNorm folded in, and `q . k^T . v` is a popcount.
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{Device, Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
 use super::config::SpikeClipConfig;
@@ -85,8 +85,15 @@ impl<'a, W> Pass<'a, W> {
 /// Spikes `[..., C]` on their way into linear layers: kept as f32 for the dense pass, packed
 /// once for all the layers they feed in the sparse one.
 enum Fed<'a, W> {
-    Dense { spikes: Tensor, train: bool },
-    Sparse { bits: SpikeBits, folded: &'a W },
+    Dense {
+        spikes: Tensor,
+        train: bool,
+    },
+    Sparse {
+        bits: SpikeBits,
+        folded: &'a W,
+        device: Device,
+    },
 }
 
 impl<'a, W> Fed<'a, W> {
@@ -96,6 +103,7 @@ impl<'a, W> Fed<'a, W> {
             Pass::Sparse(folded) => Fed::Sparse {
                 bits: SpikeBits::pack(&spikes)?,
                 folded,
+                device: spikes.device().clone(),
             },
         })
     }
@@ -105,7 +113,11 @@ impl<'a, W> Fed<'a, W> {
     fn linear(&self, layer: &LinearBn, twin: impl FnOnce(&W) -> &SpikeLayer) -> Result<Tensor> {
         match self {
             Fed::Dense { spikes, train } => layer.forward(spikes, *train),
-            Fed::Sparse { bits, folded } => twin(folded).linear(bits, &candle_core::Device::Cpu),
+            Fed::Sparse {
+                bits,
+                folded,
+                device,
+            } => twin(folded).linear(bits, device),
         }
     }
 }
@@ -191,7 +203,8 @@ impl SpikingSelfAttention {
                 &SpikeBits::pack(&k)?,
                 &SpikeBits::pack(&v)?,
             )?
-            .to_dtype(candle_core::DType::F32)?,
+            .to_dtype(candle_core::DType::F32)?
+            .to_device(q.device())?,
         };
         let y = (product * 0.125)?
             .reshape((t, b, h, n, d))?
