@@ -3,6 +3,7 @@
 
 use std::time::Instant;
 
+use candle_nn::VarMap;
 use serde::Serialize;
 
 #[derive(Debug, Clone, Copy)]
@@ -19,6 +20,22 @@ pub struct BenchResult {
     /// Peak resident set of the process while the case ran (Linux; 0 elsewhere).
     pub peak_rss_mib: f64,
     pub iters: usize,
+    /// Items (images, texts) per second at the median, for cases that process a batch.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub throughput_per_s: Option<f64>,
+    /// Case-specific measurements beyond one timing, such as a sweep's table.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub details: Option<serde_json::Value>,
+}
+
+impl BenchResult {
+    /// The same result with the throughput of `items` per step.
+    pub fn per_step(self, items: usize) -> Self {
+        Self {
+            throughput_per_s: Some(items as f64 / self.median_s),
+            ..self
+        }
+    }
 }
 
 /// Runs `step` `warmup` times untimed, then `iters` times timed.
@@ -49,6 +66,8 @@ pub fn measure(
         max_s: times[n - 1],
         peak_rss_mib: peak_rss_mib(),
         iters: n,
+        throughput_per_s: None,
+        details: None,
     })
 }
 
@@ -67,4 +86,15 @@ fn peak_rss_mib() -> f64 {
         .find_map(|l| l.strip_prefix("VmHWM:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
         .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// Sets the shift (bias) of every BatchNorm in `varmap` to `shift`: the same as lowering every
+/// LIF threshold behind a BatchNorm by `shift`, a knob for the firing rate of a random model.
+pub fn set_batch_norm_shift(varmap: &VarMap, shift: f32) -> candle_core::Result<()> {
+    for (name, var) in varmap.data().lock().expect("VarMap lock").iter() {
+        if name.ends_with("_bn.bias") {
+            var.set(&var.as_tensor().ones_like()?.affine(shift.into(), 0.0)?)?;
+        }
+    }
+    Ok(())
 }

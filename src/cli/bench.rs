@@ -1,6 +1,7 @@
 //! `spikeclip bench`: the benchmark cases, timed by [`crate::bench`].
 
 mod kernels;
+mod model;
 
 use std::path::PathBuf;
 
@@ -25,19 +26,20 @@ use crate::train::rng::Rng;
 #[derive(clap::Args)]
 pub struct Args {
     /// Run only this case (default: all). Cases: lif_fwd_bwd, world_batch, adam_step,
-    /// clip_b16_images, clip_b16_texts, cache_read, and the kernels' (conv_*, spike_*, dense_*;
-    /// an unknown name lists them all).
+    /// clip_b16_images, clip_b16_texts, cache_read, the kernels' (conv_*, spike_*, dense_*)
+    /// and the full paper model's (img_*, txt_*, sparse_sweep); an unknown name lists them all.
     #[arg(long)]
     case: Option<String>,
     /// Also write the results as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
-    /// Timed iterations per case.
-    #[arg(long, default_value_t = 20)]
-    iters: usize,
-    /// Untimed warm-up iterations per case.
-    #[arg(long, default_value_t = 3)]
-    warmup: usize,
+    /// Timed iterations per case (default: 20, or 5 for the full-model cases, whose steps take
+    /// seconds).
+    #[arg(long)]
+    iters: Option<usize>,
+    /// Untimed warm-up iterations per case (default: 3, or 1 for the full-model cases).
+    #[arg(long)]
+    warmup: Option<usize>,
 }
 
 type Case = (&'static str, fn(Budget) -> anyhow::Result<BenchResult>);
@@ -51,41 +53,59 @@ const CASES: &[Case] = &[
     ("cache_read", cache_read),
 ];
 
-/// Every case: the end-to-end ones above, then the kernels'.
-fn all_cases() -> impl Iterator<Item = &'static Case> {
-    CASES.iter().chain(kernels::CASES)
+/// Default budget of the cases that take milliseconds per step.
+const QUICK: Budget = Budget {
+    warmup: 3,
+    iters: 20,
+};
+
+/// Every case with its default budget: the end-to-end ones above, the kernels', then the full
+/// model's.
+fn all_cases() -> impl Iterator<Item = (&'static Case, Budget)> {
+    CASES
+        .iter()
+        .chain(kernels::CASES)
+        .map(|c| (c, QUICK))
+        .chain(model::CASES.iter().map(|c| (c, model::BUDGET)))
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let selected: Vec<&Case> = match &args.case {
-        Some(name) => match all_cases().find(|(n, _)| n == name) {
+    let selected: Vec<_> = match &args.case {
+        Some(name) => match all_cases().find(|((n, _), _)| n == name) {
             Some(case) => vec![case],
             None => bail!(
                 "unknown bench case {name:?}; cases: {}",
-                all_cases().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+                all_cases()
+                    .map(|((n, _), _)| *n)
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         },
         None => all_cases().collect(),
     };
-    let budget = Budget {
-        warmup: args.warmup,
-        iters: args.iters.max(1),
-    };
     println!(
-        "{:<18} {:>11} {:>11} {:>11} {:>12}  (threads: {})",
+        "{:<20} {:>11} {:>11} {:>11} {:>12} {:>12}  (threads: {})",
         "case",
         "median_s",
         "min_s",
         "max_s",
         "peak_rss_mib",
+        "items_per_s",
         rayon::current_num_threads()
     );
     let mut results = serde_json::Map::new();
-    for (name, case) in selected {
+    for ((name, case), default) in selected {
+        let budget = Budget {
+            warmup: args.warmup.unwrap_or(default.warmup),
+            iters: args.iters.unwrap_or(default.iters).max(1),
+        };
         let r = case(budget).with_context(|| format!("bench case {name}"))?;
+        let throughput = r
+            .throughput_per_s
+            .map_or(String::new(), |t| format!("{t:.1}"));
         println!(
-            "{:<18} {:>11.5} {:>11.5} {:>11.5} {:>12.1}",
-            name, r.median_s, r.min_s, r.max_s, r.peak_rss_mib
+            "{:<20} {:>11.5} {:>11.5} {:>11.5} {:>12.1} {:>12}",
+            name, r.median_s, r.min_s, r.max_s, r.peak_rss_mib, throughput
         );
         results.insert(name.to_string(), serde_json::to_value(&r)?);
     }

@@ -140,27 +140,41 @@ const ROWS_PER_TASK: usize = 64;
 
 /// A weight `[O, inputs]` stored as `BLOCK`-lane slices of its transpose, block-major:
 /// `data[(block * inputs + input) * BLOCK + lane]`, the last block zero-padded. The rows the
-/// spikes select within one block then lie in one contiguous, cache-sized region.
+/// spikes select within one block then lie in one contiguous, cache-sized region. The bias, if
+/// any, is padded the same way and starts every accumulator.
+#[derive(Debug, Clone)]
 struct BlockedWeights {
     data: Vec<f32>,
+    bias: Option<Vec<f32>>,
     inputs: usize,
     outputs: usize,
 }
 
 impl BlockedWeights {
-    /// From a weight `[O, C, kh, kw]`, inputs ordered like [`weight_matrix`]'s columns.
-    fn new(weight: &Tensor) -> Result<Self> {
+    /// From a weight `[O, C, kh, kw]`, inputs ordered like [`weight_matrix`]'s columns, and an
+    /// optional bias `[O]`.
+    fn new(weight: &Tensor, bias: Option<&Tensor>) -> Result<Self> {
         let matrix = weight_matrix(&weight.to_dtype(DType::F32)?)?;
         let (outputs, inputs) = matrix.dims2()?;
         let blocks = outputs.div_ceil(BLOCK);
+        let pad = blocks * BLOCK - outputs;
         let data = matrix
-            .pad_with_zeros(0, 0, blocks * BLOCK - outputs)?
+            .pad_with_zeros(0, 0, pad)?
             .reshape((blocks, BLOCK, inputs))?
             .transpose(1, 2)?
             .flatten_all()?
             .to_vec1::<f32>()?;
+        let bias = bias
+            .map(|b| {
+                if b.dims() != [outputs] {
+                    candle_core::bail!("spike layer: bias {:?} for {outputs} outputs", b.dims())
+                }
+                b.to_dtype(DType::F32)?.pad_with_zeros(0, 0, pad)?.to_vec1()
+            })
+            .transpose()?;
         Ok(Self {
             data,
+            bias,
             inputs,
             outputs,
         })
@@ -168,6 +182,17 @@ impl BlockedWeights {
 
     fn block(&self, b: usize) -> &[f32] {
         &self.data[b * self.inputs * BLOCK..(b + 1) * self.inputs * BLOCK]
+    }
+
+    /// Block `b`'s accumulators before any spike arrives: its bias lanes, or zeros.
+    #[inline(always)]
+    fn start(&self, b: usize) -> [f32; BLOCK] {
+        match &self.bias {
+            Some(bias) => bias[b * BLOCK..(b + 1) * BLOCK]
+                .try_into()
+                .expect("the bias is padded to whole blocks"),
+            None => [0f32; BLOCK],
+        }
     }
 }
 
@@ -220,7 +245,7 @@ impl Gather<'_> {
             let lanes = b * BLOCK..((b + 1) * BLOCK).min(o);
             let mut start = 0;
             for (out, &end) in rows.chunks_exact_mut(o).zip(&ends) {
-                let mut acc = [0f32; BLOCK];
+                let mut acc = self.weights.start(b);
                 for &r in &active[start..end] {
                     let w: &[f32; BLOCK] = block[r * BLOCK..(r + 1) * BLOCK]
                         .try_into()
@@ -259,69 +284,118 @@ impl Gather<'_> {
     }
 }
 
-/// Spike-driven linear layer: `spikes [..., K] x weight [O, K]^T -> [..., O]`, adds only.
-pub fn spike_linear(spikes: &SpikeBits, weight: &Tensor) -> Result<Tensor> {
-    let (o, k) = weight.dims2()?;
-    if spikes.cols() != k {
-        candle_core::bail!(
-            "spike_linear: spikes have {} features, weight expects {k}",
-            spikes.cols()
-        )
-    }
-    let rows = spikes.rows();
-    let win = Window {
-        kh: 1,
-        kw: 1,
-        padding: 0,
-        stride: 1,
-    };
-    let weights = BlockedWeights::new(&weight.reshape((o, k, 1, 1))?)?;
-    let out = Gather {
-        spikes,
-        dims: (rows, 1, 1, k),
-        weights: &weights,
-        win,
-        out_hw: (1, 1),
-    }
-    .run();
-    let mut shape = spikes.shape[..spikes.shape.len() - 1].to_vec();
-    shape.push(o);
-    Tensor::from_vec(out, shape, weight.device())
+/// A layer fed by spikes with its weights prepared once for the accumulate-only kernels: a
+/// linear layer `[O, K]` or a convolution `[O, C, kh, kw]`, with an optional bias (where a
+/// folded BatchNorm's shift goes).
+#[derive(Debug, Clone)]
+pub struct SpikeLayer {
+    weights: BlockedWeights,
+    kernel: (usize, usize),
 }
 
-/// Spike-driven convolution of channels-last spikes `[B, H, W, C]` (see
-/// [`SpikeBits::pack_channels_last`]) with `weight [O, C, kh, kw]`: `[B, O, Ho, Wo]`, equal to
-/// the dense `conv2d` of the unpacked spikes.
+impl SpikeLayer {
+    /// A linear layer `weight [O, K]`, or a convolution `weight [O, C, kh, kw]`.
+    pub fn new(weight: &Tensor, bias: Option<&Tensor>) -> Result<Self> {
+        let weight = match weight.rank() {
+            2 => weight.unsqueeze(2)?.unsqueeze(3)?,
+            4 => weight.clone(),
+            _ => candle_core::bail!(
+                "spike layer: weight must be [O, K] or [O, C, kh, kw], got {:?}",
+                weight.dims()
+            ),
+        };
+        let (_, _, kh, kw) = weight.dims4()?;
+        Ok(Self {
+            weights: BlockedWeights::new(&weight, bias)?,
+            kernel: (kh, kw),
+        })
+    }
+
+    /// `spikes [..., K] -> [..., O]` for a linear layer.
+    pub fn linear(&self, spikes: &SpikeBits, device: &Device) -> Result<Tensor> {
+        let (o, k) = (self.weights.outputs, self.weights.inputs);
+        if self.kernel != (1, 1) || spikes.cols() != k {
+            candle_core::bail!(
+                "spike_linear: spikes have {} features, weight expects {k} (kernel {:?})",
+                spikes.cols(),
+                self.kernel
+            )
+        }
+        let rows = spikes.rows();
+        let win = Window {
+            kh: 1,
+            kw: 1,
+            padding: 0,
+            stride: 1,
+        };
+        let out = Gather {
+            spikes,
+            dims: (rows, 1, 1, k),
+            weights: &self.weights,
+            win,
+            out_hw: (1, 1),
+        }
+        .run();
+        let mut shape = spikes.shape[..spikes.shape.len() - 1].to_vec();
+        shape.push(o);
+        Tensor::from_vec(out, shape, device)
+    }
+
+    /// Convolution of channels-last spikes `[B, H, W, C]` (see
+    /// [`SpikeBits::pack_channels_last`]): `[B, O, Ho, Wo]`, equal to the dense `conv2d` of the
+    /// unpacked spikes.
+    pub fn conv2d(
+        &self,
+        spikes: &SpikeBits,
+        padding: usize,
+        stride: usize,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let (b, h, w, c) = spikes.dims4("spike_conv2d")?;
+        let ((kh, kw), o) = (self.kernel, self.weights.outputs);
+        if kh * kw * c != self.weights.inputs {
+            candle_core::bail!(
+                "spike_conv2d: spikes have {c} channels, weight expects {}",
+                self.weights.inputs / (kh * kw)
+            )
+        }
+        let win = Window {
+            kh,
+            kw,
+            padding,
+            stride,
+        };
+        let (ho, wo) = win.out_size(h, w)?;
+        let out = Gather {
+            spikes,
+            dims: (b, h, w, c),
+            weights: &self.weights,
+            win,
+            out_hw: (ho, wo),
+        }
+        .run();
+        Tensor::from_vec(out, (b, ho, wo, o), device)?
+            .permute((0, 3, 1, 2))?
+            .contiguous()
+    }
+}
+
+/// Spike-driven linear layer: `spikes [..., K] x weight [O, K]^T -> [..., O]`, adds only.
+pub fn spike_linear(spikes: &SpikeBits, weight: &Tensor) -> Result<Tensor> {
+    weight.dims2()?;
+    SpikeLayer::new(weight, None)?.linear(spikes, weight.device())
+}
+
+/// Spike-driven convolution of channels-last spikes `[B, H, W, C]` with
+/// `weight [O, C, kh, kw]`: `[B, O, Ho, Wo]`, see [`SpikeLayer::conv2d`].
 pub fn spike_conv2d(
     spikes: &SpikeBits,
     weight: &Tensor,
     padding: usize,
     stride: usize,
 ) -> Result<Tensor> {
-    let (b, h, w, c) = spikes.dims4("spike_conv2d")?;
-    let (o, wc, kh, kw) = weight.dims4()?;
-    if wc != c {
-        candle_core::bail!("spike_conv2d: spikes have {c} channels, weight expects {wc}")
-    }
-    let win = Window {
-        kh,
-        kw,
-        padding,
-        stride,
-    };
-    let weights = BlockedWeights::new(weight)?;
-    let out = Gather {
-        spikes,
-        dims: (b, h, w, c),
-        weights: &weights,
-        win,
-        out_hw: win.out_size(h, w)?,
-    }
-    .run();
-    let (ho, wo) = win.out_size(h, w)?;
-    Tensor::from_vec(out, (b, ho, wo, o), weight.device())?
-        .permute((0, 3, 1, 2))?
-        .contiguous()
+    weight.dims4()?;
+    SpikeLayer::new(weight, None)?.conv2d(spikes, padding, stride, weight.device())
 }
 
 /// `out[i * b_rows.len() + j] = popcount(a_i & b_j)` over the rows of two spike groups, one
@@ -519,6 +593,27 @@ mod tests {
         let dense = s.broadcast_matmul(&w.t().unwrap()).unwrap();
         assert_eq!(ours.dims(), &[2, 7, 130]);
         assert!(max_rel_diff(&ours, &dense) < 1e-5);
+    }
+
+    #[test]
+    fn layer_bias_starts_the_sums() {
+        let s = spikes(&[5, 70], 0.3);
+        let w = Tensor::randn(0f32, 1.0, (66, 70), &Device::Cpu).unwrap();
+        let b = Tensor::randn(0f32, 1.0, 66, &Device::Cpu).unwrap();
+        let layer = SpikeLayer::new(&w, Some(&b)).unwrap();
+        let ours = layer
+            .linear(&SpikeBits::pack(&s).unwrap(), &Device::Cpu)
+            .unwrap();
+        let dense = s
+            .matmul(&w.t().unwrap())
+            .unwrap()
+            .broadcast_add(&b)
+            .unwrap();
+        assert!(max_rel_diff(&ours, &dense) < 1e-5);
+        let err = SpikeLayer::new(&w, Some(&b.narrow(0, 0, 3).unwrap()))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("bias"), "{err}");
     }
 
     fn check_conv(shape: (usize, usize, usize, usize), o: usize, k: usize, pad: usize, st: usize) {

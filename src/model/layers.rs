@@ -4,6 +4,7 @@ use candle_core::{Module, ModuleT, Result, Tensor, D};
 use candle_nn::{BatchNorm, BatchNormConfig, Linear, VarBuilder};
 
 use super::summary::{batch_norm_params, linear_params};
+use crate::kernels::spikes::{SpikeBits, SpikeLayer};
 
 /// BatchNorm as the paper trains it: eps 1e-5, momentum 0.1, affine.
 pub fn batch_norm(channels: usize, vb: VarBuilder) -> Result<BatchNorm> {
@@ -23,6 +24,29 @@ pub fn batch_norm(channels: usize, vb: VarBuilder) -> Result<BatchNorm> {
 /// as fast as candle's conv2d forward and backward (`spikeclip bench --case conv_tokenizer`).
 pub fn conv2d(x: &Tensor, weight: &Tensor, padding: usize) -> Result<Tensor> {
     crate::kernels::conv::conv2d(x, weight, padding, 1)
+}
+
+/// A spike-fed layer with its eval-mode BatchNorm folded in, so that the accumulate-only
+/// kernels produce the normalised output directly: the weight of output channel `o` scaled by
+/// `gamma_o / sqrt(var_o + eps)`, the bias `(b_o - mean_o) * scale_o + beta_o`.
+fn fold_batch_norm(bn: &BatchNorm, weight: &Tensor, bias: Option<&Tensor>) -> Result<SpikeLayer> {
+    let o = weight.dim(0)?;
+    let mut scale = (bn.running_var().detach() + bn.eps())?.sqrt()?.recip()?;
+    let mut shift = bn.running_mean().detach().neg()?;
+    if let Some(b) = bias {
+        shift = (shift + b.detach())?;
+    }
+    shift = (shift * &scale)?;
+    if let Some((gamma, beta)) = bn.weight_and_bias() {
+        scale = (scale * gamma.detach())?;
+        shift = ((shift * gamma.detach())? + beta.detach())?;
+    }
+    let mut scale_shape = vec![1; weight.rank()];
+    scale_shape[0] = o;
+    let weight = weight
+        .detach()
+        .broadcast_mul(&scale.reshape(scale_shape)?)?;
+    SpikeLayer::new(&weight, Some(&shift))
 }
 
 /// Runs `f` on all time steps at once: `[T, B, ...]` is seen as a batch of `T * B` samples,
@@ -92,6 +116,17 @@ impl ConvBn {
         }
         self.bn.forward_t(&y, train)
     }
+
+    /// For [`ConvBn::forward_spikes`], in eval mode.
+    pub fn folded(&self) -> Result<SpikeLayer> {
+        fold_batch_norm(&self.bn, &self.weight, self.bias.as_ref())
+    }
+
+    /// Eval-mode forward of channels-last spikes `[N, H, W, C]` through this layer's
+    /// [`ConvBn::folded`] twin: `[N, C_out, H, W]`.
+    pub fn forward_spikes(&self, folded: &SpikeLayer, spikes: &SpikeBits) -> Result<Tensor> {
+        folded.conv2d(spikes, self.padding, 1, self.weight.device())
+    }
 }
 
 /// A 1x1 convolution over tokens, written as a linear layer on `[M, C]` rows, followed by
@@ -133,6 +168,11 @@ impl LinearBn {
         let mut out = dims;
         *out.last_mut().expect("rank >= 1") = y.dim(1)?;
         y.reshape(out)
+    }
+
+    /// The layer with its eval-mode BatchNorm folded in, for spikes `[..., C]`.
+    pub fn folded(&self) -> Result<SpikeLayer> {
+        fold_batch_norm(&self.bn, self.linear.weight(), self.linear.bias())
     }
 }
 

@@ -6,8 +6,12 @@
 //! Tokens are kept channels-last, `[T, B, N, C]`, inside the blocks: every 1x1 convolution is
 //! then a plain matrix product over rows. The blocks know nothing of images, so the spiking
 //! transformer text encoder runs the same [`Block`] over its word tokens.
+//!
+//! Inference can also run spike-driven ([`ImageEncoder::forward_sparse`]): every layer fed by a
+//! LIF reads bit-packed spikes through the accumulate-only kernels of
+//! [`crate::kernels::spikes`] with its BatchNorm folded in, and `q . k^T . v` is a popcount.
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{Device, Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
 use super::config::SpikeClipConfig;
@@ -15,6 +19,7 @@ use super::layers::{max_pool_3x3_s2, over_time, ConvBn, LinearBn};
 use super::readout::Readout;
 use super::summary::{linear_params, Layer};
 use crate::energy::{Op, OpInput};
+use crate::kernels::spikes::{spike_attention, SpikeBits, SpikeLayer};
 use crate::neuron::{LifConfig, MultiStepLif};
 
 /// A LIF layer with its name, for monitors and energy accounting.
@@ -35,6 +40,97 @@ impl NamedLif {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.lif.forward(x)
     }
+}
+
+/// Which computation a forward pass runs; `W` holds the folded layers of the part it reaches.
+#[derive(Debug)]
+enum Pass<'a, W> {
+    /// Dense f32 layers, BatchNorm in training or eval mode.
+    Dense { train: bool },
+    /// Eval mode with the spike-fed layers replaced by their folded, spike-driven twins.
+    Sparse(&'a W),
+}
+
+impl<W> Clone for Pass<'_, W> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<W> Copy for Pass<'_, W> {}
+
+impl<'a, W> Pass<'a, W> {
+    fn train(self) -> bool {
+        matches!(self, Pass::Dense { train: true })
+    }
+
+    /// `t` cut from the autograd graph unless training: the weights are variables, so without
+    /// cuts every intermediate of an inference pass would stay alive until its output is dropped
+    /// (several GB at the paper's size).
+    fn cut(self, t: Tensor) -> Tensor {
+        if self.train() {
+            t
+        } else {
+            t.detach()
+        }
+    }
+
+    /// The same pass over a part of the model.
+    fn map<V>(self, part: impl FnOnce(&'a W) -> &'a V) -> Pass<'a, V> {
+        match self {
+            Pass::Dense { train } => Pass::Dense { train },
+            Pass::Sparse(w) => Pass::Sparse(part(w)),
+        }
+    }
+}
+
+/// Spikes `[..., C]` on their way into linear layers: kept as f32 for the dense pass, packed
+/// once for all the layers they feed in the sparse one.
+enum Fed<'a, W> {
+    Dense {
+        spikes: Tensor,
+        train: bool,
+    },
+    Sparse {
+        bits: SpikeBits,
+        folded: &'a W,
+        device: Device,
+    },
+}
+
+impl<'a, W> Fed<'a, W> {
+    fn new(spikes: Tensor, pass: Pass<'a, W>) -> Result<Self> {
+        Ok(match pass {
+            Pass::Dense { train } => Fed::Dense { spikes, train },
+            Pass::Sparse(folded) => Fed::Sparse {
+                bits: SpikeBits::pack(&spikes)?,
+                folded,
+                device: spikes.device().clone(),
+            },
+        })
+    }
+
+    /// `layer` applied to the spikes: itself when dense, its folded twin `twin(folded)` when
+    /// sparse.
+    fn linear(&self, layer: &LinearBn, twin: impl FnOnce(&W) -> &SpikeLayer) -> Result<Tensor> {
+        match self {
+            Fed::Dense { spikes, train } => layer.forward(spikes, *train),
+            Fed::Sparse {
+                bits,
+                folded,
+                device,
+            } => twin(folded).linear(bits, device),
+        }
+    }
+}
+
+/// Spiking self-attention's layers with BatchNorm folded in.
+#[derive(Debug, Clone)]
+struct FoldedAttention {
+    q: SpikeLayer,
+    k: SpikeLayer,
+    v: SpikeLayer,
+    proj: SpikeLayer,
 }
 
 /// Spiking self-attention: q, k, v from spikes, `(q k^T) v * 0.125` without softmax.
@@ -77,13 +173,27 @@ impl SpikingSelfAttention {
         })
     }
 
+    fn folded(&self) -> Result<FoldedAttention> {
+        Ok(FoldedAttention {
+            q: self.q.folded()?,
+            k: self.k.folded()?,
+            v: self.v.folded()?,
+            proj: self.proj.folded()?,
+        })
+    }
+
     /// `[T, B, N, C]` to `[T, B, N, C]`. `key_mask` (`[B, N]`, 1 for tokens, 0 for padding)
     /// zeroes the keys of padding: without a softmax, a zero key row removes that token's value
     /// from every query's output.
-    fn forward(&self, x: &Tensor, key_mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        key_mask: Option<&Tensor>,
+        pass: Pass<FoldedAttention>,
+    ) -> Result<Tensor> {
         let (t, b, n, c) = x.dims4()?;
         let (h, d) = (self.heads, c / self.heads);
-        let s = self.input.forward(x)?;
+        let s = Fed::new(self.input.forward(x)?, pass)?;
         // [T, B, N, C] -> [T * B * H, N, d]: candle's CPU matmul wants 3-D contiguous inputs.
         let split = |y: Tensor| -> Result<Tensor> {
             y.reshape((t, b, n, h, d))?
@@ -91,20 +201,30 @@ impl SpikingSelfAttention {
                 .contiguous()?
                 .reshape((t * b * h, n, d))
         };
-        let q = split(self.q_lif.forward(&self.q.forward(&s, train)?)?)?;
-        let mut k = self.k_lif.forward(&self.k.forward(&s, train)?)?;
+        let q = split(self.q_lif.forward(&s.linear(&self.q, |w| &w.q)?)?)?;
+        let mut k = self.k_lif.forward(&s.linear(&self.k, |w| &w.k)?)?;
         if let Some(m) = key_mask {
             k = k.broadcast_mul(&m.reshape((1, b, n, 1))?)?;
         }
         let k = split(k)?;
-        let v = split(self.v_lif.forward(&self.v.forward(&s, train)?)?)?;
-        let attn = q.matmul(&k.t()?.contiguous()?)?;
-        let y = (attn.matmul(&v)? * 0.125)?
+        let v = split(self.v_lif.forward(&s.linear(&self.v, |w| &w.v)?)?)?;
+        let product = match pass {
+            Pass::Dense { .. } => q.matmul(&k.t()?.contiguous()?)?.matmul(&v)?,
+            // Integer counts, exactly the dense product.
+            Pass::Sparse(_) => spike_attention(
+                &SpikeBits::pack(&q)?,
+                &SpikeBits::pack(&k)?,
+                &SpikeBits::pack(&v)?,
+            )?
+            .to_dtype(candle_core::DType::F32)?
+            .to_device(q.device())?,
+        };
+        let y = (product * 0.125)?
             .reshape((t, b, h, n, d))?
             .transpose(2, 3)?
             .contiguous()?
             .reshape((t, b, n, c))?;
-        self.proj.forward(&self.attn_lif.forward(&y)?, train)
+        Fed::new(self.attn_lif.forward(&y)?, pass)?.linear(&self.proj, |w| &w.proj)
     }
 
     fn params(&self) -> usize {
@@ -123,6 +243,13 @@ impl SpikingSelfAttention {
             &self.attn_lif,
         ]
     }
+}
+
+/// The spiking MLP's layers with BatchNorm folded in.
+#[derive(Debug, Clone)]
+struct FoldedMlp {
+    fc1: SpikeLayer,
+    fc2: SpikeLayer,
 }
 
 /// Spiking MLP: LIF, 1x1 conv to `ratio * C` with BN, LIF, 1x1 conv back with BN.
@@ -148,9 +275,16 @@ impl SpikingMlp {
         self.fc1.params() + self.fc2.params()
     }
 
-    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let h = self.fc1.forward(&self.lif1.forward(x)?, train)?;
-        self.fc2.forward(&self.lif2.forward(&h)?, train)
+    fn folded(&self) -> Result<FoldedMlp> {
+        Ok(FoldedMlp {
+            fc1: self.fc1.folded()?,
+            fc2: self.fc2.folded()?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, pass: Pass<FoldedMlp>) -> Result<Tensor> {
+        let h = Fed::new(self.lif1.forward(x)?, pass)?.linear(&self.fc1, |w| &w.fc1)?;
+        Fed::new(self.lif2.forward(&h)?, pass)?.linear(&self.fc2, |w| &w.fc2)
     }
 }
 
@@ -187,8 +321,17 @@ impl Block {
     /// `[T, B, N, C]` to `[T, B, N, C]`; `key_mask` (`[B, N]`, 1 for tokens, 0 for padding)
     /// takes padding out of attention.
     pub fn forward(&self, x: &Tensor, key_mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
-        let x = (x + self.attn.forward(x, key_mask, train)?)?;
-        &x + self.mlp.forward(&x, train)?
+        self.run(x, key_mask, Pass::Dense { train })
+    }
+
+    fn run(
+        &self,
+        x: &Tensor,
+        key_mask: Option<&Tensor>,
+        pass: Pass<FoldedBlock>,
+    ) -> Result<Tensor> {
+        let x = (x + self.attn.forward(x, key_mask, pass.map(|w| &w.attn))?)?;
+        Ok(pass.cut((&x + self.mlp.forward(&x, pass.map(|w| &w.mlp))?)?))
     }
 
     /// The block's LIF layers, in forward order.
@@ -267,6 +410,22 @@ impl Block {
             ),
         ]
     }
+}
+
+#[derive(Debug, Clone)]
+struct FoldedBlock {
+    attn: FoldedAttention,
+    mlp: FoldedMlp,
+}
+
+/// The spike-fed layers of an [`ImageEncoder`] with eval-mode BatchNorm folded in, prepared
+/// once for [`ImageEncoder::forward_sparse`]. A snapshot: rebuild it after the weights or the
+/// BatchNorm statistics change.
+#[derive(Debug, Clone)]
+pub struct SparseWeights {
+    /// Tokenizer convs 1..5 (conv 0 sees the real-valued image).
+    convs: Vec<SpikeLayer>,
+    blocks: Vec<FoldedBlock>,
 }
 
 /// The Spikingformer image encoder.
@@ -366,18 +525,24 @@ impl ImageEncoder {
     }
 
     /// Spike tokens `[T, B, N, C]` of images `[B, 3, H, W]`.
-    fn tokens(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let mut y = self.first_conv(x, train)?;
+    fn tokens(&self, x: &Tensor, pass: Pass<SparseWeights>) -> Result<Tensor> {
+        let mut y = pass.cut(self.first_conv(x, pass.train())?);
         for (i, conv) in self.convs.iter().enumerate().skip(1) {
             let spikes = self.conv_lifs[i - 1].forward(&y)?;
             y = over_time(&spikes, |s| {
-                let z = conv.forward(s, train)?;
+                let z = match pass {
+                    Pass::Dense { train } => conv.forward(s, train)?,
+                    Pass::Sparse(w) => {
+                        conv.forward_spikes(&w.convs[i - 1], &SpikeBits::pack_channels_last(s)?)?
+                    }
+                };
                 if POOLED.contains(&i) {
                     max_pool_3x3_s2(&z)
                 } else {
                     Ok(z)
                 }
-            })?;
+            })
+            .map(|y| pass.cut(y))?;
         }
         // [T, B, C, H, W] -> [T, B, N, C]
         y.flatten_from(3)?.transpose(2, 3)?.contiguous()
@@ -385,9 +550,45 @@ impl ImageEncoder {
 
     /// Image features `[B, out_dim]` of CLIP-normalised images `[B, 3, H, W]`.
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let mut x = self.tokens(x, train)?;
-        for b in &self.blocks {
-            x = b.forward(&x, None, train)?;
+        self.run(x, Pass::Dense { train })
+    }
+
+    /// The spike-fed layers with the current eval-mode BatchNorm folded in.
+    pub fn sparse_weights(&self) -> Result<SparseWeights> {
+        Ok(SparseWeights {
+            convs: self.convs[1..]
+                .iter()
+                .map(ConvBn::folded)
+                .collect::<Result<_>>()?,
+            blocks: self
+                .blocks
+                .iter()
+                .map(|b| {
+                    Ok(FoldedBlock {
+                        attn: b.attn.folded()?,
+                        mlp: b.mlp.folded()?,
+                    })
+                })
+                .collect::<Result<_>>()?,
+        })
+    }
+
+    /// Eval-mode image features computed spike-driven: the same spikes as [`Self::forward`]
+    /// with `train = false`, features equal up to float summation order, with work that
+    /// scales with the firing rate. `weights` must come from this encoder's
+    /// [`Self::sparse_weights`].
+    pub fn forward_sparse(&self, x: &Tensor, weights: &SparseWeights) -> Result<Tensor> {
+        if weights.convs.len() + 1 != self.convs.len() || weights.blocks.len() != self.blocks.len()
+        {
+            candle_core::bail!("forward_sparse: the weights were folded from another encoder")
+        }
+        self.run(x, Pass::Sparse(weights))
+    }
+
+    fn run(&self, x: &Tensor, pass: Pass<SparseWeights>) -> Result<Tensor> {
+        let mut x = self.tokens(x, pass)?;
+        for (i, b) in self.blocks.iter().enumerate() {
+            x = b.run(&x, None, pass.map(|w| &w.blocks[i]))?;
         }
         let pooled = x.mean(2)?; // [T, B, C]
         self.head.forward(&self.readout.forward(&pooled)?)

@@ -1,0 +1,276 @@
+//! Bench cases for the full paper model ("4-384", T = 4, 32x32 images): the training steps and
+//! inference passes of both towers, to compare with the PyTorch + SpikingJelly reference
+//! (`scripts/bench_reference.py`). A step takes seconds, hence the smaller default budget
+//! (`--iters 5 --warmup 1`).
+
+use candle_core::{Device, Tensor};
+use serde::Serialize;
+
+use super::Case;
+use crate::bench::{measure, set_batch_norm_shift, BenchResult, Budget};
+use crate::model::config::SpikeClipConfig;
+use crate::model::spikingformer::SparseWeights;
+use crate::model::SpikeClip;
+use crate::recipe::student::{trainable, Student};
+use crate::train::loss::cosine_distillation;
+use crate::train::optim::{Adam, AdamConfig};
+use crate::train::rng::Rng;
+
+pub const CASES: &[Case] = &[
+    ("img_train_b32", img_train_b32),
+    ("img_train_b64", img_train_b64),
+    ("img_infer_b64", img_infer_b64),
+    ("img_infer_b64_sparse", img_infer_b64_sparse),
+    ("sparse_sweep", sparse_sweep),
+    ("txt_train_b256", txt_train_b256),
+    ("txt_infer_b1024", txt_infer_b1024),
+];
+
+/// Default budget of these cases.
+pub const BUDGET: Budget = Budget {
+    warmup: 1,
+    iters: 5,
+};
+
+/// The paper's model with fresh weights.
+fn paper_model() -> anyhow::Result<SpikeClip> {
+    let cfg = SpikeClipConfig::preset("paper")?;
+    Ok(SpikeClip::new(&cfg, 0, &Device::Cpu)?)
+}
+
+/// Random CLIP-normalised-like images `[b, 3, 32, 32]`.
+fn images(b: usize) -> anyhow::Result<Tensor> {
+    Ok(Tensor::randn(0f32, 1.0, (b, 3, 32, 32), &Device::Cpu)?)
+}
+
+/// Random token ids `[b, L]` in the model's vocabulary.
+fn token_ids(model: &SpikeClip, b: usize) -> anyhow::Result<Tensor> {
+    let c = &model.config.text;
+    let mut rng = Rng::new(0);
+    let ids: Vec<u32> = (0..b * c.context_length)
+        .map(|_| rng.below(c.vocab_size) as u32)
+        .collect();
+    Ok(Tensor::from_vec(ids, (b, c.context_length), &Device::Cpu)?)
+}
+
+/// One distillation step of the tower under `prefix`: features in training mode, `1 - cos`
+/// against random teacher features, backward, Adam over all of the tower's parameters.
+fn train_step(
+    budget: Budget,
+    model: &SpikeClip,
+    prefix: &str,
+    input: &Tensor,
+    features: impl Fn(&Tensor) -> candle_core::Result<Tensor>,
+) -> anyhow::Result<BenchResult> {
+    let b = input.dim(0)?;
+    let targets = Tensor::randn(0f32, 1.0, (b, model.config.out_dim), &Device::Cpu)?;
+    let mut adam = Adam::new(trainable(model, prefix), AdamConfig::default());
+    let result = measure(budget, || {
+        let loss = cosine_distillation(&features(input)?, &targets)?;
+        adam.step(&loss.backward()?)?;
+        Ok(())
+    })?;
+    Ok(result.per_step(b))
+}
+
+fn img_train(budget: Budget, b: usize) -> anyhow::Result<BenchResult> {
+    let model = paper_model()?;
+    train_step(budget, &model, "image.", &images(b)?, |x| {
+        model.image_features(x, true)
+    })
+}
+
+fn img_train_b32(budget: Budget) -> anyhow::Result<BenchResult> {
+    img_train(budget, 32)
+}
+
+fn img_train_b64(budget: Budget) -> anyhow::Result<BenchResult> {
+    img_train(budget, 64)
+}
+
+/// BatchNorm shift of the inference cases: a fresh model's spikes die out after a few layers,
+/// this one fires at about the rates of a trained one (printed with the result).
+const INFER_SHIFT: f32 = 0.5;
+
+/// Which image-encoder path an inference case runs.
+#[derive(Debug, Clone, Copy)]
+enum ImagePath {
+    Dense,
+    Sparse,
+}
+
+/// Eval-mode image features of `x` on one path.
+struct ImageInference<'a> {
+    model: &'a SpikeClip,
+    /// Folded weights for the sparse path, prepared once outside the timing.
+    sparse: Option<SparseWeights>,
+}
+
+impl<'a> ImageInference<'a> {
+    fn new(model: &'a SpikeClip, path: ImagePath) -> anyhow::Result<Self> {
+        let sparse = match path {
+            ImagePath::Dense => None,
+            ImagePath::Sparse => Some(model.image.sparse_weights()?),
+        };
+        Ok(Self { model, sparse })
+    }
+
+    fn features(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match &self.sparse {
+            None => self.model.image_features(x, false),
+            Some(w) => self.model.image.forward_sparse(x, w),
+        }
+    }
+
+    fn time(&self, budget: Budget, x: &Tensor) -> anyhow::Result<BenchResult> {
+        let result = measure(budget, || {
+            self.features(x)?;
+            Ok(())
+        })?;
+        Ok(result.per_step(x.dim(0)?))
+    }
+
+    /// Spikes per neuron-step over all of the encoder's LIF layers in one pass on `x`.
+    fn firing_rate(&self, x: &Tensor) -> anyhow::Result<f64> {
+        let lifs = self.model.image.lif_layers();
+        for l in &lifs {
+            l.lif.monitor().reset();
+            l.lif.monitor().enable();
+        }
+        self.features(x)?;
+        let (mut spikes, mut steps) = (0, 0);
+        for l in &lifs {
+            let c = l.lif.monitor().counts();
+            (spikes, steps) = (spikes + c.spikes, steps + c.neuron_steps);
+            l.lif.monitor().disable();
+        }
+        Ok(spikes as f64 / steps.max(1) as f64)
+    }
+}
+
+/// Eval-mode features of 64 images on `path`, the paper's model shifted to fire at inference
+/// rates (printed).
+fn img_infer_b64_on(budget: Budget, path: ImagePath) -> anyhow::Result<BenchResult> {
+    let model = paper_model()?;
+    set_batch_norm_shift(model.varmap(), INFER_SHIFT)?;
+    let x = images(64)?;
+    let infer = ImageInference::new(&model, path)?;
+    println!("  firing rate {:.3}", infer.firing_rate(&x)?);
+    infer.time(budget, &x)
+}
+
+/// Eval-mode image features of 64 images (BatchNorm on running statistics).
+fn img_infer_b64(budget: Budget) -> anyhow::Result<BenchResult> {
+    img_infer_b64_on(budget, ImagePath::Dense)
+}
+
+/// The same through the spike-driven path.
+fn img_infer_b64_sparse(budget: Budget) -> anyhow::Result<BenchResult> {
+    img_infer_b64_on(budget, ImagePath::Sparse)
+}
+
+/// One point of the firing-rate sweep.
+#[derive(Debug, Serialize)]
+struct SweepPoint {
+    batch_norm_shift: f32,
+    firing_rate: f64,
+    dense_median_s: f64,
+    sparse_median_s: f64,
+    /// Dense time over sparse time: above 1 the sparse path is faster.
+    speedup: f64,
+}
+
+/// BatchNorm shifts of the sweep, chosen to span about 5 to 40 % firing on the paper's model.
+const SWEEP_SHIFTS: [f32; 5] = [0.0, 0.25, 0.5, 0.75, 1.0];
+
+/// Images per sweep step: a quarter of the inference batch keeps ten timings short.
+const SWEEP_BATCH: usize = 16;
+
+/// The whole image encoder, dense and sparse, at rising firing rates (raised by shifting every
+/// BatchNorm), with the rate where the sparse path stops paying off. The case's own timing is
+/// the dense one at the middle shift; the table is in `details`.
+fn sparse_sweep(budget: Budget) -> anyhow::Result<BenchResult> {
+    let model = paper_model()?;
+    let x = images(SWEEP_BATCH)?;
+    let mut points = Vec::new();
+    let mut middle = None;
+    println!(
+        "  {:>6} {:>8} {:>9} {:>9} {:>8}",
+        "shift", "firing", "dense_s", "sparse_s", "speedup"
+    );
+    for (i, &shift) in SWEEP_SHIFTS.iter().enumerate() {
+        set_batch_norm_shift(model.varmap(), shift)?;
+        let dense_path = ImageInference::new(&model, ImagePath::Dense)?;
+        let rate = dense_path.firing_rate(&x)?;
+        let dense = dense_path.time(budget, &x)?;
+        let sparse = ImageInference::new(&model, ImagePath::Sparse)?.time(budget, &x)?;
+        let point = SweepPoint {
+            batch_norm_shift: shift,
+            firing_rate: rate,
+            dense_median_s: dense.median_s,
+            sparse_median_s: sparse.median_s,
+            speedup: dense.median_s / sparse.median_s,
+        };
+        println!(
+            "  {:>6.2} {:>7.1}% {:>9.4} {:>9.4} {:>7.2}x",
+            shift,
+            100.0 * rate,
+            point.dense_median_s,
+            point.sparse_median_s,
+            point.speedup
+        );
+        points.push(point);
+        if i == SWEEP_SHIFTS.len() / 2 {
+            middle = Some(dense);
+        }
+    }
+    let crossover = crossover(&points);
+    match crossover {
+        Some(rate) => println!("  sparse is faster below about {:.1}% firing", 100.0 * rate),
+        None if points.iter().all(|p| p.speedup > 1.0) => {
+            println!("  sparse is faster at every measured rate")
+        }
+        None if points.iter().all(|p| p.speedup < 1.0) => {
+            println!("  sparse is slower at every measured rate")
+        }
+        None => println!("  no clean crossover: see the table"),
+    }
+    let mut result = middle.expect("the sweep has a middle point");
+    result.details = Some(serde_json::json!({
+        "batch": SWEEP_BATCH,
+        "points": points,
+        "crossover_firing_rate": crossover,
+    }));
+    Ok(result)
+}
+
+/// The firing rate where the speedup falls through 1, interpolated linearly between the two
+/// points around it (points in rising firing rate); `None` if it never does.
+fn crossover(points: &[SweepPoint]) -> Option<f64> {
+    points.windows(2).find_map(|w| {
+        let (a, b) = (&w[0], &w[1]);
+        (a.speedup >= 1.0 && b.speedup < 1.0).then(|| {
+            let t = (a.speedup - 1.0) / (a.speedup - b.speedup);
+            a.firing_rate + t * (b.firing_rate - a.firing_rate)
+        })
+    })
+}
+
+/// A text training step on 256 random sentences; the embeddings are trained too.
+fn txt_train_b256(budget: Budget) -> anyhow::Result<BenchResult> {
+    let model = paper_model()?;
+    let ids = token_ids(&model, 256)?;
+    train_step(budget, &model, "text.", &ids, |ids| {
+        model.text_features(ids, true)
+    })
+}
+
+fn txt_infer_b1024(budget: Budget) -> anyhow::Result<BenchResult> {
+    let model = paper_model()?;
+    let ids = token_ids(&model, 1024)?;
+    let result = measure(budget, || {
+        model.text_features(&ids, false)?;
+        Ok(())
+    })?;
+    Ok(result.per_step(1024))
+}
