@@ -50,10 +50,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let mut grid = RgbImage::from_pixel(columns * tile, rows * tile, Rgb([255, 255, 255]));
         for i in 0..args.count {
             let sample = world.sample(split, i);
-            let pixels = sample.render();
             let (x0, y0) = ((i as u32 % columns) * tile, (i as u32 / columns) * tile);
             for (x, y, p) in image::imageops::resize(
-                &to_rgb(&pixels),
+                &sample.rgb_image(),
                 SIDE as u32 * ZOOM,
                 SIDE as u32 * ZOOM,
                 image::imageops::FilterType::Nearest,
@@ -81,13 +80,4 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         args.out.display()
     );
     Ok(())
-}
-
-/// Channel-major `[3, 32, 32]` values in `[0, 1]` to an 8-bit image.
-fn to_rgb(pixels: &[f32]) -> RgbImage {
-    let plane = SIDE * SIDE;
-    RgbImage::from_fn(SIDE as u32, SIDE as u32, |x, y| {
-        let at = y as usize * SIDE + x as usize;
-        Rgb([0, 1, 2].map(|c| (pixels[c * plane + at] * 255.0).round() as u8))
-    })
 }

@@ -48,7 +48,7 @@ impl DemoConfig {
 
     /// A smoke run of under a minute, for tests.
     pub fn quick(seed: u64) -> Self {
-        Self::sized(seed, (256, 128, 768), (2, 1))
+        Self::sized(seed, (512, 128, 768), (4, 2))
     }
 
     fn sized(seed: u64, sets: (usize, usize, usize), epochs: (usize, usize)) -> Self {

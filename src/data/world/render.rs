@@ -155,4 +155,14 @@ impl Sample {
         }
         out
     }
+
+    /// The rendered image as 8-bit RGB, for writing to disk.
+    pub fn rgb_image(&self) -> image::RgbImage {
+        let pixels = self.render();
+        let plane = SIDE * SIDE;
+        image::RgbImage::from_fn(SIDE as u32, SIDE as u32, |x, y| {
+            let at = y as usize * SIDE + x as usize;
+            image::Rgb([0, 1, 2].map(|c| (pixels[c * plane + at] * 255.0).round() as u8))
+        })
+    }
 }
