@@ -102,9 +102,9 @@ impl ReproConfig {
     pub fn quick(seed: u64) -> Self {
         let mut demo = DemoConfig::quick(seed);
         demo.pretrain.epochs = 1;
-        demo.world.train_images = 128;
-        demo.world.test_images = 64;
-        demo.world.dtext_sentences = 256;
+        demo.world.train_images = 64;
+        demo.world.test_images = 32;
+        demo.world.dtext_sentences = 128;
         Self::with(demo, 2)
     }
 
