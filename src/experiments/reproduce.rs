@@ -174,7 +174,7 @@ impl Suite {
         ) -> anyhow::Result<candle_core::Tensor>,
     ) -> anyhow::Result<Scores> {
         let [seen, unseen, _] = feats.top1(&classes(&self.lab.prompts)?)?;
-        let renamed = feats.top1(&classes(&self.robustness.renamed_all())?)?[2];
+        let renamed = feats.top1(&classes(self.robustness.renamed_all())?)?[2];
         Ok(Scores {
             seen,
             unseen,
@@ -342,14 +342,10 @@ impl Suite {
             "Table 8: zero-shot after pre-training only, per dataset",
             &columns,
         );
-        let rows: [(&str, fn(&Scores) -> f64); 3] = [
-            ("world: seen pairs", |s| s.seen),
-            ("world: unseen pairs", |s| s.unseen),
-            ("world: renamed labels", |s| s.renamed),
-        ];
-        for (name, get) in rows {
-            table.push(name, scores.iter().map(|s| Cell::one(get(s))).collect());
-        }
+        let row = |get: fn(&Scores) -> f64| scores.iter().map(|s| Cell::one(get(s))).collect();
+        table.push("world: seen pairs", row(|s| s.seen));
+        table.push("world: unseen pairs", row(|s| s.unseen));
+        table.push("world: renamed labels", row(|s| s.renamed));
         Ok(table)
     }
 
