@@ -9,6 +9,7 @@ mod energy;
 mod eval;
 mod info;
 mod prompt_args;
+mod reproduce;
 mod train;
 mod world;
 
@@ -39,6 +40,8 @@ enum Command {
     Eval(eval::Args),
     /// Run the whole recipe on the built-in world: SpikeCLIP vs ScratchCLIP, report and plots.
     Demo(demo::Args),
+    /// The paper's experiments (Tables 2, 3, 4, 6, 8, Figure 6) on the built-in world, with a report.
+    Reproduce(reproduce::Args),
     /// Time the hot paths (median, min, max seconds per iteration and peak memory).
     Bench(bench::Args),
     /// Run the teacher once over a dataset and/or D-text and store features for training.
@@ -68,6 +71,7 @@ pub fn main() -> ExitCode {
         Command::Classify(args) => classify::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Demo(args) => demo::run(args),
+        Command::Reproduce(args) => reproduce::run(args),
         Command::Cache(args) => cache::run(args),
         Command::Embed(args) => embed::run(args),
         Command::World(args) => world::run(args),

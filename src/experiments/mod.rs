@@ -1,3 +1,11 @@
-//! The paper's experiments as reusable pieces: label-set perturbations for the robustness study.
+//! The paper's experiments: label-set perturbations for the robustness study, the trainings
+//! they share, and `spikeclip reproduce`'s suite and report.
 
+mod claims;
+pub mod lab;
 pub mod labels;
+pub mod report;
+pub mod reproduce;
+pub mod robustness;
+pub mod subsets;
+pub mod weights;

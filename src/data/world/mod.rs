@@ -4,12 +4,13 @@
 //! text, zero-shot accuracy on those pairs measures real generalisation.
 
 pub mod concepts;
+pub mod lexicon;
 pub mod render;
 pub mod sets;
 pub mod teacher;
 pub mod tokenizer;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use concepts::{Concept, COLOURS, SHAPES, SIZES};
 use render::{Sample, Subject};
@@ -42,6 +43,10 @@ pub const CAPTION_TEMPLATES: [&str; 6] = [
     "look at the {}.",
     "a photo of one {}.",
 ];
+
+/// One D-text sentence in this many is about a text-only label of the lexicon, so the student
+/// learns those words while D-text stays mostly (80 %) about the image classes.
+const LEXICON_EVERY: usize = 5;
 
 /// Sizes of the generated sets; each is generated on the fly, item by item.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -127,6 +132,7 @@ fn vocabulary() -> Vec<String> {
         .map(|c| c.0)
         .chain(SHAPES)
         .chain(SIZES)
+        .chain(lexicon::words().map(|(w, _)| w))
         .map(str::to_string);
     let template_words = PROMPT_TEMPLATES
         .iter()
@@ -219,15 +225,44 @@ impl World {
     }
 
     /// D-text sentence `index`: a caption of any concept, unseen pairs included, sometimes
-    /// with its size.
+    /// with its size, or (one in [`LEXICON_EVERY`]) of a text-only label of [`Self::label_pool`].
     pub fn dtext_sentence(&self, index: usize) -> String {
         let mut rng = self.rng.fork(20).fork(index as u64);
+        let template = CAPTION_TEMPLATES[rng.below(CAPTION_TEMPLATES.len())];
+        if rng.below(LEXICON_EVERY) == 0 {
+            static NAMES: OnceLock<Vec<String>> = OnceLock::new();
+            let names = NAMES.get_or_init(|| {
+                lexicon::label_groups()
+                    .into_iter()
+                    .flat_map(|g| g.1)
+                    .collect()
+            });
+            return template.replace("{}", &names[rng.below(names.len())]);
+        }
         let concept = Concept::from_label(rng.below(Concept::count()));
         let name = match rng.below(SIZES.len() + 1) {
             0 => concept.name(),
             s => format!("{} {}", SIZES[s - 1], concept.name()),
         };
-        CAPTION_TEMPLATES[rng.below(CAPTION_TEMPLATES.len())].replace("{}", &name)
+        template.replace("{}", &name)
+    }
+
+    /// Text-only labels for the robustness study, one dataset per group of
+    /// [`lexicon::label_groups`], with the world's prompt templates (as `clip_prompts.json`
+    /// gives other datasets' class names).
+    pub fn label_pool() -> PromptSet {
+        let templates: Vec<String> = PROMPT_TEMPLATES.iter().map(|t| t.to_string()).collect();
+        let datasets = lexicon::label_groups()
+            .into_iter()
+            .map(|(name, classes)| {
+                let prompts = DatasetPrompts {
+                    classes: classes.into_iter().map(|c| vec![c]).collect(),
+                    templates: templates.clone(),
+                };
+                (name.to_string(), prompts)
+            })
+            .collect();
+        PromptSet { datasets }
     }
 
     pub fn images(&self, split: Split) -> WorldImages {

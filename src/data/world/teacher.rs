@@ -2,7 +2,9 @@
 //! in a 512-d space; a caption means the weighted sum of its words' directions and an image
 //! means the sum of its true attributes' directions plus nuisance from its background and
 //! placement. Concept words dominate, so "a photo of a red circle." and an image of a red
-//! circle point the same way, including for pairs never drawn in training.
+//! circle point the same way, including for pairs never drawn in training. Text-only words of
+//! the [`lexicon`](super::lexicon) weigh as much as the concept words of their kind; a synonym points close to its
+//! word (as "crimson" is close to "red" for CLIP), an extra colour or shape its own way.
 
 use std::collections::BTreeMap;
 
@@ -10,6 +12,7 @@ use anyhow::bail;
 use candle_core::{Device, Tensor};
 
 use super::concepts::{COLOURS, SHAPES, SIZES};
+use super::lexicon::{self, EXTRA_COLOURS, EXTRA_SHAPES};
 use super::render::Sample;
 use super::tokenizer::words;
 use crate::teacher::TextTeacher;
@@ -29,6 +32,9 @@ const SIZE_WEIGHT: f32 = 0.5;
 const NUISANCE_WEIGHT: f32 = 0.25;
 /// Norm of the per-image random part of the image embedding.
 const NOISE_NORM: f32 = 0.2;
+/// Weight of a synonym's own random part against its word's direction: cosine 1/sqrt(1.36),
+/// about 0.86, near enough to be the nearest label, far enough to need learning.
+const SYNONYM_NOISE: f32 = 0.6;
 
 #[derive(Debug, Clone)]
 pub struct AnalyticTeacher {
@@ -57,12 +63,13 @@ impl AnalyticTeacher {
         let mut sorted: Vec<&str> = vocabulary.into_iter().collect();
         sorted.sort_unstable();
         sorted.dedup();
-        let words = sorted
+        let lexicon: BTreeMap<&str, Option<&str>> = lexicon::words().collect();
+        let mut words: BTreeMap<String, (Vec<f32>, f32)> = sorted
             .into_iter()
             .map(|w| {
-                let weight = if COLOURS.iter().any(|c| c.0 == w) {
+                let weight = if COLOURS.iter().any(|c| c.0 == w) || EXTRA_COLOURS.contains(&w) {
                     COLOUR_WEIGHT
-                } else if SHAPES.contains(&w) {
+                } else if SHAPES.contains(&w) || EXTRA_SHAPES.contains(&w) {
                     SHAPE_WEIGHT
                 } else if SIZES.contains(&w) {
                     SIZE_WEIGHT
@@ -72,6 +79,19 @@ impl AnalyticTeacher {
                 (w.to_string(), (unit_direction(&mut draw, dim), weight))
             })
             .collect();
+        for (synonym, base) in lexicon.iter().filter_map(|(w, b)| Some((w, (*b)?))) {
+            let (Some((base_dir, weight)), Some((own, _))) = (words.get(base), words.get(*synonym))
+            else {
+                continue;
+            };
+            // A synonym weighs as much as its word.
+            let weight = *weight;
+            let mut dir = base_dir.clone();
+            add_scaled(&mut dir, own, SYNONYM_NOISE);
+            let norm = dir.iter().map(|x| x * x).sum::<f32>().sqrt();
+            dir.iter_mut().for_each(|x| *x /= norm);
+            words.insert(synonym.to_string(), (dir, weight));
+        }
         let nuisance = [(); 3].map(|_| unit_direction(&mut draw, dim));
         Self {
             dim,

@@ -1,0 +1,150 @@
+//! The paper's claims, each checked against our tables. Thresholds are ours, stated in the
+//! claim's wording, so a reader sees what "held" means.
+
+use super::report::{Claim, Table};
+
+/// Points (of top-1 %) that count as "within a few points".
+const FEW_POINTS: f64 = 5.0;
+
+fn find<'a>(tables: &'a [Table], id: &str) -> Option<&'a Table> {
+    tables.iter().find(|t| t.id == id)
+}
+
+fn claim(table: &str, text: &str, held: bool, evidence: String) -> Claim {
+    Claim {
+        table: table.into(),
+        claim: text.into(),
+        held,
+        evidence,
+    }
+}
+
+/// Verdicts for the claims whose tables were run.
+pub fn judge(tables: &[Table]) -> Vec<Claim> {
+    let mut out = Vec::new();
+    if let Some(t) = find(tables, "table2") {
+        let row = "SpikeCLIP";
+        if let (Some(orig), Some(x8), Some(all)) = (
+            t.get(row, "original"),
+            t.get(row, "x8 labels"),
+            t.get(row, "100% replaced"),
+        ) {
+            out.push(claim(
+                "Table 2",
+                "SpikeCLIP loses under 10 points with x8 labels",
+                orig - x8 < 10.0,
+                format!("{orig:.1} -> {x8:.1}"),
+            ));
+            out.push(claim(
+                "Table 2",
+                "SpikeCLIP loses under 20 points with every label replaced by its nearest unseen label",
+                orig - all < 20.0,
+                format!("{orig:.1} -> {all:.1}"),
+            ));
+        }
+    }
+    if let Some(t) = find(tables, "table3") {
+        let full = "SpikeCLIP (full recipe)";
+        let get = |row, col| t.get(row, col);
+        if let (Some(snn), Some(ann)) = (
+            get(full, "seen pairs"),
+            get("ScratchCLIP (ANN twin)", "seen pairs"),
+        ) {
+            out.push(claim(
+                "Table 3",
+                "the SNN is within 5 points of its ANN twin (seen pairs)",
+                (ann - snn) <= FEW_POINTS,
+                format!("SpikeCLIP {snn:.1}, ScratchCLIP {ann:.1}"),
+            ));
+        }
+        for (row, col, text) in [
+            ("w/o pre-training", "seen pairs", "pre-training helps"),
+            (
+                "w/o fine-tuning",
+                "seen pairs",
+                "fine-tuning helps on its labels",
+            ),
+            (
+                "w/o KL (lambda = 0)",
+                "renamed labels",
+                "the KL term helps on unseen labels",
+            ),
+        ] {
+            if let (Some(with), Some(without)) = (get(full, col), get(row, col)) {
+                out.push(claim(
+                    "Table 3",
+                    text,
+                    with > without,
+                    format!("{col}: full {with:.1}, {row} {without:.1}"),
+                ));
+            }
+        }
+    }
+    if let Some(t) = find(tables, "table4") {
+        let col = "unseen pairs";
+        let zero = t.get("lambda = 0", col);
+        let best = t
+            .rows
+            .iter()
+            .filter(|r| r.name != "lambda = 0")
+            .filter_map(|r| t.get(&r.name, col).map(|v| (r.name.clone(), v)))
+            .max_by(|a, b| a.1.total_cmp(&b.1));
+        if let (Some(zero), Some((name, v))) = (zero, best) {
+            out.push(claim(
+                "Table 4",
+                "some lambda > 0 beats lambda = 0 on data other than the fine-tuning set",
+                v > zero,
+                format!("{col}: lambda = 0 {zero:.1}, best {name} {v:.1}"),
+            ));
+        }
+    }
+    if let Some(t) = find(tables, "table6") {
+        if let (Some(tdw), Some(mean)) = (t.get("TDW", "seen pairs"), t.get("Mean", "seen pairs")) {
+            out.push(claim(
+                "Table 6",
+                "the TDW readout is at least as good as the mean",
+                tdw >= mean,
+                format!("seen pairs: TDW {tdw:.1}, mean {mean:.1}"),
+            ));
+        }
+    }
+    if let Some(t) = find(tables, "table8") {
+        let row = "world: seen pairs";
+        if let (Some(snn), Some(ann)) = (t.get(row, "SpikeCLIP"), t.get(row, "ScratchCLIP")) {
+            out.push(claim(
+                "Table 8",
+                "after pre-training only, SpikeCLIP is within 5 points of ScratchCLIP",
+                ann - snn <= FEW_POINTS,
+                format!("{row}: SpikeCLIP {snn:.1}, ScratchCLIP {ann:.1}"),
+            ));
+        }
+    }
+    if let Some(t) = find(tables, "figure6") {
+        let series = |prefix: &str, col: &str| -> Vec<f64> {
+            t.rows
+                .iter()
+                .filter(|r| r.name.starts_with(prefix))
+                .filter_map(|r| t.get(&r.name, col))
+                .collect()
+        };
+        let size = series("size", "seen pairs");
+        if let (Some(first), Some(last)) = (size.first(), size.last()) {
+            out.push(claim(
+                "Figure 6",
+                "more pre-training images give higher accuracy",
+                last > first,
+                format!("seen pairs: smallest set {first:.1}, largest {last:.1}"),
+            ));
+        }
+        let overlap = series("overlap", "unseen pairs");
+        if let (Some(first), Some(last)) = (overlap.first(), overlap.last()) {
+            out.push(claim(
+                "Figure 6",
+                "overlap between pre-training and evaluation data raises accuracy",
+                last > first,
+                format!("unseen pairs: no overlap {first:.1}, most overlap {last:.1}"),
+            ));
+        }
+    }
+    out
+}
