@@ -3,6 +3,8 @@
 
 use std::process::Command;
 
+mod common;
+
 use candle_core::{Device, Tensor};
 use spikeclip::data::world::{Split, World};
 use spikeclip::data::ImageFeatureSet;
@@ -126,14 +128,7 @@ fn mixtures_take_the_chosen_items_of_each_set() {
     let direct_train = train.batch(&[0], &dev).unwrap();
     let direct_unseen = unseen.batch(&[6, 5], &dev).unwrap();
     let expected = Tensor::cat(&[&direct_train.teacher, &direct_unseen.teacher], 0).unwrap();
-    let diff = (batch.teacher - expected)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = common::max_abs_diff(&batch.teacher, &expected);
     assert_eq!(diff, 0.0, "items grouped by set, in order");
     assert!(batch.labels.is_empty());
     assert_eq!(batch.inputs.dims()[0], 3);
