@@ -150,4 +150,58 @@ fn cache_command_caches_a_folder_and_dtext() {
         2
     );
     assert_eq!(Cache::open(&out.join("texts")).unwrap().len(), 6);
+
+    // Text distillation from the cache, starting from CLIP's embeddings (fixture width 8).
+    let student = tmp.path().join("student");
+    let mut distill = vec!["train", "--stage", "distill-text", "--data"];
+    let data_spec = format!("cache:{}", out.display());
+    let tokenizer = tmp.path().join("clip");
+    distill.extend([
+        data_spec.as_str(),
+        "--tokenizer",
+        tokenizer.to_str().unwrap(),
+        "--embeddings-from",
+        &model,
+        "--epochs",
+        "0",
+        "--out",
+        student.to_str().unwrap(),
+    ]);
+    let narrow = spikeclip(&distill);
+    assert!(!narrow.status.success());
+    let err = String::from_utf8_lossy(&narrow.stderr);
+    assert!(
+        err.contains("[49408, 8]") && err.contains("[49408, 64]"),
+        "{err}"
+    );
+    distill.extend(["--set", "text.width=8"]);
+    let run = spikeclip(&distill);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let ours =
+        candle_core::safetensors::load(student.join("model.safetensors"), &Device::Cpu).unwrap();
+    let clip =
+        candle_core::safetensors::load(fixture_dir().join("model.safetensors"), &Device::Cpu)
+            .unwrap();
+    let table = |map: &std::collections::HashMap<String, candle_core::Tensor>, name: &str| {
+        map[name]
+            .flatten_all()
+            .unwrap()
+            .to_dtype(candle_core::DType::F32)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
+    assert_eq!(
+        table(&ours, "text.clip_embedding.token_embedding.weight"),
+        table(&clip, "text_model.embeddings.token_embedding.weight")
+    );
+    let positions = table(&clip, "text_model.embeddings.position_embedding.weight");
+    assert_eq!(
+        table(&ours, "text.clip_embedding.position_embedding.weight"),
+        positions[..20 * 8]
+    );
 }

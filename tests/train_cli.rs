@@ -88,5 +88,6 @@ fn overrides_shape_a_fresh_model_and_are_refused_with_init() {
         ],
     );
     assert!(!again.status.success());
-    assert!(String::from_utf8_lossy(&again.stderr).contains("--set builds a fresh model"));
+    assert!(String::from_utf8_lossy(&again.stderr)
+        .contains("--set and --embeddings-from build a fresh model"));
 }

@@ -13,9 +13,10 @@ use crate::data::TextFeatureSet;
 use crate::eval::zeroshot::class_embeddings;
 use crate::model::checkpoint::{self, ModelCard, ModelKind, TokenizerSpec};
 use crate::model::config::SpikeClipConfig;
+use crate::model::text::copy_clip_embeddings;
 use crate::recipe::classifier::LoadedStudent;
 use crate::recipe::{distill_image, distill_text, finetune, FinetuneTargets};
-use crate::teacher::clip::ClipTeacher;
+use crate::teacher::clip::{ClipModel, ClipTeacher};
 use crate::teacher::{ModelSpec, TextTeacher, Tokenize};
 use crate::train::loss::DualLossConfig;
 use crate::train::stage::{StageConfig, StageRun};
@@ -53,6 +54,11 @@ pub struct Args {
     /// a CLIP directory or bpe_simple_vocab_16e6.txt.gz).
     #[arg(long)]
     tokenizer: Option<PathBuf>,
+    /// Without --init: copy CLIP's token and position embeddings (`clip:DIR`) into the fresh
+    /// student's text encoder before training, as the paper does; needs `--set text.width=` CLIP's
+    /// text hidden size (512 for ViT-B/32, the paper preset's).
+    #[arg(long, value_name = "clip:DIR")]
+    embeddings_from: Option<String>,
     /// Fine-tuning on a cache: the label prompts and the CLIP teacher (`clip:DIR`).
     #[command(flatten)]
     prompts: PromptFileArgs,
@@ -102,8 +108,11 @@ fn stage_config(args: &Args) -> StageConfig {
 /// The student to train: from --init, or fresh from a preset sized for the data's tokenizer.
 fn student(args: &Args, world: Option<&World>, dev: &Device) -> anyhow::Result<LoadedStudent> {
     if let Some(init) = &args.init {
-        if !args.sets.is_empty() {
-            bail!("--set builds a fresh model; with --init the checkpoint's card fixes the config");
+        if !args.sets.is_empty() || args.embeddings_from.is_some() {
+            bail!(
+                "--set and --embeddings-from build a fresh model; with --init the checkpoint's \
+                 card fixes the config and the weights"
+            );
         }
         return LoadedStudent::open(init, dev);
     }
@@ -113,12 +122,16 @@ fn student(args: &Args, world: Option<&World>, dev: &Device) -> anyhow::Result<L
             config.text.vocab_size = w.tokenizer().vocab_size();
             TokenizerSpec::World
         }
-        None => TokenizerSpec::Clip {
-            path: args
-                .tokenizer
-                .clone()
-                .context("training from a cache without --init needs --tokenizer")?,
-        },
+        None => {
+            let spec = TokenizerSpec::Clip {
+                path: args
+                    .tokenizer
+                    .clone()
+                    .context("training from a cache without --init needs --tokenizer")?,
+            };
+            config.text.vocab_size = spec.open()?.vocab_size();
+            spec
+        }
     };
     let kind = match args.model.as_str() {
         "spikeclip" => ModelKind::SpikeClip,
@@ -142,6 +155,16 @@ fn student(args: &Args, world: Option<&World>, dev: &Device) -> anyhow::Result<L
             dev,
         )?),
     };
+    if let Some(spec) = &args.embeddings_from {
+        let ModelSpec::Clip(clip_dir) = ModelSpec::parse(spec)?;
+        let clip = ClipModel::load(&clip_dir, dev)?;
+        copy_clip_embeddings(
+            fresh.varmap(),
+            clip.token_embedding(),
+            clip.position_embedding(),
+        )
+        .with_context(|| format!("copying CLIP's embeddings from {}", clip_dir.display()))?;
+    }
     checkpoint::save(&dir, fresh.as_ref(), &card)?;
     LoadedStudent::open(&dir, dev)
 }

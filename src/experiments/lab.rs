@@ -2,37 +2,25 @@
 //! snapshots of its weights after each stage so variants branch from them, and zero-shot
 //! scores of any label set from image features computed once per model.
 
-use std::path::{Path, PathBuf};
+use std::ops::Deref;
+use std::path::Path;
 
-use anyhow::Context;
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 
 use super::weights::Snapshot;
 use crate::data::prompts::DatasetPrompts;
 use crate::data::world::{Split, World, DATASET, PROMPT_TEMPLATES};
 use crate::data::ImageFeatureSet;
 use crate::eval::zeroshot::{class_embeddings, TopK};
-use crate::model::config::ReadoutKind;
-use crate::model::{ScratchClip, SpikeClip};
 use crate::recipe::demo::DemoConfig;
-use crate::recipe::{
-    distill_image, distill_text, finetune, student_class_embeddings, FinetuneTargets, Student,
-};
+pub use crate::recipe::world_recipe::Arch;
+use crate::recipe::world_recipe::WorldRecipe;
+use crate::recipe::Student;
 use crate::teacher::TextTeacher;
-use crate::train::loss::{cosine_logits, DualLossConfig};
-use crate::train::stage::{StageConfig, StageRun};
+use crate::train::loss::cosine_logits;
 
 /// Batch size of feature extraction (no gradients).
 const EVAL_BATCH: usize = 256;
-
-/// Which student a recipe run trains.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Arch {
-    /// SpikeCLIP with the given readout.
-    Spiking(ReadoutKind),
-    /// ScratchCLIP, the ANN twin.
-    Ann,
-}
 
 /// One model through the recipe, with its weights at each point.
 pub struct Trained {
@@ -60,29 +48,31 @@ impl Features {
     }
 }
 
-/// The world, the sizes and where trainings write their checkpoints.
+/// The world's recipe plus what every experiment scores against.
 pub struct Lab {
-    pub demo: DemoConfig,
-    pub world: World,
-    pub out: PathBuf,
-    pub progress: bool,
-    pub device: Device,
+    pub recipe: WorldRecipe,
     /// The world's labels with its templates.
     pub prompts: DatasetPrompts,
     pub teacher_classes: Tensor,
 }
 
+/// The experiments train through the shared recipe: `lab.distill_text(..)`, `lab.world`.
+impl Deref for Lab {
+    type Target = WorldRecipe;
+
+    fn deref(&self) -> &WorldRecipe {
+        &self.recipe
+    }
+}
+
 impl Lab {
     pub fn new(demo: DemoConfig, out: &Path, progress: bool) -> anyhow::Result<Self> {
-        let world = World::new(demo.world.clone());
+        let recipe = WorldRecipe::new(demo, out, progress);
         let prompts = World::prompts().datasets[DATASET].clone();
-        let teacher_classes = class_embeddings(&prompts, |t| world.teacher().text_features(t))?;
+        let teacher_classes =
+            class_embeddings(&prompts, |t| recipe.world.teacher().text_features(t))?;
         Ok(Self {
-            demo,
-            world,
-            out: out.to_path_buf(),
-            progress,
-            device: Device::Cpu,
+            recipe,
             prompts,
             teacher_classes,
         })
@@ -94,82 +84,6 @@ impl Lab {
             classes: names.into_iter().map(|n| vec![n]).collect(),
             templates: PROMPT_TEMPLATES.iter().map(|t| t.to_string()).collect(),
         }
-    }
-
-    pub fn build(&self, arch: Arch) -> anyhow::Result<Box<dyn Student>> {
-        let seed = self.demo.world.seed;
-        Ok(match arch {
-            Arch::Spiking(readout) => {
-                let mut cfg = self.demo.model.clone();
-                cfg.readout = readout;
-                Box::new(SpikeClip::new(&cfg, seed, &self.device)?)
-            }
-            Arch::Ann => Box::new(ScratchClip::new(&self.demo.model, seed, &self.device)?),
-        })
-    }
-
-    fn run<'a>(
-        &self,
-        student: &'a dyn Student,
-        name: &'a str,
-        dir: &'a Path,
-        config: &'a StageConfig,
-    ) -> StageRun<'a> {
-        StageRun {
-            name,
-            out_dir: dir,
-            varmap: student.varmap(),
-            config,
-            resume: false,
-            show_progress: self.progress,
-        }
-    }
-
-    /// Text distillation on D-text.
-    pub fn distill_text(&self, student: &dyn Student, name: &str) -> anyhow::Result<()> {
-        let dir = self.out.join(name);
-        let run = self.run(student, "distill_text", &dir, &self.demo.pretrain);
-        distill_text(student, &self.world.dtext(), run, &self.device, None)
-            .with_context(|| format!("{name}: text distillation"))?;
-        Ok(())
-    }
-
-    /// Image distillation on `images` (the pre-training split unless Figure 6 varies it).
-    pub fn distill_image(
-        &self,
-        student: &dyn Student,
-        images: &dyn ImageFeatureSet,
-        name: &str,
-    ) -> anyhow::Result<()> {
-        let dir = self.out.join(name);
-        let run = self.run(student, "distill_image", &dir, &self.demo.pretrain);
-        distill_image(student, images, run, &self.device, None)
-            .with_context(|| format!("{name}: image distillation"))?;
-        Ok(())
-    }
-
-    /// Dual-loss fine-tuning of the image encoder on the training split with KL weight
-    /// `lambda`, against the student's current text encoder.
-    pub fn finetune(&self, student: &dyn Student, lambda: f64, name: &str) -> anyhow::Result<()> {
-        let dir = self.out.join(name);
-        // Fine-tuning learns the labels of its own data: the seen pairs.
-        let train_prompts = World::split_prompts(Split::Train);
-        let targets = FinetuneTargets {
-            student_classes: self.class_embeddings(student, &train_prompts)?,
-            teacher_classes: class_embeddings(&train_prompts, |t| {
-                self.world.teacher().text_features(t)
-            })?,
-            teacher_logit_scale: self.demo.teacher_logit_scale,
-        };
-        let loss = DualLossConfig {
-            lambda,
-            ..self.demo.dual_loss.clone()
-        };
-        let run = self.run(student, "finetune", &dir, &self.demo.finetune);
-        let train = self.world.images(Split::Train);
-        finetune(student, &train, &targets, &loss, run, &self.device, None)
-            .with_context(|| format!("{name}: fine-tuning (lambda {lambda})"))?;
-        Ok(())
     }
 
     /// Pre-training (text, then image distillation) and, when asked, fine-tuning with the
@@ -192,21 +106,6 @@ impl Lab {
             pretrained,
             finetuned,
         })
-    }
-
-    /// Prompt-ensembled class embeddings from the student's text encoder.
-    pub fn class_embeddings(
-        &self,
-        student: &dyn Student,
-        prompts: &DatasetPrompts,
-    ) -> anyhow::Result<Tensor> {
-        student_class_embeddings(
-            student,
-            self.world.tokenizer(),
-            prompts,
-            self.world.config().max_len,
-            &self.device,
-        )
     }
 
     /// The student's image features of both test splits (eval mode), or the teacher's when

@@ -15,7 +15,10 @@ use serde::{Deserialize, Serialize};
 
 use super::config::SpikeClipConfig;
 use super::{ScratchClip, SpikeClip};
+use crate::data::world::{World, WorldConfig};
 use crate::recipe::Student;
+use crate::teacher::tokenizer::ClipTokenizer;
+use crate::teacher::Tokenize;
 use crate::train::checkpoint::{named_vars, write_atomic_with};
 
 /// Which student a checkpoint holds.
@@ -34,6 +37,27 @@ pub enum TokenizerSpec {
     World,
     /// CLIP's BPE from this file (`tokenizer.json` or `bpe_simple_vocab_16e6.txt.gz`).
     Clip { path: PathBuf },
+}
+
+impl TokenizerSpec {
+    /// The tokenizer this spec names; an unreadable file is named in the error.
+    pub fn open(&self) -> anyhow::Result<Box<dyn Tokenize>> {
+        Ok(match self {
+            TokenizerSpec::World => {
+                Box::new(World::new(WorldConfig::default()).tokenizer().clone())
+            }
+            TokenizerSpec::Clip { path: p } => {
+                let tok = if p.is_dir() {
+                    ClipTokenizer::from_dir(p)
+                } else if p.extension().is_some_and(|e| e == "gz") {
+                    ClipTokenizer::from_bpe_gz(p)
+                } else {
+                    ClipTokenizer::from_tokenizer_json(p)
+                };
+                Box::new(tok.with_context(|| format!("loading the tokenizer {}", p.display()))?)
+            }
+        })
+    }
 }
 
 /// `model.json`: what to build before the weights can be loaded.

@@ -3,8 +3,9 @@
 //! purpose: the paper found it distils CLIP's text space as well as a spiking transformer
 //! ([`TextTower`] selects that one instead, for the ablation).
 
+use anyhow::{bail, Context};
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Embedding, Linear, VarBuilder};
+use candle_nn::{Embedding, Linear, VarBuilder, VarMap};
 
 use super::config::{SpikeClipConfig, TextEncoderKind};
 use super::readout::Readout;
@@ -79,6 +80,52 @@ impl TokenEmbedding {
             params,
         )
     }
+}
+
+/// Where every text tower keeps the two tables in a student's parameters.
+const TOKEN_TABLE: &str = "text.clip_embedding.token_embedding.weight";
+const POSITION_TABLE: &str = "text.clip_embedding.position_embedding.weight";
+
+/// Starts a student's text encoder from CLIP's token and position tables (`[vocab, hidden]` and
+/// `[positions, hidden]`), as the paper does: distillation then begins from CLIP's own token
+/// geometry rather than from noise. The tables stay trainable. The student keeps CLIP's first
+/// `max_positions` positions; vocabulary and width must be CLIP's.
+pub fn copy_clip_embeddings(
+    varmap: &VarMap,
+    token: &Tensor,
+    position: &Tensor,
+) -> anyhow::Result<()> {
+    let vars = varmap
+        .data()
+        .lock()
+        .map_err(|_| anyhow::anyhow!("parameter map lock poisoned"))?;
+    let table = |name: &str| {
+        vars.get(name)
+            .with_context(|| format!("the student has no parameter {name}"))
+    };
+    let student_token = table(TOKEN_TABLE)?;
+    if student_token.dims() != token.dims() {
+        bail!(
+            "CLIP's token embedding is {:?} but the student's is {:?}: the student needs CLIP's \
+             vocabulary and text.width equal to CLIP's text hidden size",
+            token.dims(),
+            student_token.dims()
+        )
+    }
+    let student_position = table(POSITION_TABLE)?;
+    let (rows, width) = student_position.dims2()?;
+    let (clip_rows, clip_width) = position.dims2()?;
+    if clip_width != width || clip_rows < rows {
+        bail!(
+            "CLIP's position embedding is {:?} but the student's is {:?}: the student needs \
+             text.width equal to CLIP's and at most {clip_rows} positions",
+            position.dims(),
+            student_position.dims()
+        )
+    }
+    student_token.set(token)?;
+    student_position.set(&position.narrow(0, 0, rows)?.contiguous()?)?;
+    Ok(())
 }
 
 #[derive(Debug, Clone)]

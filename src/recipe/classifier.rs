@@ -3,15 +3,13 @@
 
 use std::path::Path;
 
-use anyhow::Context;
 use candle_core::{Device, Tensor};
 
 use super::stages::student_class_embeddings;
 use super::student::Student;
 use crate::data::prompts::DatasetPrompts;
-use crate::data::world::{World, WorldConfig, PROMPT_TEMPLATES};
+use crate::data::world::PROMPT_TEMPLATES;
 use crate::model::checkpoint::{self, ModelCard, TokenizerSpec};
-use crate::teacher::tokenizer::ClipTokenizer;
 use crate::teacher::Tokenize;
 
 pub struct LoadedStudent {
@@ -25,23 +23,7 @@ impl LoadedStudent {
     /// file beside a `model.json`) and the tokenizer it was trained with.
     pub fn open(path: &Path, device: &Device) -> anyhow::Result<Self> {
         let (student, card) = checkpoint::load(path, device)?;
-        let tokenizer: Box<dyn Tokenize> = match &card.tokenizer {
-            TokenizerSpec::World => {
-                Box::new(World::new(WorldConfig::default()).tokenizer().clone())
-            }
-            TokenizerSpec::Clip { path: p } => {
-                let tok = if p.is_dir() {
-                    ClipTokenizer::from_dir(p)
-                } else if p.extension().is_some_and(|e| e == "gz") {
-                    ClipTokenizer::from_bpe_gz(p)
-                } else {
-                    ClipTokenizer::from_tokenizer_json(p)
-                };
-                Box::new(tok.with_context(|| {
-                    format!("loading the checkpoint's tokenizer {}", p.display())
-                })?)
-            }
-        };
+        let tokenizer = card.tokenizer.open()?;
         Ok(Self {
             student,
             card,

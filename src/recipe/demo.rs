@@ -10,22 +10,19 @@ use candle_core::Device;
 use serde::Serialize;
 
 use super::energy::{measure_energy, prompt_token_ids};
-use super::stages::{
-    distill_image, distill_text, finetune, student_class_embeddings, teacher_zero_shot, zero_shot,
-    FinetuneTargets,
-};
+use super::stages::{teacher_zero_shot, zero_shot};
 use super::student::Student;
+use super::world_recipe::{Arch, WorldRecipe};
 use crate::data::world::{Split, World, WorldConfig, DATASET};
 use crate::data::ImageFeatureSet;
 use crate::energy::{EnergyConstants, EnergyReport};
 use crate::eval::zeroshot::{class_embeddings, TopK};
 use crate::model::checkpoint::{self, ModelCard, ModelKind, TokenizerSpec};
 use crate::model::config::SpikeClipConfig;
-use crate::model::{ScratchClip, SpikeClip};
 use crate::plot::{line_plot, Labels, Series};
 use crate::teacher::{TextTeacher, Tokenize};
 use crate::train::loss::DualLossConfig;
-use crate::train::stage::{EpochRecord, StageConfig, StageRun};
+use crate::train::stage::{EpochRecord, StageConfig};
 
 /// Sizes and schedules of a demo run.
 #[derive(Debug, Clone, Serialize)]
@@ -144,10 +141,8 @@ pub struct DemoReport {
 /// (`spikeclip/model.safetensors` + `model.json`, likewise `scratchclip/`) to `out`.
 pub fn run_demo(cfg: &DemoConfig, out: &Path, show_progress: bool) -> anyhow::Result<DemoReport> {
     let dev = Device::Cpu;
-    let seed = cfg.world.seed;
-    let spiking = SpikeClip::new(&cfg.model, seed, &dev)?;
-    let ann = ScratchClip::new(&cfg.model, seed, &dev)?;
-    let world = World::new(cfg.world.clone());
+    let recipe = WorldRecipe::new(cfg.clone(), out, show_progress);
+    let world = &recipe.world;
     let prompts = &World::prompts().datasets[DATASET];
     let teacher_classes = class_embeddings(prompts, |t| world.teacher().text_features(t))?;
     let teacher = StageScore::new(
@@ -155,26 +150,10 @@ pub fn run_demo(cfg: &DemoConfig, out: &Path, show_progress: bool) -> anyhow::Re
         teacher_zero_shot(&world.images(Split::TestSeen), &teacher_classes, &dev)?,
         teacher_zero_shot(&world.images(Split::TestUnseen), &teacher_classes, &dev)?,
     );
-    let mut reports = Vec::new();
-    let students: [(&str, &dyn Student, ModelKind); 2] = [
-        ("spikeclip", &spiking, ModelKind::SpikeClip),
-        ("scratchclip", &ann, ModelKind::ScratchClip),
-    ];
-    for (name, student, kind) in students {
-        let dir = out.join(name);
-        let report = train_one(cfg, &world, student, &dir, show_progress)
-            .with_context(|| format!("training {name}"))?;
-        let card = ModelCard {
-            kind,
-            config: cfg.model.clone(),
-            tokenizer: TokenizerSpec::World,
-        };
-        checkpoint::save(&dir, student, &card)?;
-        reports.push(report);
-    }
-    let scratchclip = reports.pop().expect("two reports");
-    let spikeclip = reports.pop().expect("two reports");
-    let energy = world_energy(&spiking, &world, &out.join("energy"))?;
+    let (spiking, spikeclip) =
+        train_and_save(&recipe, Arch::Spiking(cfg.model.readout), "spikeclip")?;
+    let (_, scratchclip) = train_and_save(&recipe, Arch::Ann, "scratchclip")?;
+    let energy = world_energy(spiking.as_ref(), world, &out.join("energy"))?;
     let report = DemoReport {
         chance: 1.0 / World::class_names().len() as f64,
         teacher,
@@ -187,77 +166,58 @@ pub fn run_demo(cfg: &DemoConfig, out: &Path, show_progress: bool) -> anyhow::Re
     Ok(report)
 }
 
-fn train_one(
-    cfg: &DemoConfig,
-    world: &World,
+/// Trains a fresh student through the three stages, scoring seen and unseen pairs after each,
+/// and saves it as a checkpoint in `out/NAME` (the demo's `spikeclip/` and `scratchclip/`).
+pub fn train_and_save(
+    recipe: &WorldRecipe,
+    arch: Arch,
+    name: &str,
+) -> anyhow::Result<(Box<dyn Student>, ModelReport)> {
+    let student = recipe.build(arch)?;
+    let report =
+        train_stages(recipe, student.as_ref(), name).with_context(|| format!("training {name}"))?;
+    let mut config = recipe.demo.model.clone();
+    let kind = match arch {
+        Arch::Spiking(readout) => {
+            config.readout = readout;
+            ModelKind::SpikeClip
+        }
+        Arch::Ann => ModelKind::ScratchClip,
+    };
+    let card = ModelCard {
+        kind,
+        config,
+        tokenizer: TokenizerSpec::World,
+    };
+    checkpoint::save(&recipe.out.join(name), student.as_ref(), &card)?;
+    Ok((student, report))
+}
+
+fn train_stages(
+    recipe: &WorldRecipe,
     student: &dyn Student,
-    dir: &Path,
-    show_progress: bool,
+    name: &str,
 ) -> anyhow::Result<ModelReport> {
-    let dev = Device::Cpu;
+    let dev = &recipe.device;
+    let world = &recipe.world;
     let prompts = &World::prompts().datasets[DATASET];
-    let max_len = world.config().max_len;
-    let (pretrain, train, seen, unseen) = (
-        world.images(Split::Pretrain),
-        world.images(Split::Train),
+    let (seen, unseen) = (
         world.images(Split::TestSeen),
         world.images(Split::TestUnseen),
     );
     let score = |stage: &str| -> anyhow::Result<StageScore> {
-        let classes = student_class_embeddings(student, world.tokenizer(), prompts, max_len, &dev)?;
+        let classes = recipe.class_embeddings(student, prompts)?;
         Ok(StageScore::new(
             stage,
-            zero_shot(student, &seen, &classes, &dev)?,
-            zero_shot(student, &unseen, &classes, &dev)?,
+            zero_shot(student, &seen, &classes, dev)?,
+            zero_shot(student, &unseen, &classes, dev)?,
         ))
     };
-    let stage = |name, config| StageRun {
-        name,
-        out_dir: dir,
-        varmap: student.varmap(),
-        config,
-        resume: false,
-        show_progress,
-    };
-    let mut curves = Vec::new();
-    let mut stages = Vec::new();
-    let text = distill_text(
-        student,
-        &world.dtext(),
-        stage("distill_text", &cfg.pretrain),
-        &dev,
-        None,
-    )?;
-    curves.extend(text.epochs);
-    stages.push(score("distill_text")?);
-    let image = distill_image(
-        student,
-        &pretrain,
-        stage("distill_image", &cfg.pretrain),
-        &dev,
-        None,
-    )?;
-    curves.extend(image.epochs);
+    let mut curves = recipe.distill_text(student, name)?;
+    let mut stages = vec![score("distill_text")?];
+    curves.extend(recipe.distill_image(student, &world.images(Split::Pretrain), name)?);
     stages.push(score("distill_image")?);
-    // Fine-tuning learns the labels of its own data: the seen pairs.
-    let train_prompts = World::split_prompts(Split::Train);
-    let student_classes =
-        student_class_embeddings(student, world.tokenizer(), &train_prompts, max_len, &dev)?;
-    let targets = FinetuneTargets {
-        student_classes,
-        teacher_classes: class_embeddings(&train_prompts, |t| world.teacher().text_features(t))?,
-        teacher_logit_scale: cfg.teacher_logit_scale,
-    };
-    let fine = finetune(
-        student,
-        &train,
-        &targets,
-        &cfg.dual_loss,
-        stage("finetune", &cfg.finetune),
-        &dev,
-        None,
-    )?;
-    curves.extend(fine.epochs);
+    curves.extend(recipe.finetune(student, recipe.demo.dual_loss.lambda, name)?);
     stages.push(score("finetune")?);
     let last = stages.last().expect("three stages");
     Ok(ModelReport {

@@ -9,6 +9,7 @@ pub mod demo;
 pub mod energy;
 pub mod stages;
 pub mod student;
+pub mod world_recipe;
 
 pub use stages::{
     distill_image, distill_text, finetune, student_class_embeddings, teacher_zero_shot, zero_shot,
