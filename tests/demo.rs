@@ -166,9 +166,9 @@ fn quick_demo_writes_its_report_and_checkpoints_that_other_commands_read() {
 fn classify_with_the_default_demo_model_ranks_the_true_label_first_on_most_images() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = DemoConfig::standard(0);
-    let readout = cfg.model.readout;
+    let arch = Arch::spiking(&cfg.model);
     let recipe = WorldRecipe::new(cfg, dir.path(), false);
-    let (_, report) = train_and_save(&recipe, Arch::Spiking(readout), "spikeclip").unwrap();
+    let (_, report) = train_and_save(&recipe, arch, "spikeclip").unwrap();
     let right = classify_seen_images(&dir.path().join("spikeclip"), &dir.path().join("seen"));
     assert!(
         right > 12,

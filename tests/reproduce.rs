@@ -13,7 +13,7 @@ use spikeclip::experiments::reproduce::{Experiment, ReproConfig};
 use spikeclip::experiments::robustness::{LabelSettings, Robustness};
 use spikeclip::experiments::subsets::Mixture;
 use spikeclip::experiments::weights::Snapshot;
-use spikeclip::model::config::ReadoutKind;
+use spikeclip::model::config::{ReadoutKind, TextEncoderKind};
 use spikeclip::recipe::student::trainable;
 
 fn lab(dir: &std::path::Path) -> Lab {
@@ -63,8 +63,13 @@ fn world_label_sets_are_seeded_and_never_reuse_an_original() {
 fn the_mean_readout_has_no_trainable_weights_and_tdw_has() {
     let dir = tempfile::tempdir().unwrap();
     let lab = lab(dir.path());
-    let names = |kind| -> Vec<String> {
-        let s = lab.build(Arch::Spiking(kind)).unwrap();
+    let names = |readout| -> Vec<String> {
+        let s = lab
+            .build(Arch::Spiking {
+                readout,
+                text: TextEncoderKind::Mlp,
+            })
+            .unwrap();
         trainable(s.as_ref(), "")
             .into_iter()
             .map(|(n, _)| n)
@@ -79,10 +84,50 @@ fn the_mean_readout_has_no_trainable_weights_and_tdw_has() {
 }
 
 #[test]
+fn table5_switches_only_the_text_tower_to_the_spiking_transformer() {
+    let dir = tempfile::tempdir().unwrap();
+    let lab = lab(dir.path());
+    let params = |text| -> Vec<(String, usize)> {
+        let arch = Arch::Spiking {
+            readout: ReadoutKind::Tdw,
+            text,
+        };
+        let s = lab.build(arch).unwrap();
+        let counted: usize = trainable(s.as_ref(), "text.")
+            .iter()
+            .map(|(_, v)| v.elem_count())
+            .sum();
+        assert_eq!(counted, lab.config(arch).text_param_count());
+        trainable(s.as_ref(), "")
+            .into_iter()
+            .map(|(n, v)| (n, v.elem_count()))
+            .collect()
+    };
+    let (mlp, transformer) = (
+        params(TextEncoderKind::Mlp),
+        params(TextEncoderKind::Transformer),
+    );
+    let image = |v: &[(String, usize)]| -> Vec<(String, usize)> {
+        v.iter()
+            .filter(|(n, _)| n.starts_with("image."))
+            .cloned()
+            .collect()
+    };
+    assert_eq!(image(&mlp), image(&transformer));
+    let blocks = |v: &[(String, usize)]| {
+        v.iter()
+            .filter(|(n, _)| n.starts_with("text.block."))
+            .count()
+    };
+    assert_eq!(blocks(&mlp), 0);
+    assert!(blocks(&transformer) > 0, "{transformer:?}");
+}
+
+#[test]
 fn without_pretraining_starts_from_init_and_lambda_changes_finetuning() {
     let dir = tempfile::tempdir().unwrap();
     let lab = lab(dir.path());
-    let student = lab.build(Arch::Spiking(ReadoutKind::Tdw)).unwrap();
+    let student = lab.build(Arch::spiking(&lab.demo.model)).unwrap();
     let s = student.as_ref();
     let init = Snapshot::take(s).unwrap();
     lab.distill_image(s, &lab.world.images(Split::Train), "pre")
@@ -137,15 +182,17 @@ fn mixtures_take_the_chosen_items_of_each_set() {
 }
 
 #[test]
-fn experiment_lists_parse_and_name_what_is_missing() {
+fn experiment_lists_parse_and_refuse_unknown_names() {
     assert_eq!(
         Experiment::parse_list("table6, table2,table6").unwrap(),
         vec![Experiment::Table2, Experiment::Table6]
     );
     let err = Experiment::parse_list("table9").unwrap_err().to_string();
     assert!(err.contains("table9") && err.contains("figure6"), "{err}");
-    let err = Experiment::parse_list("table5").unwrap_err().to_string();
-    assert!(err.contains("transformer"), "{err}");
+    assert_eq!(
+        Experiment::parse_list("table5").unwrap(),
+        vec![Experiment::Table5]
+    );
 }
 
 #[test]
@@ -168,7 +215,7 @@ fn quick_reproduce_writes_every_table_and_claim() {
     let ids: Vec<&str> = tables.iter().map(|t| t["id"].as_str().unwrap()).collect();
     assert_eq!(
         ids,
-        ["table2", "table3", "table4", "table6", "table8", "figure6"]
+        ["table2", "table3", "table4", "table5", "table6", "table8", "figure6"]
     );
     for t in tables {
         let columns = t["columns"].as_array().unwrap().len();
@@ -188,7 +235,7 @@ fn quick_reproduce_writes_every_table_and_claim() {
         .iter()
         .map(|c| c["table"].as_str().unwrap())
         .collect();
-    assert_eq!(tables_judged.len(), 6, "{tables_judged:?}");
+    assert_eq!(tables_judged.len(), 7, "{tables_judged:?}");
     assert!(claims.iter().all(|c| c["held"].is_boolean()));
     assert_eq!(report["chosen_labels"].as_array().unwrap().len(), 7);
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();

@@ -12,7 +12,7 @@ pub struct Args {
     /// A small, fast run (about a minute), for smoke tests.
     #[arg(long)]
     quick: bool,
-    /// A subset of the experiments, comma-separated: table2,table3,table4,table6,table8,figure6.
+    /// A subset of the experiments, comma-separated: table2,table3,table4,table5,table6,table8,figure6.
     #[arg(long)]
     only: Option<String>,
     /// Seeds the world, the initial weights and the batch order.

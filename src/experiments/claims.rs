@@ -98,6 +98,20 @@ pub fn judge(tables: &[Table]) -> Vec<Claim> {
             ));
         }
     }
+    if let Some(t) = find(tables, "table5") {
+        let col = "seen pairs";
+        if let (Some(mlp), Some(transformer)) = (
+            t.get("MLP (SpikeCLIP's)", col),
+            t.get("spiking transformer", col),
+        ) {
+            out.push(claim(
+                "Table 5",
+                "the MLP text encoder is within 5 points of the spiking transformer",
+                transformer - mlp <= FEW_POINTS,
+                format!("{col}: MLP {mlp:.1}, transformer {transformer:.1}"),
+            ));
+        }
+    }
     if let Some(t) = find(tables, "table6") {
         if let (Some(tdw), Some(mean)) = (t.get("TDW", "seen pairs"), t.get("Mean", "seen pairs")) {
             out.push(claim(

@@ -150,8 +150,7 @@ pub fn run_demo(cfg: &DemoConfig, out: &Path, show_progress: bool) -> anyhow::Re
         teacher_zero_shot(&world.images(Split::TestSeen), &teacher_classes, &dev)?,
         teacher_zero_shot(&world.images(Split::TestUnseen), &teacher_classes, &dev)?,
     );
-    let (spiking, spikeclip) =
-        train_and_save(&recipe, Arch::Spiking(cfg.model.readout), "spikeclip")?;
+    let (spiking, spikeclip) = train_and_save(&recipe, Arch::spiking(&cfg.model), "spikeclip")?;
     let (_, scratchclip) = train_and_save(&recipe, Arch::Ann, "scratchclip")?;
     let energy = world_energy(spiking.as_ref(), world, &out.join("energy"))?;
     let report = DemoReport {
@@ -176,17 +175,13 @@ pub fn train_and_save(
     let student = recipe.build(arch)?;
     let report =
         train_stages(recipe, student.as_ref(), name).with_context(|| format!("training {name}"))?;
-    let mut config = recipe.demo.model.clone();
     let kind = match arch {
-        Arch::Spiking(readout) => {
-            config.readout = readout;
-            ModelKind::SpikeClip
-        }
+        Arch::Spiking { .. } => ModelKind::SpikeClip,
         Arch::Ann => ModelKind::ScratchClip,
     };
     let card = ModelCard {
         kind,
-        config,
+        config: recipe.config(arch),
         tokenizer: TokenizerSpec::World,
     };
     checkpoint::save(&recipe.out.join(name), student.as_ref(), &card)?;

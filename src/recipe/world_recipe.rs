@@ -14,7 +14,7 @@ use crate::data::prompts::DatasetPrompts;
 use crate::data::world::{Split, World};
 use crate::data::ImageFeatureSet;
 use crate::eval::zeroshot::class_embeddings;
-use crate::model::config::ReadoutKind;
+use crate::model::config::{ReadoutKind, SpikeClipConfig, TextEncoderKind};
 use crate::model::{ScratchClip, SpikeClip};
 use crate::teacher::TextTeacher;
 use crate::train::loss::DualLossConfig;
@@ -23,10 +23,23 @@ use crate::train::stage::{EpochRecord, StageConfig, StageRun};
 /// Which student a recipe run trains.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Arch {
-    /// SpikeCLIP with the given readout.
-    Spiking(ReadoutKind),
+    /// SpikeCLIP with the given readout and text tower.
+    Spiking {
+        readout: ReadoutKind,
+        text: TextEncoderKind,
+    },
     /// ScratchCLIP, the ANN twin.
     Ann,
+}
+
+impl Arch {
+    /// SpikeCLIP as `cfg` describes it.
+    pub fn spiking(cfg: &SpikeClipConfig) -> Self {
+        Self::Spiking {
+            readout: cfg.readout,
+            text: cfg.text.kind,
+        }
+    }
 }
 
 /// The world, the sizes and schedules, and where trainings write (`out/NAME/`).
@@ -49,16 +62,22 @@ impl WorldRecipe {
         }
     }
 
-    /// A fresh student of the demo's architecture, seeded by the world's seed.
+    /// The demo's model configuration with `arch`'s variations.
+    pub fn config(&self, arch: Arch) -> SpikeClipConfig {
+        let mut cfg = self.demo.model.clone();
+        if let Arch::Spiking { readout, text } = arch {
+            cfg.readout = readout;
+            cfg.text.kind = text;
+        }
+        cfg
+    }
+
+    /// A fresh student of `arch`, seeded by the world's seed.
     pub fn build(&self, arch: Arch) -> anyhow::Result<Box<dyn Student>> {
-        let seed = self.demo.world.seed;
+        let (cfg, seed) = (self.config(arch), self.demo.world.seed);
         Ok(match arch {
-            Arch::Spiking(readout) => {
-                let mut cfg = self.demo.model.clone();
-                cfg.readout = readout;
-                Box::new(SpikeClip::new(&cfg, seed, &self.device)?)
-            }
-            Arch::Ann => Box::new(ScratchClip::new(&self.demo.model, seed, &self.device)?),
+            Arch::Spiking { .. } => Box::new(SpikeClip::new(&cfg, seed, &self.device)?),
+            Arch::Ann => Box::new(ScratchClip::new(&cfg, seed, &self.device)?),
         })
     }
 
