@@ -108,11 +108,11 @@ fn embed_writes_transformers_features() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("/nonexistent.png"));
 }
 
-#[test]
-fn cache_command_caches_a_folder_and_dtext() {
-    let tmp = tempfile::tempdir().unwrap();
-    let model = format!("clip:{}", clip_dir(tmp.path()).display());
-    let data = tmp.path().join("data");
+/// Caches a two-class image folder ("a", "b") and the D-text of `prompts_json` with the
+/// fixture CLIP under `root`; the `clip:DIR` spec, the cache and the prompts file.
+fn cached(root: &Path, prompts_json: &str) -> (String, PathBuf, PathBuf) {
+    let model = format!("clip:{}", clip_dir(root).display());
+    let data = root.join("data");
     for class in ["a", "b"] {
         std::fs::create_dir_all(data.join(class)).unwrap();
         std::fs::copy(
@@ -121,13 +121,9 @@ fn cache_command_caches_a_folder_and_dtext() {
         )
         .unwrap();
     }
-    let prompts = tmp.path().join("prompts.json");
-    std::fs::write(
-        &prompts,
-        r#"{"datasets": {"d": {"classes": ["a", ["b", "bee"]], "templates": ["a {}.", "{}"]}}}"#,
-    )
-    .unwrap();
-    let out = tmp.path().join("cache");
+    let prompts = root.join("prompts.json");
+    std::fs::write(&prompts, prompts_json).unwrap();
+    let out = root.join("cache");
     let dataset = format!("folder:{}:train:0", data.display());
     let run = spikeclip(&[
         "cache",
@@ -144,6 +140,16 @@ fn cache_command_caches_a_folder_and_dtext() {
         run.status.success(),
         "{}",
         String::from_utf8_lossy(&run.stderr)
+    );
+    (model, out, prompts)
+}
+
+#[test]
+fn cache_command_caches_a_folder_and_dtext() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, out, _) = cached(
+        tmp.path(),
+        r#"{"datasets": {"d": {"classes": ["a", ["b", "bee"]], "templates": ["a {}.", "{}"]}}}"#,
     );
     assert_eq!(
         ImageFeatureSet::len(&Cache::open(&out.join("images")).unwrap()),
@@ -203,5 +209,122 @@ fn cache_command_caches_a_folder_and_dtext() {
     assert_eq!(
         table(&ours, "text.clip_embedding.position_embedding.weight"),
         positions[..20 * 8]
+    );
+}
+
+#[test]
+fn reproduce_on_real_data_pretrains_both_students_and_reports_tables_2_and_8() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pool: Vec<String> = (0..16).map(|i| format!("\"thing {i}\"")).collect();
+    let (model, cache, prompts) = cached(
+        tmp.path(),
+        &format!(
+            r#"{{"datasets": {{"d": {{"classes": ["a", "b"], "templates": ["a {{}}."]}},
+                "other": {{"classes": [{}], "templates": ["{{}}"]}}}}}}"#,
+            pool.join(", ")
+        ),
+    );
+    let out = tmp.path().join("repro");
+    let data = format!("cache:{}", cache.display());
+    let eval = format!("d=cache:{}", cache.display());
+    let mut args = vec![
+        "reproduce",
+        "--teacher",
+        &model,
+        "--data",
+        &data,
+        "--eval",
+        &eval,
+        "--prompts",
+        prompts.to_str().unwrap(),
+        "--preset",
+        "tiny",
+        "--set",
+        "text.width=8",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "2",
+        "--label-seeds",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let run = spikeclip(&args);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let tables = report["tables"].as_array().unwrap();
+    let ids: Vec<&str> = tables.iter().map(|t| t["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["table2", "table8"]);
+    let rows = |t: &serde_json::Value| -> Vec<String> {
+        t["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(
+        rows(&tables[0]),
+        ["CLIP (teacher) on d", "SpikeCLIP on d", "ScratchCLIP on d"]
+    );
+    assert_eq!(tables[0]["columns"].as_array().unwrap().len(), 8);
+    assert_eq!(rows(&tables[1]), ["d"]);
+    for t in tables {
+        for r in t["rows"].as_array().unwrap() {
+            for c in r["cells"].as_array().unwrap() {
+                let v = c["mean"].as_f64().unwrap();
+                assert!((0.0..=100.0).contains(&v), "{}: {v}", t["id"]);
+            }
+        }
+    }
+    // Distractors and replacements come from the other dataset, never the originals.
+    for chosen in report["chosen_labels"].as_array().unwrap() {
+        for label in chosen["labels"].as_array().unwrap() {
+            let label = label.as_str().unwrap();
+            let new = label.split(" -> ").last().unwrap();
+            assert!(new.starts_with("thing "), "{label}");
+        }
+    }
+    let judged: Vec<&str> = report["claims"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["table"].as_str().unwrap())
+        .collect();
+    assert!(
+        judged.contains(&"Table 2") && judged.contains(&"Table 8"),
+        "{judged:?}"
+    );
+    // The students are checkpoints the other commands read, started from CLIP's embeddings.
+    let weights = candle_core::safetensors::load(
+        out.join("spikeclip").join("model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(
+        weights["text.clip_embedding.token_embedding.weight"].dims(),
+        &[49408, 8]
+    );
+    // A rerun with --resume finds every stage finished.
+    args.push("--resume");
+    let again = spikeclip(&args);
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    // What real data cannot run is refused by name.
+    args.extend(["--only", "table3"]);
+    let refused = spikeclip(&args);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && err.contains("table3") && err.contains("built-in world"),
+        "{err}"
     );
 }

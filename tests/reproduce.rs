@@ -24,7 +24,7 @@ fn lab(dir: &std::path::Path) -> Lab {
 fn world_label_sets_are_seeded_and_never_reuse_an_original() {
     let dir = tempfile::tempdir().unwrap();
     let lab = lab(dir.path());
-    let rob = Robustness::new(&lab).unwrap();
+    let rob = Robustness::world(&lab).unwrap();
     let originals = World::class_names();
     let sets = rob.label_sets(&[0, 1], &LabelSettings::paper()).unwrap();
     let again = rob.label_sets(&[0, 1], &LabelSettings::paper()).unwrap();

@@ -106,7 +106,12 @@ fn stage_config(args: &Args) -> StageConfig {
 }
 
 /// The student to train: from --init, or fresh from a preset sized for the data's tokenizer.
-fn student(args: &Args, world: Option<&World>, dev: &Device) -> anyhow::Result<LoadedStudent> {
+fn student(
+    args: &Args,
+    world: Option<&World>,
+    teacher_dim: Option<usize>,
+    dev: &Device,
+) -> anyhow::Result<LoadedStudent> {
     if let Some(init) = &args.init {
         if !args.sets.is_empty() || args.embeddings_from.is_some() {
             bail!(
@@ -117,6 +122,9 @@ fn student(args: &Args, world: Option<&World>, dev: &Device) -> anyhow::Result<L
         return LoadedStudent::open(init, dev);
     }
     let mut config = SpikeClipConfig::preset(&args.preset)?.with_overrides(&args.sets)?;
+    if let Some(dim) = teacher_dim {
+        config.out_dim = dim;
+    }
     let tokenizer = match world {
         Some(w) => {
             config.text.vocab_size = w.tokenizer().vocab_size();
@@ -144,17 +152,7 @@ fn student(args: &Args, world: Option<&World>, dev: &Device) -> anyhow::Result<L
         config,
         tokenizer,
     };
-    let fresh = match kind {
-        ModelKind::SpikeClip => {
-            Box::new(crate::model::SpikeClip::new(&card.config, args.seed, dev)?)
-                as Box<dyn crate::recipe::Student>
-        }
-        ModelKind::ScratchClip => Box::new(crate::model::ScratchClip::new(
-            &card.config,
-            args.seed,
-            dev,
-        )?),
-    };
+    let fresh = card.build_seeded(args.seed, dev)?;
     if let Some(spec) = &args.embeddings_from {
         let ModelSpec::Clip(clip_dir) = ModelSpec::parse(spec)?;
         let clip = ClipModel::load(&clip_dir, dev)?;
@@ -177,7 +175,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         None if world.is_some() => None,
         None => bail!("--data {:?}: expected world or cache:DIR", args.data),
     };
-    let loaded = student(&args, world.as_ref(), &dev)?;
+    // The student's output space is the teacher's, whose width the cache records (a cache that
+    // does not open is reported by the stage that reads it).
+    let teacher_dim = match (&cache_dir, args.stage) {
+        (Some(d), Stage::DistillText) => Cache::open(&d.join("texts")).ok(),
+        (Some(d), _) => Cache::open_images(d).ok(),
+        (None, _) => None,
+    }
+    .and_then(|c| c.teacher_dim());
+    let loaded = student(&args, world.as_ref(), teacher_dim, &dev)?;
+    if let Some(dim) = teacher_dim.filter(|&d| d != loaded.card.config.out_dim) {
+        bail!(
+            "the cache's teacher features are {dim}-d but the student's out_dim is {}",
+            loaded.card.config.out_dim
+        );
+    }
     let cfg = stage_config(&args);
     let stage_name = match args.stage {
         Stage::DistillText => "distill_text",

@@ -330,6 +330,12 @@ impl Cache {
             .with_context(|| format!("opening the image cache in {}", dir.display()))
     }
 
+    /// Width of the cached teacher features (CLIP's projection dimension).
+    pub fn teacher_dim(&self) -> Option<usize> {
+        let field = self.shards.first()?.fields.get("teacher")?;
+        field.row_shape.first().copied()
+    }
+
     pub fn len(&self) -> usize {
         self.starts.last().copied().unwrap_or(0)
     }

@@ -23,24 +23,30 @@ fn claim(table: &str, text: &str, held: bool, evidence: String) -> Claim {
 pub fn judge(tables: &[Table]) -> Vec<Claim> {
     let mut out = Vec::new();
     if let Some(t) = find(tables, "table2") {
-        let row = "SpikeCLIP";
-        if let (Some(orig), Some(x8), Some(all)) = (
-            t.get(row, "original"),
-            t.get(row, "x8 labels"),
-            t.get(row, "100% replaced"),
-        ) {
-            out.push(claim(
-                "Table 2",
-                "SpikeCLIP loses under 10 points with x8 labels",
-                orig - x8 < 10.0,
-                format!("{orig:.1} -> {x8:.1}"),
-            ));
-            out.push(claim(
-                "Table 2",
-                "SpikeCLIP loses under 20 points with every label replaced by its nearest unseen label",
-                orig - all < 20.0,
-                format!("{orig:.1} -> {all:.1}"),
-            ));
+        // "SpikeCLIP" on the world, "SpikeCLIP on DATASET" on real data.
+        for row in t.rows.iter().filter(|r| r.name.starts_with("SpikeCLIP")) {
+            let row = row.name.as_str();
+            if let (Some(orig), Some(x8), Some(all)) = (
+                t.get(row, "original"),
+                t.get(row, "x8 labels"),
+                t.get(row, "100% replaced"),
+            ) {
+                out.push(claim(
+                    "Table 2",
+                    &format!("{row} loses under 10 points with x8 labels"),
+                    orig - x8 < 10.0,
+                    format!("{orig:.1} -> {x8:.1}"),
+                ));
+                out.push(claim(
+                    "Table 2",
+                    &format!(
+                        "{row} loses under 20 points with every label replaced by its nearest \
+                         unseen label"
+                    ),
+                    orig - all < 20.0,
+                    format!("{orig:.1} -> {all:.1}"),
+                ));
+            }
         }
     }
     if let Some(t) = find(tables, "table3") {
@@ -123,13 +129,19 @@ pub fn judge(tables: &[Table]) -> Vec<Claim> {
         }
     }
     if let Some(t) = find(tables, "table8") {
-        let row = "world: seen pairs";
-        if let (Some(snn), Some(ann)) = (t.get(row, "SpikeCLIP"), t.get(row, "ScratchCLIP")) {
+        let mean = |col: &str| -> Option<f64> {
+            let v: Vec<f64> = t.rows.iter().filter_map(|r| t.get(&r.name, col)).collect();
+            (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+        };
+        if let (Some(snn), Some(ann)) = (mean("SpikeCLIP"), mean("ScratchCLIP")) {
             out.push(claim(
                 "Table 8",
                 "after pre-training only, SpikeCLIP is within 5 points of ScratchCLIP",
                 ann - snn <= FEW_POINTS,
-                format!("{row}: SpikeCLIP {snn:.1}, ScratchCLIP {ann:.1}"),
+                format!(
+                    "mean over the {} rows: SpikeCLIP {snn:.1}, ScratchCLIP {ann:.1}",
+                    t.rows.len()
+                ),
             ));
         }
     }

@@ -9,7 +9,7 @@ use candle_core::Tensor;
 
 use super::weights::Snapshot;
 use crate::data::prompts::DatasetPrompts;
-use crate::data::world::{Split, World, DATASET, PROMPT_TEMPLATES};
+use crate::data::world::{Split, World, DATASET};
 use crate::data::ImageFeatureSet;
 use crate::eval::zeroshot::{class_embeddings, TopK};
 use crate::recipe::demo::DemoConfig;
@@ -76,14 +76,6 @@ impl Lab {
             prompts,
             teacher_classes,
         })
-    }
-
-    /// The world's templates around other label names.
-    pub fn label_prompts(names: impl IntoIterator<Item = String>) -> DatasetPrompts {
-        DatasetPrompts {
-            classes: names.into_iter().map(|n| vec![n]).collect(),
-            templates: PROMPT_TEMPLATES.iter().map(|t| t.to_string()).collect(),
-        }
     }
 
     /// Pre-training (text, then image distillation) and, when asked, fine-tuning with the

@@ -501,7 +501,7 @@ pub fn run_reproduce(
     } else {
         None
     };
-    let robustness = Robustness::new(&lab)?;
+    let robustness = Robustness::world(&lab)?;
     let mut suite = Suite {
         lab,
         cfg: cfg.clone(),
@@ -533,12 +533,15 @@ pub fn run_reproduce(
         seconds: start.elapsed().as_secs_f64(),
         config: serde_json::to_value(cfg)?,
     };
-    std::fs::write(
-        out.join("report.json"),
-        serde_json::to_string_pretty(&report)?,
-    )
-    .with_context(|| format!("writing {}", out.join("report.json").display()))?;
-    std::fs::write(out.join("report.md"), report.markdown())
-        .with_context(|| format!("writing {}", out.join("report.md").display()))?;
+    write_report(&report, out)?;
     Ok(report)
+}
+
+/// Writes `report.json` and `report.md` to `out`.
+pub fn write_report(report: &Report, out: &Path) -> anyhow::Result<()> {
+    let json = out.join("report.json");
+    std::fs::write(&json, serde_json::to_string_pretty(report)?)
+        .with_context(|| format!("writing {}", json.display()))?;
+    let md = out.join("report.md");
+    std::fs::write(&md, report.markdown()).with_context(|| format!("writing {}", md.display()))
 }

@@ -1,6 +1,7 @@
-//! The label sets of the robustness study (the paper's Table 2) on the built-in world: the 24
-//! class names enlarged with distractors or renamed with unseen synonyms from the world's
-//! text-only label pool, chosen by the teacher's text similarity.
+//! The label sets of the robustness study (the paper's Table 2): a dataset's class names
+//! enlarged with distractors or renamed with unseen synonyms from a pool of other labels (the
+//! world's text-only lexicon, or the other datasets of a prompts file), chosen by the teacher's
+//! text similarity.
 
 use candle_core::Tensor;
 use serde::Serialize;
@@ -37,14 +38,17 @@ pub struct LabelSet {
     pub chosen: Option<ChosenLabels>,
 }
 
-/// The original labels and the pool, each with the teacher's prompt-ensembled embedding.
+/// The original labels and the pool, each with the teacher's unit text embedding, and the
+/// templates every label set is prompted with.
 pub struct Robustness {
     originals: Vec<Label>,
     pool: Vec<Label>,
+    templates: Vec<String>,
     renamed: DatasetPrompts,
 }
 
-fn labelled(names: Vec<String>, classes: &Tensor) -> anyhow::Result<Vec<Label>> {
+/// Names with their rows of `classes` (`[N, D]`, unit rows).
+pub fn labelled(names: Vec<String>, classes: &Tensor) -> anyhow::Result<Vec<Label>> {
     let rows: Vec<Vec<f32>> = classes.to_vec2()?;
     Ok(names
         .into_iter()
@@ -58,19 +62,41 @@ fn names(labels: &[Label]) -> Vec<String> {
 }
 
 impl Robustness {
-    pub fn new(lab: &Lab) -> anyhow::Result<Self> {
+    pub fn new(
+        originals: Vec<Label>,
+        pool: Vec<Label>,
+        templates: Vec<String>,
+    ) -> anyhow::Result<Self> {
+        let all = replace_with_nearest(&originals, &pool, 1.0, 0)?;
+        let renamed = DatasetPrompts {
+            classes: names(&all.labels).into_iter().map(|n| vec![n]).collect(),
+            templates: templates.clone(),
+        };
+        Ok(Self {
+            originals,
+            pool,
+            templates,
+            renamed,
+        })
+    }
+
+    /// The world's 24 pairs against its text-only lexicon.
+    pub fn world(lab: &Lab) -> anyhow::Result<Self> {
         let originals = labelled(World::class_names(), &lab.teacher_classes)?;
         let mut pool = Vec::new();
         for prompts in World::label_pool().datasets.values() {
             let pool_names = prompts.classes.iter().map(|c| c[0].clone()).collect();
             pool.extend(labelled(pool_names, &teacher_classes(lab, prompts)?)?);
         }
-        let all = replace_with_nearest(&originals, &pool, 1.0, 0)?;
-        Ok(Self {
-            renamed: Lab::label_prompts(names(&all.labels)),
-            originals,
-            pool,
-        })
+        Self::new(originals, pool, lab.prompts.templates.clone())
+    }
+
+    /// `names`, each prompted with this study's templates.
+    fn prompts(&self, labels: &[Label]) -> DatasetPrompts {
+        DatasetPrompts {
+            classes: labels.iter().map(|l| vec![l.name.clone()]).collect(),
+            templates: self.templates.clone(),
+        }
     }
 
     /// Every label replaced by its nearest unseen pool label: the "other labels" of the
@@ -88,7 +114,7 @@ impl Robustness {
         anyhow::ensure!(!seeds.is_empty(), "Table 2 needs at least one label seed");
         let mut sets = vec![LabelSet {
             column: "original".into(),
-            prompts: vec![Lab::label_prompts(names(&self.originals))],
+            prompts: vec![self.prompts(&self.originals)],
             chosen: None,
         }];
         let n = self.originals.len();
@@ -103,10 +129,7 @@ impl Robustness {
                     setting: format!("x{factor}: distractors"),
                     labels: names(&per_seed[0][n..]),
                 }),
-                prompts: per_seed
-                    .iter()
-                    .map(|l| Lab::label_prompts(names(l)))
-                    .collect(),
+                prompts: per_seed.iter().map(|l| self.prompts(l)).collect(),
             });
         }
         for &fraction in &settings.replace {
@@ -125,10 +148,7 @@ impl Robustness {
                         .map(|(o, r)| format!("{o} -> {r}"))
                         .collect(),
                 }),
-                prompts: per_seed
-                    .iter()
-                    .map(|r| Lab::label_prompts(names(&r.labels)))
-                    .collect(),
+                prompts: per_seed.iter().map(|r| self.prompts(&r.labels)).collect(),
             });
         }
         Ok(sets)

@@ -70,9 +70,14 @@ pub struct ModelCard {
 
 impl ModelCard {
     pub fn build(&self, device: &Device) -> anyhow::Result<Box<dyn Student>> {
+        self.build_seeded(0, device)
+    }
+
+    /// A fresh student whose initial weights `seed` fixes.
+    pub fn build_seeded(&self, seed: u64, device: &Device) -> anyhow::Result<Box<dyn Student>> {
         Ok(match self.kind {
-            ModelKind::SpikeClip => Box::new(SpikeClip::new(&self.config, 0, device)?),
-            ModelKind::ScratchClip => Box::new(ScratchClip::new(&self.config, 0, device)?),
+            ModelKind::SpikeClip => Box::new(SpikeClip::new(&self.config, seed, device)?),
+            ModelKind::ScratchClip => Box::new(ScratchClip::new(&self.config, seed, device)?),
         })
     }
 }
