@@ -1,5 +1,7 @@
 //! `spikeclip embed` and `spikeclip cache` end to end, on the tiny fixture CLIP.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -61,11 +63,7 @@ fn embed_writes_transformers_features() {
         "--out",
         out.to_str().unwrap(),
     ]);
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
+    common::assert_success(&run);
     let got = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
     let want =
         candle_core::safetensors::load(fixture_dir().join("reference.safetensors"), &Device::Cpu)
@@ -136,11 +134,7 @@ fn cached(root: &Path, prompts_json: &str) -> (String, PathBuf, PathBuf) {
         "--out",
         out.to_str().unwrap(),
     ]);
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
+    common::assert_success(&run);
     (model, out, prompts)
 }
 
@@ -182,11 +176,7 @@ fn cache_command_caches_a_folder_and_dtext() {
     );
     distill.extend(["--set", "text.width=8"]);
     let run = spikeclip(&distill);
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
+    common::assert_success(&run);
     let ours =
         candle_core::safetensors::load(student.join("model.safetensors"), &Device::Cpu).unwrap();
     let clip =
@@ -251,11 +241,7 @@ fn reproduce_on_real_data_pretrains_both_students_and_reports_tables_2_and_8() {
         out.to_str().unwrap(),
     ];
     let run = spikeclip(&args);
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
+    common::assert_success(&run);
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
     let tables = report["tables"].as_array().unwrap();
@@ -314,11 +300,7 @@ fn reproduce_on_real_data_pretrains_both_students_and_reports_tables_2_and_8() {
     // A rerun with --resume finds every stage finished.
     args.push("--resume");
     let again = spikeclip(&args);
-    assert!(
-        again.status.success(),
-        "{}",
-        String::from_utf8_lossy(&again.stderr)
-    );
+    common::assert_success(&again);
     // What real data cannot run is refused by name.
     args.extend(["--only", "table3"]);
     let refused = spikeclip(&args);

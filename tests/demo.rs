@@ -1,5 +1,7 @@
 //! `spikeclip demo --quick` end to end, then the commands that read its checkpoints.
 
+mod common;
+
 use std::path::Path;
 use std::process::Command;
 
@@ -57,11 +59,7 @@ fn quick_demo_writes_its_report_and_checkpoints_that_other_commands_read() {
         .arg(&out)
         .output()
         .unwrap();
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
+    common::assert_success(&run);
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
     assert!((report["chance"].as_f64().unwrap() - 1.0 / 24.0).abs() < 1e-12);
@@ -94,11 +92,7 @@ fn quick_demo_writes_its_report_and_checkpoints_that_other_commands_read() {
         .arg(out.join("spikeclip"))
         .output()
         .unwrap();
-    assert!(
-        eval.status.success(),
-        "{}",
-        String::from_utf8_lossy(&eval.stderr)
-    );
+    common::assert_success(&eval);
     let text = String::from_utf8_lossy(&eval.stdout);
     assert!(
         text.contains("student unseen") && text.contains("teacher seen"),
@@ -119,11 +113,7 @@ fn quick_demo_writes_its_report_and_checkpoints_that_other_commands_read() {
         .arg(&png)
         .output()
         .unwrap();
-    assert!(
-        cls.status.success(),
-        "{}",
-        String::from_utf8_lossy(&cls.stderr)
-    );
+    common::assert_success(&cls);
     assert_eq!(String::from_utf8_lossy(&cls.stdout).matches('%').count(), 3);
 
     // classify on generated images of seen pairs: the quick model is far from converged (about

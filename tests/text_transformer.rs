@@ -204,11 +204,7 @@ fn info(args: &[&str]) -> std::process::Output {
 fn info_prints_layer_tables_of_the_overridden_config_and_names_bad_keys() {
     let out = info(&["--preset", "tiny", "--set", "text.kind=transformer"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_success(&out);
     let cfg = SpikeClipConfig::preset("tiny")
         .unwrap()
         .with_overrides(&["text.kind=transformer".to_string()])

@@ -1,5 +1,7 @@
 //! `spikeclip train`: a stage on the built-in world, resumed, ending in a checkpoint.
 
+mod common;
+
 use std::process::Command;
 
 fn train(out: &std::path::Path, extra: &[&str]) -> std::process::Output {
@@ -22,17 +24,9 @@ fn train(out: &std::path::Path, extra: &[&str]) -> std::process::Output {
 fn a_stage_runs_resumes_and_leaves_a_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let first = train(dir.path(), &["--epochs", "1"]);
-    assert!(
-        first.status.success(),
-        "{}",
-        String::from_utf8_lossy(&first.stderr)
-    );
+    common::assert_success(&first);
     let resumed = train(dir.path(), &["--epochs", "2", "--resume"]);
-    assert!(
-        resumed.status.success(),
-        "{}",
-        String::from_utf8_lossy(&resumed.stderr)
-    );
+    common::assert_success(&resumed);
     let metrics = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
     let epochs: Vec<u64> = metrics
         .lines()
@@ -66,11 +60,7 @@ fn overrides_shape_a_fresh_model_and_are_refused_with_init() {
     // Zero epochs: the fresh model is built and saved, nothing is trained.
     let sets = ["--set", "text.kind=transformer", "--set", "text.depth=1"];
     let fresh = train(dir.path(), &[&["--epochs", "0"][..], &sets].concat());
-    assert!(
-        fresh.status.success(),
-        "{}",
-        String::from_utf8_lossy(&fresh.stderr)
-    );
+    common::assert_success(&fresh);
     let card: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("model.json")).unwrap())
             .unwrap();

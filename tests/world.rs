@@ -1,6 +1,8 @@
 //! The built-in world: deterministic, its held-out pairs really held out, its teacher a
 //! perfect zero-shot classifier, and its images informative about their class.
 
+mod common;
+
 use candle_core::{Device, Tensor, D};
 use spikeclip::data::world::concepts::{Concept, COLOURS, SHAPES};
 use spikeclip::data::world::render::{Sample, Subject};
@@ -196,11 +198,7 @@ fn world_command_writes_grids_and_captions() {
         .arg(dir.path())
         .output()
         .unwrap();
-    assert!(
-        status.status.success(),
-        "{}",
-        String::from_utf8_lossy(&status.stderr)
-    );
+    common::assert_success(&status);
     let grid = image::open(dir.path().join("grid_unseen.png")).unwrap();
     // 5 images in a 3-column grid: 2 rows of 130-pixel tiles.
     assert_eq!((grid.width(), grid.height()), (3 * 130, 2 * 130));

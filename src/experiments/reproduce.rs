@@ -299,68 +299,69 @@ impl Suite {
         Ok(table)
     }
 
+    /// SpikeCLIP's full recipe as the first row, then each architecture variant trained through
+    /// the full recipe (checkpoints in `out/DIR`), scored the same way.
+    fn variants(
+        &mut self,
+        (id, title): (&str, &str),
+        base: &str,
+        variants: &[(&str, Arch, &str)],
+    ) -> anyhow::Result<Table> {
+        let mut table = Table::new(id, title, &SCORE_COLUMNS);
+        let full = self.with_lambda(self.cfg.demo.dual_loss.lambda)?;
+        table.push(base, full.cells());
+        for &(name, arch, dir) in variants {
+            let t = self.lab.recipe(arch, dir, true)?;
+            table.push(name, self.scores(t.student.as_ref())?.cells());
+        }
+        Ok(table)
+    }
+
     fn table5(&mut self) -> anyhow::Result<Table> {
-        let mut table = Table::new(
-            "table5",
-            "Table 5: MLP vs spiking-transformer text encoder (full recipe, each its own training)",
-            &SCORE_COLUMNS,
-        );
-        table.push(
-            "MLP (SpikeCLIP's)",
-            self.with_lambda(self.cfg.demo.dual_loss.lambda)?.cells(),
-        );
-        let readout = self.cfg.demo.model.readout;
-        let text = TextEncoderKind::Transformer;
-        let t = self
-            .lab
-            .recipe(Arch::Spiking { readout, text }, "text_transformer", true)?;
-        table.push(
-            "spiking transformer",
-            self.scores(t.student.as_ref())?.cells(),
-        );
-        let c = &self.cfg.demo.model.text;
-        table.notes.push(format!(
+        let model = &self.cfg.demo.model;
+        let transformer = Arch::Spiking {
+            readout: model.readout,
+            text: TextEncoderKind::Transformer,
+        };
+        let c = &model.text;
+        let note = format!(
             "Text encoder parameters: MLP {}, spiking transformer {} ({} block(s), {} heads, \
              width {}); the image encoder and the readout are the same.",
-            self.lab
-                .config(Arch::spiking(&self.cfg.demo.model))
-                .text_param_count(),
-            self.lab
-                .config(Arch::Spiking { readout, text })
-                .text_param_count(),
+            self.lab.config(Arch::spiking(model)).text_param_count(),
+            self.lab.config(transformer).text_param_count(),
             c.depth,
             c.num_heads,
             c.width
-        ));
+        );
+        let mut table = self.variants(
+            (
+                "table5",
+                "Table 5: MLP vs spiking-transformer text encoder (full recipe, each its own \
+                 training)",
+            ),
+            "MLP (SpikeCLIP's)",
+            &[("spiking transformer", transformer, "text_transformer")],
+        )?;
+        table.notes.push(note);
         Ok(table)
     }
 
     fn table6(&mut self) -> anyhow::Result<Table> {
-        let mut table = Table::new(
-            "table6",
-            "Table 6: readout over time steps (full recipe, each its own training)",
-            &SCORE_COLUMNS,
-        );
-        table.push(
+        let text = self.cfg.demo.model.text.kind;
+        let variants = [
+            ("Mean", ReadoutKind::Mean, "readout_mean"),
+            ("AD", ReadoutKind::Ad, "readout_ad"),
+            ("AR", ReadoutKind::Ar, "readout_ar"),
+        ]
+        .map(|(name, readout, dir)| (name, Arch::Spiking { readout, text }, dir));
+        self.variants(
+            (
+                "table6",
+                "Table 6: readout over time steps (full recipe, each its own training)",
+            ),
             "TDW",
-            self.with_lambda(self.cfg.demo.dual_loss.lambda)?.cells(),
-        );
-        for (name, kind) in [
-            ("Mean", ReadoutKind::Mean),
-            ("AD", ReadoutKind::Ad),
-            ("AR", ReadoutKind::Ar),
-        ] {
-            let t = self.lab.recipe(
-                Arch::Spiking {
-                    readout: kind,
-                    text: self.cfg.demo.model.text.kind,
-                },
-                &format!("readout_{}", name.to_lowercase()),
-                true,
-            )?;
-            table.push(name, self.scores(t.student.as_ref())?.cells());
-        }
-        Ok(table)
+            &variants,
+        )
     }
 
     fn table8(&self) -> anyhow::Result<Table> {
