@@ -203,13 +203,14 @@ fn cache_command_caches_a_folder_and_dtext() {
 }
 
 #[test]
-fn reproduce_on_real_data_pretrains_both_students_and_reports_tables_2_and_8() {
+fn reproduce_on_real_data_pretrains_fine_tunes_and_reports_tables_2_3_4_and_8() {
     let tmp = tempfile::tempdir().unwrap();
     let pool: Vec<String> = (0..16).map(|i| format!("\"thing {i}\"")).collect();
     let (model, cache, prompts) = cached(
         tmp.path(),
         &format!(
             r#"{{"datasets": {{"d": {{"classes": ["a", "b"], "templates": ["a {{}}."]}},
+                "e": {{"classes": ["x", "y"], "templates": ["{{}}"]}},
                 "other": {{"classes": [{}], "templates": ["{{}}"]}}}}}}"#,
             pool.join(", ")
         ),
@@ -217,6 +218,7 @@ fn reproduce_on_real_data_pretrains_both_students_and_reports_tables_2_and_8() {
     let out = tmp.path().join("repro");
     let data = format!("cache:{}", cache.display());
     let eval = format!("d=cache:{}", cache.display());
+    let other_eval = format!("e=cache:{}", cache.display());
     let mut args = vec![
         "reproduce",
         "--teacher",
@@ -225,6 +227,16 @@ fn reproduce_on_real_data_pretrains_both_students_and_reports_tables_2_and_8() {
         &data,
         "--eval",
         &eval,
+        "--eval",
+        &other_eval,
+        "--finetune",
+        &eval,
+        "--finetune-epochs",
+        "1",
+        "--finetune-batch-size",
+        "2",
+        "--lambdas",
+        "0,1",
         "--prompts",
         prompts.to_str().unwrap(),
         "--preset",
@@ -246,7 +258,7 @@ fn reproduce_on_real_data_pretrains_both_students_and_reports_tables_2_and_8() {
         serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
     let tables = report["tables"].as_array().unwrap();
     let ids: Vec<&str> = tables.iter().map(|t| t["id"].as_str().unwrap()).collect();
-    assert_eq!(ids, ["table2", "table8"]);
+    assert_eq!(ids, ["table2", "table3", "table4", "table8"]);
     let rows = |t: &serde_json::Value| -> Vec<String> {
         t["rows"]
             .as_array()
@@ -255,12 +267,28 @@ fn reproduce_on_real_data_pretrains_both_students_and_reports_tables_2_and_8() {
             .map(|r| r["name"].as_str().unwrap().to_string())
             .collect()
     };
+    assert_eq!(rows(&tables[0]).len(), 6);
     assert_eq!(
-        rows(&tables[0]),
+        rows(&tables[0])[..3],
         ["CLIP (teacher) on d", "SpikeCLIP on d", "ScratchCLIP on d"]
     );
     assert_eq!(tables[0]["columns"].as_array().unwrap().len(), 8);
-    assert_eq!(rows(&tables[1]), ["d"]);
+    assert_eq!(
+        tables[1]["columns"],
+        serde_json::json!(["d (fine-tuned on)", "e"])
+    );
+    assert_eq!(
+        rows(&tables[1]),
+        [
+            "SpikeCLIP (full recipe)",
+            "w/o pre-training",
+            "w/o fine-tuning",
+            "w/o KL (lambda = 0)",
+            "ScratchCLIP (ANN twin)"
+        ]
+    );
+    assert_eq!(rows(&tables[2]), ["lambda = 0", "lambda = 1"]);
+    assert_eq!(rows(&tables[3]), ["d", "e"]);
     for t in tables {
         for r in t["rows"].as_array().unwrap() {
             for c in r["cells"].as_array().unwrap() {
@@ -269,12 +297,16 @@ fn reproduce_on_real_data_pretrains_both_students_and_reports_tables_2_and_8() {
             }
         }
     }
-    // Distractors and replacements come from the other dataset, never the originals.
+    // Distractors and replacements come from the other datasets, never the originals.
     for chosen in report["chosen_labels"].as_array().unwrap() {
+        let originals = match chosen["setting"].as_str().unwrap().starts_with("d:") {
+            true => ["a", "b"],
+            false => ["x", "y"],
+        };
         for label in chosen["labels"].as_array().unwrap() {
             let label = label.as_str().unwrap();
             let new = label.split(" -> ").last().unwrap();
-            assert!(new.starts_with("thing "), "{label}");
+            assert!(!originals.contains(&new), "{label}");
         }
     }
     let judged: Vec<&str> = report["claims"]
@@ -302,11 +334,11 @@ fn reproduce_on_real_data_pretrains_both_students_and_reports_tables_2_and_8() {
     let again = spikeclip(&args);
     common::assert_success(&again);
     // What real data cannot run is refused by name.
-    args.extend(["--only", "table3"]);
+    args.extend(["--only", "table6"]);
     let refused = spikeclip(&args);
     let err = String::from_utf8_lossy(&refused.stderr);
     assert!(
-        !refused.status.success() && err.contains("table3") && err.contains("built-in world"),
+        !refused.status.success() && err.contains("table6") && err.contains("built-in world"),
         "{err}"
     );
 }

@@ -5,12 +5,13 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 
-use crate::experiments::real_data::{run_real_data, RealDataConfig, SUPPORTED};
+use crate::experiments::real_data::{run_real_data, RealDataConfig, SUPPORTED, WITH_FINETUNING};
 use crate::experiments::report::Report;
 use crate::experiments::reproduce::{run_reproduce, Experiment, ReproConfig};
 use crate::experiments::robustness::LabelSettings;
 use crate::model::config::SpikeClipConfig;
 use crate::teacher::ModelSpec;
+use crate::train::loss::DualLossConfig;
 use crate::train::stage::StageConfig;
 
 #[derive(clap::Args)]
@@ -52,6 +53,18 @@ pub struct Args {
     epochs: Option<usize>,
     #[arg(long)]
     batch_size: Option<usize>,
+    /// Real data: a labelled set for the fine-tuning ablations (Tables 3 and 4),
+    /// `NAME=cache:DIR`, NAME as in --prompts.
+    #[arg(long, value_name = "NAME=cache:DIR")]
+    finetune: Option<String>,
+    /// Real data: fine-tuning epochs and batch size (the paper's: 100, 196), and Table 4's KL
+    /// weights.
+    #[arg(long)]
+    finetune_epochs: Option<usize>,
+    #[arg(long)]
+    finetune_batch_size: Option<usize>,
+    #[arg(long, value_delimiter = ',', default_value = "0,0.5,1,2")]
+    lambdas: Vec<f64>,
     /// Real data: seeds of Table 2's label choices.
     #[arg(long, default_value_t = 3)]
     label_seeds: u64,
@@ -67,6 +80,14 @@ fn cache_dir(spec: &str, flag: &str) -> anyhow::Result<PathBuf> {
     }
 }
 
+/// `NAME=cache:DIR`.
+fn named_cache(spec: &str, flag: &str) -> anyhow::Result<(String, PathBuf)> {
+    let (name, cache) = spec
+        .split_once('=')
+        .with_context(|| format!("{flag} {spec:?}: expected NAME=cache:DIR"))?;
+    Ok((name.to_string(), cache_dir(cache, flag)?))
+}
+
 fn real_data_config(args: &Args, teacher: &str) -> anyhow::Result<RealDataConfig> {
     let ModelSpec::Clip(teacher) = ModelSpec::parse(teacher)?;
     let data = args
@@ -76,18 +97,14 @@ fn real_data_config(args: &Args, teacher: &str) -> anyhow::Result<RealDataConfig
     let evals = args
         .evals
         .iter()
-        .map(|e| {
-            let (name, spec) = e
-                .split_once('=')
-                .with_context(|| format!("--eval {e:?}: expected NAME=cache:DIR"))?;
-            Ok((name.to_string(), cache_dir(spec, "--eval")?))
-        })
+        .map(|e| named_cache(e, "--eval"))
         .collect::<anyhow::Result<Vec<_>>>()?;
     anyhow::ensure!(
         !evals.is_empty(),
         "reproduce on real data needs at least one --eval NAME=cache:DIR"
     );
     let base = StageConfig::paper_pretrain();
+    let fine = StageConfig::paper_finetune();
     Ok(RealDataConfig {
         teacher,
         pretrain: cache_dir(data, "--data")?,
@@ -103,6 +120,19 @@ fn real_data_config(args: &Args, teacher: &str) -> anyhow::Result<RealDataConfig
             seed: args.seed,
             ..base
         },
+        finetune: args
+            .finetune
+            .as_deref()
+            .map(|f| named_cache(f, "--finetune"))
+            .transpose()?,
+        finetune_stage: StageConfig {
+            epochs: args.finetune_epochs.unwrap_or(fine.epochs),
+            batch_size: args.finetune_batch_size.unwrap_or(fine.batch_size),
+            seed: args.seed,
+            ..fine
+        },
+        dual_loss: DualLossConfig::default(),
+        lambdas: args.lambdas.clone(),
         label_seeds: (0..args.label_seeds).collect(),
         labels: LabelSettings::paper(),
         resume: args.resume,
@@ -110,9 +140,15 @@ fn real_data_config(args: &Args, teacher: &str) -> anyhow::Result<RealDataConfig
 }
 
 fn run_world(args: &Args, only: &[Experiment]) -> anyhow::Result<Report> {
-    let real_only = args.data.is_some() || !args.evals.is_empty() || args.prompts.is_some();
+    let real_only = args.data.is_some()
+        || !args.evals.is_empty()
+        || args.prompts.is_some()
+        || args.finetune.is_some();
     if real_only {
-        bail!("--data, --eval and --prompts are for real data, which needs --teacher clip:DIR");
+        bail!(
+            "--data, --eval, --prompts and --finetune are for real data, which needs --teacher \
+             clip:DIR"
+        );
     }
     let cfg = if args.quick {
         ReproConfig::quick(args.seed)
@@ -123,11 +159,13 @@ fn run_world(args: &Args, only: &[Experiment]) -> anyhow::Result<Report> {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let only = match (&args.only, &args.teacher) {
+    let mut only = match (&args.only, &args.teacher) {
         (Some(list), _) => Experiment::parse_list(list)?,
+        (None, Some(_)) if args.finetune.is_some() => [SUPPORTED, WITH_FINETUNING].concat(),
         (None, Some(_)) => SUPPORTED.to_vec(),
         (None, None) => Experiment::ALL.to_vec(),
     };
+    only.sort_unstable();
     let report = match &args.teacher {
         Some(teacher) => run_real_data(&real_data_config(&args, teacher)?, &only, &args.out, true)?,
         None => run_world(&args, &only)?,
