@@ -87,16 +87,37 @@ fn quick_demo_writes_its_report_and_checkpoints_that_other_commands_read() {
         .unwrap()
         .contains("SpikeCLIP"));
 
-    let eval = spikeclip()
-        .args(["eval", "--checkpoint"])
-        .arg(out.join("spikeclip"))
-        .output()
-        .unwrap();
-    common::assert_success(&eval);
-    let text = String::from_utf8_lossy(&eval.stdout);
+    let eval = |model: &str, extra: &[&str]| {
+        let json = dir.path().join(format!("eval_{model}{}.json", extra.len()));
+        let run = spikeclip()
+            .args(["eval", "--checkpoint"])
+            .arg(out.join(model))
+            .arg("--json")
+            .arg(&json)
+            .args(extra)
+            .output()
+            .unwrap();
+        let rows = std::fs::read_to_string(&json)
+            .ok()
+            .map(|t| serde_json::from_str::<serde_json::Value>(&t).unwrap());
+        (run, rows)
+    };
+    let (dense, dense_rows) = eval("spikeclip", &[]);
+    common::assert_success(&dense);
+    let text = String::from_utf8_lossy(&dense.stdout);
     assert!(
         text.contains("student unseen") && text.contains("teacher seen"),
         "{text}"
+    );
+    // The spike-driven path predicts what the dense path predicts; an ANN has no such path.
+    let (sparse, sparse_rows) = eval("spikeclip", &["--sparse"]);
+    common::assert_success(&sparse);
+    assert_eq!(sparse_rows, dense_rows);
+    let (ann, _) = eval("scratchclip", &["--sparse"]);
+    let err = String::from_utf8_lossy(&ann.stderr);
+    assert!(
+        !ann.status.success() && err.contains("spiking checkpoint"),
+        "{err}"
     );
 
     // classify: a world image written as PNG, with the checkpoint's own labels.

@@ -27,6 +27,10 @@ pub struct Args {
     /// How many labels to print per image.
     #[arg(long, default_value_t = 5)]
     top: usize,
+    /// Run the image encoder on the spike-driven path (bit-packed spikes, accumulate-only
+    /// layers): same predictions, faster at trained firing rates; SpikeCLIP checkpoints only.
+    #[arg(long)]
+    sparse: bool,
 }
 
 /// Where the label set comes from.
@@ -114,10 +118,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let prompts = label_prompts(&loaded, &args.labels)?;
     let classes = loaded.class_embeddings(&prompts, &dev)?;
     let files = image_files(&args.image)?;
+    let inference = loaded.for_inference(args.sparse)?;
     // Probabilities as CLIP reports them: softmax over cosine similarities times 100.
     for chunk in files.chunks(64) {
-        let feats = loaded
-            .student
+        let feats = inference
+            .student()
             .image_features(&student_images(chunk, &dev)?, false)?;
         let probs =
             candle_nn::ops::softmax(&cosine_logits(&feats, &classes, Some(100.0))?, D::Minus1)?

@@ -23,7 +23,7 @@ use crate::train::init::seeded_var_builder;
 use config::SpikeClipConfig;
 use readout::{tdw_init, TDW_NAME};
 use scratch::{ScratchImageEncoder, ScratchTextEncoder};
-use spikingformer::{ImageEncoder, NamedLif};
+use spikingformer::{ImageEncoder, NamedLif, SparseWeights};
 use text::TextTower;
 
 /// Side of the square images the students read.
@@ -125,6 +125,45 @@ impl Student for SpikeClip {
     }
     fn time_steps(&self) -> usize {
         self.config.time_steps
+    }
+    fn spike_driven(&self) -> Option<Result<Box<dyn Student + '_>>> {
+        Some(self.image.sparse_weights().map(|weights| {
+            Box::new(SpikeDriven {
+                model: self,
+                weights,
+            }) as Box<dyn Student>
+        }))
+    }
+}
+
+/// SpikeCLIP whose eval-mode image features run the spike-driven path, with BatchNorm folded
+/// from the weights at the time the view was made.
+struct SpikeDriven<'a> {
+    model: &'a SpikeClip,
+    weights: SparseWeights,
+}
+
+impl Student for SpikeDriven<'_> {
+    fn image_features(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if train {
+            candle_core::bail!("the spike-driven path is for inference; train the model itself")
+        }
+        self.model.image.forward_sparse(x, &self.weights)
+    }
+    fn text_features(&self, ids: &Tensor, train: bool) -> Result<Tensor> {
+        self.model.text_features(ids, train)
+    }
+    fn varmap(&self) -> &VarMap {
+        self.model.varmap()
+    }
+    fn energy_ops(&self) -> Option<Vec<EncoderOps>> {
+        self.model.energy_ops()
+    }
+    fn first_layer_spikes(&self, image: &Tensor) -> Option<Result<(String, Tensor)>> {
+        self.model.first_layer_spikes(image)
+    }
+    fn time_steps(&self) -> usize {
+        self.model.time_steps()
     }
 }
 

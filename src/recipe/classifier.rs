@@ -3,6 +3,7 @@
 
 use std::path::Path;
 
+use anyhow::Context;
 use candle_core::{Device, Tensor};
 
 use super::stages::student_class_embeddings;
@@ -11,6 +12,18 @@ use crate::data::prompts::DatasetPrompts;
 use crate::data::world::PROMPT_TEMPLATES;
 use crate::model::checkpoint::{self, ModelCard, TokenizerSpec};
 use crate::teacher::Tokenize;
+
+/// The student a command runs: the loaded one or a view of it.
+pub struct Inference<'a> {
+    view: Option<Box<dyn Student + 'a>>,
+    base: &'a dyn Student,
+}
+
+impl Inference<'_> {
+    pub fn student(&self) -> &dyn Student {
+        self.view.as_deref().unwrap_or(self.base)
+    }
+}
 
 pub struct LoadedStudent {
     pub student: Box<dyn Student>,
@@ -28,6 +41,23 @@ impl LoadedStudent {
             student,
             card,
             tokenizer,
+        })
+    }
+
+    /// The student to run inference with: as loaded, or with `sparse` its spike-driven view
+    /// (an error for a checkpoint without spikes).
+    pub fn for_inference(&self, sparse: bool) -> anyhow::Result<Inference<'_>> {
+        let view = match sparse {
+            false => None,
+            true => Some(
+                self.student
+                    .spike_driven()
+                    .context("--sparse needs a spiking checkpoint (SpikeCLIP)")??,
+            ),
+        };
+        Ok(Inference {
+            view,
+            base: self.student.as_ref(),
         })
     }
 

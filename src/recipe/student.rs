@@ -29,6 +29,13 @@ pub trait Student {
     fn time_steps(&self) -> usize {
         1
     }
+    /// This student with its eval-mode image features on the spike-driven path (bit-packed
+    /// spikes, accumulate-only layers, popcount attention): same spikes, features equal up to
+    /// summation order, faster at trained firing rates. It folds BatchNorm once, so it is for
+    /// inference on the weights as they are now. `None` for a network without spikes.
+    fn spike_driven(&self) -> Option<Result<Box<dyn Student + '_>>> {
+        None
+    }
 }
 
 /// Buffers that live in the VarMap but are not learned (BatchNorm's running statistics).
