@@ -80,11 +80,27 @@ impl Lab {
 
     /// Pre-training (text, then image distillation) and, when asked, fine-tuning with the
     /// default lambda, keeping the weights at each point.
-    pub fn recipe(&self, arch: Arch, name: &str, fine_tune: bool) -> anyhow::Result<Trained> {
+    ///
+    /// `image`: pre-trained image weights to take instead of distilling them again, for a
+    /// variant that differs only in its text tower (image distillation never sees the text
+    /// tower, so it would end where these did).
+    pub fn recipe(
+        &self,
+        arch: Arch,
+        name: &str,
+        fine_tune: bool,
+        image: Option<&Snapshot>,
+    ) -> anyhow::Result<Trained> {
         let student = self.build(arch)?;
         let init = Snapshot::take(student.as_ref())?;
         self.distill_text(student.as_ref(), name)?;
-        self.distill_image(student.as_ref(), &self.world.images(Split::Pretrain), name)?;
+        match image {
+            Some(weights) => weights.restore(student.as_ref(), "image.")?,
+            None => {
+                let images = self.world.images(Split::Pretrain);
+                self.distill_image(student.as_ref(), &images, name)?;
+            }
+        }
         let pretrained = Snapshot::take(student.as_ref())?;
         let finetuned = if fine_tune {
             self.finetune(student.as_ref(), self.demo.dual_loss.lambda, name)?;
