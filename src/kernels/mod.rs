@@ -2,6 +2,7 @@
 //! matmul (candle's own conv2d backward goes through conv_transpose2d at a few GFLOP/s) and
 //! accumulate-only kernels over bit-packed spikes, which turn spike sparsity into wall-clock time.
 
+pub mod batch_norm;
 pub mod conv;
 pub mod lif_linear;
 pub mod maxpool;

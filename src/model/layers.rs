@@ -20,6 +20,16 @@ pub fn batch_norm(channels: usize, vb: VarBuilder) -> Result<BatchNorm> {
     )
 }
 
+/// `bn` on `x [N, C, ...]`: training mode through our fused op (one pass per statistic, nothing
+/// kept for backward but the input), eval mode on the running statistics.
+fn normalise(bn: &BatchNorm, x: &Tensor, train: bool) -> Result<Tensor> {
+    if train {
+        crate::kernels::batch_norm::batch_norm_train(x, bn)
+    } else {
+        bn.forward_t(x, false)
+    }
+}
+
 /// Every convolution of the image encoders goes through here: our im2col kernel, about twice
 /// as fast as candle's conv2d forward and backward (`spikeclip bench --case conv_tokenizer`).
 pub fn conv2d(x: &Tensor, weight: &Tensor, padding: usize) -> Result<Tensor> {
@@ -114,7 +124,7 @@ impl ConvBn {
         if let Some(b) = &self.bias {
             y = y.broadcast_add(&b.reshape((1, (), 1, 1))?)?;
         }
-        self.bn.forward_t(&y, train)
+        normalise(&self.bn, &y, train)
     }
 
     /// For [`ConvBn::forward_spikes`], in eval mode.
@@ -164,7 +174,7 @@ impl LinearBn {
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let rows = x.flatten_to(dims.len() - 2)?;
-        let y = self.bn.forward_t(&self.linear.forward(&rows)?, train)?;
+        let y = normalise(&self.bn, &self.linear.forward(&rows)?, train)?;
         let mut out = dims;
         *out.last_mut().expect("rank >= 1") = y.dim(1)?;
         y.reshape(out)
