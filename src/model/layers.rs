@@ -4,7 +4,9 @@ use candle_core::{Module, ModuleT, Result, Tensor, D};
 use candle_nn::{BatchNorm, BatchNormConfig, Linear, VarBuilder};
 
 use super::summary::{batch_norm_params, linear_params};
+use crate::kernels::lif_linear::lif_linear;
 use crate::kernels::spikes::{SpikeBits, SpikeLayer};
+use crate::neuron::MultiStepLif;
 
 /// BatchNorm as the paper trains it: eps 1e-5, momentum 0.1, affine.
 pub fn batch_norm(channels: usize, vb: VarBuilder) -> Result<BatchNorm> {
@@ -178,6 +180,43 @@ impl LinearBn {
         let mut out = dims;
         *out.last_mut().expect("rank >= 1") = y.dim(1)?;
         y.reshape(out)
+    }
+
+    /// `layers` applied to the spikes of `lif` on `x [..., C]`, all fed by the same spikes:
+    /// one fused LIF + matmul over the layers' stacked weights (see
+    /// [`crate::kernels::lif_linear`]), which keeps the spikes as bits for backward instead of
+    /// the f32 tensor a separate LIF would hand to each layer. The same as `layer.forward` of
+    /// `lif.forward(x)` for each layer.
+    pub fn forward_lif(
+        layers: &[&LinearBn],
+        lif: &MultiStepLif,
+        x: &Tensor,
+        train: bool,
+    ) -> Result<Vec<Tensor>> {
+        let weights: Vec<&Tensor> = layers.iter().map(|l| l.linear.weight()).collect();
+        let stacked = match weights[..] {
+            [w] => w.clone(),
+            _ => Tensor::cat(&weights, 0)?,
+        };
+        let dims = x.dims().to_vec();
+        let y = lif_linear(lif, &x.flatten_to(dims.len() - 2)?, &stacked)?;
+        let mut first = 0;
+        layers
+            .iter()
+            .zip(weights)
+            .map(|(layer, w)| {
+                let o = w.dim(0)?;
+                let mut y = y.narrow(1, first, o)?;
+                first += o;
+                if let Some(b) = layer.linear.bias() {
+                    y = y.broadcast_add(b)?;
+                }
+                let y = normalise(&layer.bn, &y, train)?;
+                let mut out = dims.clone();
+                *out.last_mut().expect("rank >= 2") = o;
+                y.reshape(out)
+            })
+            .collect()
     }
 
     /// The layer with its eval-mode BatchNorm folded in, for spikes `[..., C]`.
