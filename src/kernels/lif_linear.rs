@@ -1,25 +1,25 @@
-//! LIF followed by a linear layer (or 1x1 convolution, channels-last) as one differentiable op
-//! that keeps its spikes for backward as bits and lets their sparsity save time.
+//! A LIF followed by the layer its spikes feed, a linear layer (or 1x1 convolution,
+//! channels-last) or a convolution, as one differentiable op that keeps its spikes for backward
+//! as bits and lets their sparsity save time.
 //!
-//! Composed from candle ops, the linear layer's autograd node would hold the LIF's f32 spikes
-//! until backward, 4 bytes per neuron-step, for the weight gradient alone. This op holds them
+//! Composed from candle ops, the layer's autograd node would hold the LIF's f32 spikes until
+//! backward, 4 bytes per neuron-step, for the weight gradient alone. This op holds them
 //! bit-packed (1 bit) and gets the input gradient from the LIF's own recomputing backward, which
-//! needs only the input that autograd keeps anyway. Two of the layer's three products are fed by
-//! the spikes: the output, a sum of the weight columns each row's active inputs select, and the
-//! weight gradient, a sum of the upstream gradient rows each input is active in. Below
-//! [`SPARSE_BELOW`] firing both run accumulate-only over the bits; above it, as dense matmuls.
+//! needs only the input that autograd keeps anyway. Below [`SPARSE_BELOW`] firing the forward
+//! product runs accumulate-only over the bits (each output sums the weights its active inputs
+//! select); above it, and for both gradients, as dense products.
 
 use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp2, Device, Layout, Result, Shape, Tensor};
 
 use super::contiguous_f32;
+use super::conv::{conv2d, conv2d_grads};
 use super::spikes::{SpikeBits, SpikeLayer};
 use crate::neuron::MultiStepLif;
 
-/// Firing rate below which the accumulate-only kernels beat candle's matmul (they do up to
-/// about 35 %, `spikeclip bench --case spike_linear_*`), with a margin for the weight gradient,
-/// whose gathered rows are longer.
+/// Firing rate below which the accumulate-only kernels beat the dense products (they do up to
+/// about 35 %, `spikeclip bench --case spike_linear_*`), with a margin.
 const SPARSE_BELOW: f64 = 0.25;
 
 /// `lif(x) . weight^T` for `x [T, ..., K]` and `weight [O, K]`: `[T, ..., O]`, with the same
@@ -32,25 +32,83 @@ pub fn lif_linear(lif: &MultiStepLif, x: &Tensor, weight: &Tensor) -> Result<Ten
             x.shape()
         )
     }
-    let op = LifLinear {
-        lif: lif.clone(),
-        saved: Mutex::new(None),
-    };
-    let y = x.contiguous()?.apply_op2(&weight.contiguous()?, op)?;
+    let y = apply(lif, x, weight, Layer::Linear)?;
     let mut shape = x.dims().to_vec();
     *shape.last_mut().expect("rank checked") = o;
     y.reshape(shape)
 }
 
-struct LifLinear {
+/// The stride-1 convolution `conv2d(lif(x), weight, padding)` over all time steps at once, for
+/// `x [T, B, C, H, W]` and `weight [O, C, kh, kw]`: `[T * B, O, Ho, Wo]`, with the same values
+/// and gradients as the composition of the LIF op and [`conv2d`].
+pub fn lif_conv2d(
+    lif: &MultiStepLif,
+    x: &Tensor,
+    weight: &Tensor,
+    padding: usize,
+) -> Result<Tensor> {
+    let (_, c, _, _) = weight.dims4()?;
+    if x.rank() != 5 || x.dim(2)? != c {
+        candle_core::bail!("lif_conv2d: input {:?} is not [T, B, {c}, H, W]", x.shape())
+    }
+    apply(lif, x, weight, Layer::Conv2d { padding })
+}
+
+/// The layer the spikes feed.
+#[derive(Debug, Clone, Copy)]
+enum Layer {
+    /// `[M, K] x [O, K]^T`.
+    Linear,
+    /// Stride 1, over `[T * B, C, H, W]`.
+    Conv2d { padding: usize },
+}
+
+fn apply(lif: &MultiStepLif, x: &Tensor, weight: &Tensor, layer: Layer) -> Result<Tensor> {
+    let op = LifLayer {
+        lif: lif.clone(),
+        layer,
+        saved: Mutex::new(None),
+    };
+    x.contiguous()?.apply_op2(&weight.contiguous()?, op)
+}
+
+struct LifLayer {
     lif: MultiStepLif,
-    /// The forward pass's spikes `[M, K]`, for the weight gradient.
+    layer: Layer,
+    /// The forward pass's spikes as the layer reads them: `[M, K]` for a linear layer,
+    /// channels-last `[T * B, H, W, C]` for a convolution.
     saved: Mutex<Option<SpikeBits>>,
 }
 
-impl CustomOp2 for LifLinear {
+impl LifLayer {
+    /// The layer's input: the spikes `[T, ...]` seen as `[M, K]` or `[T * B, C, H, W]`.
+    fn layer_input(&self, spikes: &Tensor, w: &Tensor) -> Result<Tensor> {
+        match self.layer {
+            Layer::Linear => spikes.reshape(((), w.dim(1)?)),
+            Layer::Conv2d { .. } => spikes.flatten_to(1),
+        }
+    }
+
+    fn pack(&self, input: &Tensor) -> Result<SpikeBits> {
+        match self.layer {
+            Layer::Linear => SpikeBits::pack(input),
+            Layer::Conv2d { .. } => SpikeBits::pack_channels_last(input),
+        }
+    }
+
+    /// The f32 layer input back from its bits.
+    fn unpack(&self, bits: &SpikeBits) -> Result<Tensor> {
+        let spikes = bits.unpack(&Device::Cpu)?;
+        match self.layer {
+            Layer::Linear => Ok(spikes),
+            Layer::Conv2d { .. } => spikes.permute((0, 3, 1, 2))?.contiguous(),
+        }
+    }
+}
+
+impl CustomOp2 for LifLayer {
     fn name(&self) -> &'static str {
-        "lif-linear"
+        "lif-layer"
     }
 
     fn cpu_fwd(
@@ -61,16 +119,18 @@ impl CustomOp2 for LifLinear {
         wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let dev = Device::Cpu;
-        let x = Tensor::from_slice(contiguous_f32(xs, xl, "lif_linear")?, xl.shape(), &dev)?;
-        let w = Tensor::from_slice(contiguous_f32(ws, wl, "lif_linear")?, wl.shape(), &dev)?;
-        let k = w.dim(1)?;
-        let spikes = self.lif.forward(&x)?.reshape(((), k))?;
-        let bits = SpikeBits::pack(&spikes)?;
-        let rate = bits.count() as f64 / spikes.elem_count().max(1) as f64;
-        let y = if rate < SPARSE_BELOW {
-            SpikeLayer::new(&w, None)?.linear(&bits, &dev)?
-        } else {
-            spikes.matmul(&w.t()?)?
+        let x = Tensor::from_slice(contiguous_f32(xs, xl, "lif_layer")?, xl.shape(), &dev)?;
+        let w = Tensor::from_slice(contiguous_f32(ws, wl, "lif_layer")?, wl.shape(), &dev)?;
+        let input = self.layer_input(&self.lif.forward(&x)?, &w)?;
+        let bits = self.pack(&input)?;
+        let sparse = (bits.count() as f64) < SPARSE_BELOW * input.elem_count() as f64;
+        let y = match (self.layer, sparse) {
+            (Layer::Linear, true) => SpikeLayer::new(&w, None)?.linear(&bits, &dev)?,
+            (Layer::Linear, false) => input.matmul(&w.t()?)?,
+            (Layer::Conv2d { padding }, true) => {
+                SpikeLayer::new(&w, None)?.conv2d(&bits, padding, 1, &dev)?
+            }
+            (Layer::Conv2d { padding }, false) => conv2d(&input, &w, padding, 1)?,
         };
         *self.saved.lock().map_err(poisoned)? = Some(bits);
         let shape = y.shape().clone();
@@ -86,18 +146,23 @@ impl CustomOp2 for LifLinear {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let guard = self.saved.lock().map_err(poisoned)?;
         let Some(bits) = guard.as_ref() else {
-            candle_core::bail!("lif_linear: backward before forward")
+            candle_core::bail!("lif_layer: backward before forward")
         };
+        let input = self.unpack(bits)?;
         let grad = grad.contiguous()?;
-        let grad_spikes = grad.matmul(w)?.reshape(x.shape())?;
-        let grad_x = self.lif.input_gradient(x, &grad_spikes)?;
-        let grad_w = grad.t()?.matmul(&bits.unpack(&Device::Cpu)?)?;
+        let (grad_input, grad_w) = match self.layer {
+            Layer::Linear => (grad.matmul(w)?, grad.t()?.matmul(&input)?),
+            Layer::Conv2d { padding } => conv2d_grads(&input, w, &grad, padding, 1)?,
+        };
+        let grad_x = self
+            .lif
+            .input_gradient(x, &grad_input.reshape(x.shape())?)?;
         Ok((Some(grad_x), Some(grad_w.to_device(w.device())?)))
     }
 }
 
 fn poisoned<T>(_: T) -> candle_core::Error {
-    candle_core::Error::Msg("lif_linear: saved spikes poisoned".into())
+    candle_core::Error::Msg("lif_layer: saved spikes poisoned".into())
 }
 
 #[cfg(test)]
@@ -138,6 +203,39 @@ mod tests {
     #[test]
     fn matches_composed_lif_and_matmul_when_dense() {
         matches_composed(2.0, false)
+    }
+
+    /// The same for a 3x3 convolution over `[T, B, C, H, W]`, against candle's conv2d.
+    fn conv_matches_composed(offset: f64, sparse: bool) {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(
+            &(Tensor::randn(0f32, 1.0, (4, 2, 5, 6, 7), &dev).unwrap() + offset).unwrap(),
+        )
+        .unwrap();
+        let w = Var::randn(0f32, 1.0, (3, 5, 3, 3), &dev).unwrap();
+        let lif = MultiStepLif::new(LifConfig::default());
+        let ours = lif_conv2d(&lif, x.as_tensor(), w.as_tensor(), 1).unwrap();
+        let spikes = lif.forward(x.as_tensor()).unwrap();
+        let rate = spikes.mean_all().unwrap().to_scalar::<f32>().unwrap() as f64;
+        assert_eq!(rate < SPARSE_BELOW, sparse, "firing rate {rate}");
+        let composed = spikes
+            .flatten_to(1)
+            .unwrap()
+            .conv2d(w.as_tensor(), 1, 1, 1, 1)
+            .unwrap();
+        assert_eq!(ours.dims(), &[8, 3, 6, 7]);
+        assert!(max_rel_diff(&ours, &composed) < 1e-5);
+        assert_same_gradients(ours, composed, &[&x, &w], 1e-4);
+    }
+
+    #[test]
+    fn conv_matches_composed_lif_and_conv_when_sparse() {
+        conv_matches_composed(0.5, true)
+    }
+
+    #[test]
+    fn conv_matches_composed_lif_and_conv_when_dense() {
+        conv_matches_composed(2.0, false)
     }
 
     #[test]

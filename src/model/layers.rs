@@ -4,7 +4,7 @@ use candle_core::{Module, ModuleT, Result, Tensor, D};
 use candle_nn::{BatchNorm, BatchNormConfig, Linear, VarBuilder};
 
 use super::summary::{batch_norm_params, linear_params};
-use crate::kernels::lif_linear::lif_linear;
+use crate::kernels::lif_linear::{lif_conv2d, lif_linear};
 use crate::kernels::spikes::{SpikeBits, SpikeLayer};
 use crate::neuron::MultiStepLif;
 
@@ -61,16 +61,6 @@ fn fold_batch_norm(bn: &BatchNorm, weight: &Tensor, bias: Option<&Tensor>) -> Re
     SpikeLayer::new(&weight, Some(&shift))
 }
 
-/// Runs `f` on all time steps at once: `[T, B, ...]` is seen as a batch of `T * B` samples,
-/// as SpikingJelly's `SeqToANNContainer` does for convolutions and BatchNorm.
-pub fn over_time(x: &Tensor, f: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
-    let (t, b) = (x.dim(0)?, x.dim(1)?);
-    let y = f(&x.flatten_to(1)?)?;
-    let mut dims = vec![t, b];
-    dims.extend_from_slice(&y.dims()[1..]);
-    y.reshape(dims)
-}
-
 /// A square convolution (stride 1, same padding) followed by BatchNorm.
 #[derive(Debug, Clone)]
 pub struct ConvBn {
@@ -123,6 +113,17 @@ impl ConvBn {
     /// `[N, C, H, W]` to `[N, C_out, H, W]`.
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let mut y = conv2d(x, &self.weight, self.padding)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(&b.reshape((1, (), 1, 1))?)?;
+        }
+        normalise(&self.bn, &y, train)
+    }
+
+    /// The spikes of `lif` on `x [T, B, C, H, W]` through this layer, all time steps at once:
+    /// `[T * B, C_out, H, W]`, the same as `forward` of the flattened spikes. The LIF is fused
+    /// into the convolution (see [`crate::kernels::lif_linear`]), which keeps the spikes as bits.
+    pub fn forward_lif(&self, lif: &MultiStepLif, x: &Tensor, train: bool) -> Result<Tensor> {
+        let mut y = lif_conv2d(lif, x, &self.weight, self.padding)?;
         if let Some(b) = &self.bias {
             y = y.broadcast_add(&b.reshape((1, (), 1, 1))?)?;
         }

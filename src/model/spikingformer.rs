@@ -15,7 +15,7 @@ use candle_core::{Device, Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
 use super::config::SpikeClipConfig;
-use super::layers::{max_pool_3x3_s2, over_time, ConvBn, LinearBn};
+use super::layers::{max_pool_3x3_s2, ConvBn, LinearBn};
 use super::readout::Readout;
 use super::summary::{linear_params, Layer};
 use crate::energy::{Op, OpInput};
@@ -548,21 +548,23 @@ impl ImageEncoder {
     fn tokens(&self, x: &Tensor, pass: Pass<SparseWeights>) -> Result<Tensor> {
         let mut y = pass.cut(self.first_conv(x, pass.train())?);
         for (i, conv) in self.convs.iter().enumerate().skip(1) {
-            let spikes = self.conv_lifs[i - 1].forward(&y)?;
-            y = over_time(&spikes, |s| {
-                let z = match pass {
-                    Pass::Dense { train } => conv.forward(s, train)?,
-                    Pass::Sparse(w) => {
-                        conv.forward_spikes(&w.convs[i - 1], &SpikeBits::pack_channels_last(s)?)?
-                    }
-                };
-                if POOLED.contains(&i) {
-                    max_pool_3x3_s2(&z)
-                } else {
-                    Ok(z)
+            let lif = &self.conv_lifs[i - 1];
+            // All time steps at once, `[T * B, ...]`, as SpikingJelly's `SeqToANNContainer`.
+            let z = match pass {
+                Pass::Dense { train } => conv.forward_lif(&lif.lif, &y, train)?,
+                Pass::Sparse(w) => {
+                    let spikes = lif.forward(&y)?.flatten_to(1)?;
+                    conv.forward_spikes(&w.convs[i - 1], &SpikeBits::pack_channels_last(&spikes)?)?
                 }
-            })
-            .map(|y| pass.cut(y))?;
+            };
+            let z = if POOLED.contains(&i) {
+                max_pool_3x3_s2(&z)?
+            } else {
+                z
+            };
+            let mut dims = y.dims()[..2].to_vec();
+            dims.extend_from_slice(&z.dims()[1..]);
+            y = pass.cut(z.reshape(dims)?);
         }
         // [T, B, C, H, W] -> [T, B, N, C]
         y.flatten_from(3)?.transpose(2, 3)?.contiguous()
