@@ -11,7 +11,7 @@
 
 use std::sync::Mutex;
 
-use candle_core::{CpuStorage, CustomOp2, Device, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, Device, Layout, Result, Shape, Tensor};
 
 use super::contiguous_f32;
 use super::conv::{conv2d, conv2d_grads};
@@ -22,9 +22,15 @@ use crate::neuron::MultiStepLif;
 /// about 35 %, `spikeclip bench --case spike_linear_*`), with a margin.
 const SPARSE_BELOW: f64 = 0.25;
 
-/// `lif(x) . weight^T` for `x [T, ..., K]` and `weight [O, K]`: `[T, ..., O]`, with the same
-/// values and gradients (input and weight) as `lif.forward(x)?.broadcast_matmul(&weight.t()?)`.
-pub fn lif_linear(lif: &MultiStepLif, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+/// `lif(x) . weight^T + bias` for `x [T, ..., K]`, `weight [O, K]` and `bias [O]`:
+/// `[T, ..., O]`, with the same values and gradients (input, weight, bias) as
+/// `lif.forward(x)?.broadcast_matmul(&weight.t()?)?.broadcast_add(bias)`.
+pub fn lif_linear(
+    lif: &MultiStepLif,
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+) -> Result<Tensor> {
     let (o, k) = weight.dims2()?;
     if x.dims().last() != Some(&k) || x.rank() < 2 {
         candle_core::bail!(
@@ -32,26 +38,28 @@ pub fn lif_linear(lif: &MultiStepLif, x: &Tensor, weight: &Tensor) -> Result<Ten
             x.shape()
         )
     }
-    let y = apply(lif, x, weight, Layer::Linear)?;
+    let y = apply(lif, x, weight, bias, Layer::Linear)?;
     let mut shape = x.dims().to_vec();
     *shape.last_mut().expect("rank checked") = o;
     y.reshape(shape)
 }
 
-/// The stride-1 convolution `conv2d(lif(x), weight, padding)` over all time steps at once, for
-/// `x [T, B, C, H, W]` and `weight [O, C, kh, kw]`: `[T * B, O, Ho, Wo]`, with the same values
-/// and gradients as the composition of the LIF op and [`conv2d`].
+/// The stride-1 convolution `conv2d(lif(x), weight, padding)` plus `bias` over all time steps
+/// at once, for `x [T, B, C, H, W]`, `weight [O, C, kh, kw]` and `bias [O]`:
+/// `[T * B, O, Ho, Wo]`, with the same values and gradients as the composition of the LIF op,
+/// [`conv2d`] and a broadcast add.
 pub fn lif_conv2d(
     lif: &MultiStepLif,
     x: &Tensor,
     weight: &Tensor,
+    bias: Option<&Tensor>,
     padding: usize,
 ) -> Result<Tensor> {
     let (_, c, _, _) = weight.dims4()?;
     if x.rank() != 5 || x.dim(2)? != c {
         candle_core::bail!("lif_conv2d: input {:?} is not [T, B, {c}, H, W]", x.shape())
     }
-    apply(lif, x, weight, Layer::Conv2d { padding })
+    apply(lif, x, weight, bias, Layer::Conv2d { padding })
 }
 
 /// The layer the spikes feed.
@@ -63,13 +71,26 @@ enum Layer {
     Conv2d { padding: usize },
 }
 
-fn apply(lif: &MultiStepLif, x: &Tensor, weight: &Tensor, layer: Layer) -> Result<Tensor> {
+/// Runs the op; a missing bias is zeros, whose (unused) gradient costs one sum.
+fn apply(
+    lif: &MultiStepLif,
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    layer: Layer,
+) -> Result<Tensor> {
+    let o = weight.dim(0)?;
+    let bias = match bias {
+        Some(b) if b.dims() == [o] => b.contiguous()?,
+        Some(b) => candle_core::bail!("lif_layer: bias {:?} for {o} outputs", b.shape()),
+        None => Tensor::zeros(o, weight.dtype(), weight.device())?,
+    };
     let op = LifLayer {
         lif: lif.clone(),
         layer,
         saved: Mutex::new(None),
     };
-    x.contiguous()?.apply_op2(&weight.contiguous()?, op)
+    x.contiguous()?.apply_op3(&weight.contiguous()?, &bias, op)
 }
 
 struct LifLayer {
@@ -106,7 +127,7 @@ impl LifLayer {
     }
 }
 
-impl CustomOp2 for LifLayer {
+impl CustomOp3 for LifLayer {
     fn name(&self) -> &'static str {
         "lif-layer"
     }
@@ -117,20 +138,25 @@ impl CustomOp2 for LifLayer {
         xl: &Layout,
         ws: &CpuStorage,
         wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let dev = Device::Cpu;
         let x = Tensor::from_slice(contiguous_f32(xs, xl, "lif_layer")?, xl.shape(), &dev)?;
         let w = Tensor::from_slice(contiguous_f32(ws, wl, "lif_layer")?, wl.shape(), &dev)?;
+        let b = Tensor::from_slice(contiguous_f32(bs, bl, "lif_layer")?, bl.shape(), &dev)?;
         let input = self.layer_input(&self.lif.forward(&x)?, &w)?;
         let bits = self.pack(&input)?;
         let sparse = (bits.count() as f64) < SPARSE_BELOW * input.elem_count() as f64;
         let y = match (self.layer, sparse) {
-            (Layer::Linear, true) => SpikeLayer::new(&w, None)?.linear(&bits, &dev)?,
-            (Layer::Linear, false) => input.matmul(&w.t()?)?,
+            (Layer::Linear, true) => SpikeLayer::new(&w, Some(&b))?.linear(&bits, &dev)?,
+            (Layer::Linear, false) => input.matmul(&w.t()?)?.broadcast_add(&b)?,
             (Layer::Conv2d { padding }, true) => {
-                SpikeLayer::new(&w, None)?.conv2d(&bits, padding, 1, &dev)?
+                SpikeLayer::new(&w, Some(&b))?.conv2d(&bits, padding, 1, &dev)?
             }
-            (Layer::Conv2d { padding }, false) => conv2d(&input, &w, padding, 1)?,
+            (Layer::Conv2d { padding }, false) => {
+                conv2d(&input, &w, padding, 1)?.broadcast_add(&b.reshape((1, (), 1, 1))?)?
+            }
         };
         *self.saved.lock().map_err(poisoned)? = Some(bits);
         let shape = y.shape().clone();
@@ -141,23 +167,31 @@ impl CustomOp2 for LifLayer {
         &self,
         x: &Tensor,
         w: &Tensor,
+        b: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let guard = self.saved.lock().map_err(poisoned)?;
         let Some(bits) = guard.as_ref() else {
             candle_core::bail!("lif_layer: backward before forward")
         };
         let input = self.unpack(bits)?;
         let grad = grad.contiguous()?;
-        let (grad_input, grad_w) = match self.layer {
-            Layer::Linear => (grad.matmul(w)?, grad.t()?.matmul(&input)?),
-            Layer::Conv2d { padding } => conv2d_grads(&input, w, &grad, padding, 1)?,
+        let (grad_input, grad_w, grad_b) = match self.layer {
+            Layer::Linear => (grad.matmul(w)?, grad.t()?.matmul(&input)?, grad.sum(0)?),
+            Layer::Conv2d { padding } => {
+                let (gi, gw) = conv2d_grads(&input, w, &grad, padding, 1)?;
+                (gi, gw, grad.sum((0, 2, 3))?)
+            }
         };
         let grad_x = self
             .lif
             .input_gradient(x, &grad_input.reshape(x.shape())?)?;
-        Ok((Some(grad_x), Some(grad_w.to_device(w.device())?)))
+        Ok((
+            Some(grad_x),
+            Some(grad_w.to_device(w.device())?),
+            Some(grad_b.to_device(b.device())?),
+        ))
     }
 }
 
@@ -182,17 +216,20 @@ mod tests {
         )
         .unwrap();
         let w = Var::randn(0f32, 1.0, (9, 70), &dev).unwrap();
+        let b = Var::randn(0f32, 1.0, 9, &dev).unwrap();
         let lif = MultiStepLif::new(LifConfig::default());
-        let ours = lif_linear(&lif, x.as_tensor(), w.as_tensor()).unwrap();
+        let ours = lif_linear(&lif, x.as_tensor(), w.as_tensor(), Some(b.as_tensor())).unwrap();
         let spikes = lif.forward(x.as_tensor()).unwrap();
         let rate = spikes.mean_all().unwrap().to_scalar::<f32>().unwrap() as f64;
         assert_eq!(rate < SPARSE_BELOW, sparse, "firing rate {rate}");
         let composed = spikes
             .broadcast_matmul(&w.as_tensor().t().unwrap())
+            .unwrap()
+            .broadcast_add(b.as_tensor())
             .unwrap();
         assert_eq!(ours.dims(), &[4, 3, 5, 9]);
         assert!(max_rel_diff(&ours, &composed) < 1e-5);
-        assert_same_gradients(ours, composed, &[&x, &w], 1e-5);
+        assert_same_gradients(ours, composed, &[&x, &w, &b], 1e-5);
     }
 
     #[test]
@@ -213,8 +250,9 @@ mod tests {
         )
         .unwrap();
         let w = Var::randn(0f32, 1.0, (3, 5, 3, 3), &dev).unwrap();
+        let b = Var::randn(0f32, 1.0, 3, &dev).unwrap();
         let lif = MultiStepLif::new(LifConfig::default());
-        let ours = lif_conv2d(&lif, x.as_tensor(), w.as_tensor(), 1).unwrap();
+        let ours = lif_conv2d(&lif, x.as_tensor(), w.as_tensor(), Some(b.as_tensor()), 1).unwrap();
         let spikes = lif.forward(x.as_tensor()).unwrap();
         let rate = spikes.mean_all().unwrap().to_scalar::<f32>().unwrap() as f64;
         assert_eq!(rate < SPARSE_BELOW, sparse, "firing rate {rate}");
@@ -222,10 +260,12 @@ mod tests {
             .flatten_to(1)
             .unwrap()
             .conv2d(w.as_tensor(), 1, 1, 1, 1)
+            .unwrap()
+            .broadcast_add(&b.as_tensor().reshape((1, 3, 1, 1)).unwrap())
             .unwrap();
         assert_eq!(ours.dims(), &[8, 3, 6, 7]);
         assert!(max_rel_diff(&ours, &composed) < 1e-5);
-        assert_same_gradients(ours, composed, &[&x, &w], 1e-4);
+        assert_same_gradients(ours, composed, &[&x, &w, &b], 1e-4);
     }
 
     #[test]
@@ -243,7 +283,7 @@ mod tests {
         let x = Tensor::zeros((2, 3, 8), candle_core::DType::F32, &Device::Cpu).unwrap();
         let w = Tensor::zeros((4, 7), candle_core::DType::F32, &Device::Cpu).unwrap();
         let lif = MultiStepLif::new(LifConfig::default());
-        let err = lif_linear(&lif, &x, &w).unwrap_err().to_string();
+        let err = lif_linear(&lif, &x, &w, None).unwrap_err().to_string();
         assert!(err.contains("7 inputs"), "{err}");
     }
 }

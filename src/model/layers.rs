@@ -123,10 +123,7 @@ impl ConvBn {
     /// `[T * B, C_out, H, W]`, the same as `forward` of the flattened spikes. The LIF is fused
     /// into the convolution (see [`crate::kernels::lif_linear`]), which keeps the spikes as bits.
     pub fn forward_lif(&self, lif: &MultiStepLif, x: &Tensor, train: bool) -> Result<Tensor> {
-        let mut y = lif_conv2d(lif, x, &self.weight, self.padding)?;
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(&b.reshape((1, (), 1, 1))?)?;
-        }
+        let y = lif_conv2d(lif, x, &self.weight, self.bias.as_ref(), self.padding)?;
         normalise(&self.bn, &y, train)
     }
 
@@ -195,23 +192,35 @@ impl LinearBn {
         train: bool,
     ) -> Result<Vec<Tensor>> {
         let weights: Vec<&Tensor> = layers.iter().map(|l| l.linear.weight()).collect();
-        let stacked = match weights[..] {
-            [w] => w.clone(),
-            _ => Tensor::cat(&weights, 0)?,
+        let stack = |parts: &[Tensor]| match parts {
+            [one] => Ok(one.clone()),
+            _ => Tensor::cat(parts, 0),
+        };
+        let stacked = stack(&weights.iter().map(|&w| w.clone()).collect::<Vec<_>>())?;
+        // Layers without a bias contribute zeros, unless none has one.
+        let bias = if layers.iter().any(|l| l.linear.bias().is_some()) {
+            let parts = layers
+                .iter()
+                .zip(&weights)
+                .map(|(l, w)| match l.linear.bias() {
+                    Some(b) => Ok(b.clone()),
+                    None => Tensor::zeros(w.dim(0)?, w.dtype(), w.device()),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Some(stack(&parts)?)
+        } else {
+            None
         };
         let dims = x.dims().to_vec();
-        let y = lif_linear(lif, &x.flatten_to(dims.len() - 2)?, &stacked)?;
+        let y = lif_linear(lif, &x.flatten_to(dims.len() - 2)?, &stacked, bias.as_ref())?;
         let mut first = 0;
         layers
             .iter()
             .zip(weights)
             .map(|(layer, w)| {
                 let o = w.dim(0)?;
-                let mut y = y.narrow(1, first, o)?;
+                let y = y.narrow(1, first, o)?;
                 first += o;
-                if let Some(b) = layer.linear.bias() {
-                    y = y.broadcast_add(b)?;
-                }
                 let y = normalise(&layer.bn, &y, train)?;
                 let mut out = dims.clone();
                 *out.last_mut().expect("rank >= 2") = o;
