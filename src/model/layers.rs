@@ -212,7 +212,8 @@ impl LinearBn {
             None
         };
         let dims = x.dims().to_vec();
-        let y = lif_linear(lif, &x.flatten_to(dims.len() - 2)?, &stacked, bias.as_ref())?;
+        // The LIF needs the time axis in front: flatten to rows only after it.
+        let y = lif_linear(lif, x, &stacked, bias.as_ref())?.flatten_to(dims.len() - 2)?;
         let mut first = 0;
         layers
             .iter()
