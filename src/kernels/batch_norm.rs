@@ -10,11 +10,11 @@
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor, Var};
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, Var};
 use candle_nn::BatchNorm;
 use rayon::prelude::*;
 
-use super::contiguous_f32;
+use super::{contiguous_f32, with_f32};
 
 /// A tensor `[N, C, ...]` seen as `[outer, c, inner]`: statistics are per channel `c`.
 #[derive(Debug, Clone, Copy)]
@@ -192,16 +192,6 @@ fn stats_of(slot: &Mutex<Option<Stats>>) -> Result<Stats> {
         .ok_or_else(|| candle_core::Error::Msg("batch_norm: backward before forward".into()))
 }
 
-/// `f` on the f32 data of `t` (made contiguous), a CPU tensor.
-fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
-    let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    match &*storage {
-        Storage::Cpu(s) => f(contiguous_f32(s, layout, "batch_norm")?),
-        _ => candle_core::bail!("batch_norm: expected a CPU tensor"),
-    }
-}
-
 impl CustomOp3 for BatchNormTrain {
     fn name(&self) -> &'static str {
         "batch-norm-train"
@@ -253,8 +243,8 @@ impl CustomOp3 for BatchNormTrain {
         let d = Dims::of(x.shape())?;
         let n = d.count().max(1) as f64;
         let gamma = gamma.to_vec1::<f32>()?;
-        let (grad_x, sum_g, sum_gx) = with_f32(x, |x| {
-            with_f32(grad, |g| {
+        let (grad_x, sum_g, sum_gx) = with_f32(x, "batch_norm", |x| {
+            with_f32(grad, "batch_norm", |g| {
                 // sum(dy) and sum(dy * (x - mean)) per channel.
                 let (sum_g, sum_gx) = channel_sums(g, x, d, (None, Some(&stats.mean)));
                 // dx = gamma invstd (dy - sum(dy) / n - (x - mean) invstd^2 sum(dy (x - mean)) / n)
