@@ -141,6 +141,19 @@ struct Plan {
 }
 
 impl Conv2d {
+    fn new(weight: &Tensor, padding: usize, stride: usize, chunk_floats: usize) -> Result<Self> {
+        let (_, _, kh, kw) = weight.dims4()?;
+        Ok(Self {
+            window: Window {
+                kh,
+                kw,
+                padding,
+                stride,
+            },
+            chunk_floats,
+        })
+    }
+
     fn plan(&self, x: &[usize], w: &[usize]) -> Result<Plan> {
         let (&[b, c, h, w_], &[o, wc, kh, kw]) = (x, w) else {
             candle_core::bail!("conv2d: expected input [B, C, H, W] and weight [O, C, kh, kw], got {x:?} and {w:?}")
@@ -260,6 +273,23 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, padding: usize, stride: usize) -> Res
     chunked_conv2d(x, weight, padding, stride, CHUNK_FLOATS)
 }
 
+/// Gradients of [`conv2d`]`(x, weight, padding, stride)` with respect to `x` and `weight`,
+/// given the gradient of its output: for fused ops that run the convolution inside their own
+/// backward.
+pub fn conv2d_grads(
+    x: &Tensor,
+    weight: &Tensor,
+    grad: &Tensor,
+    padding: usize,
+    stride: usize,
+) -> Result<(Tensor, Tensor)> {
+    let op = Conv2d::new(weight, padding, stride, CHUNK_FLOATS)?;
+    match op.bwd(x, weight, grad, grad)? {
+        (Some(gx), Some(gw)) => Ok((gx, gw)),
+        _ => candle_core::bail!("conv2d: backward gave no gradient"),
+    }
+}
+
 fn chunked_conv2d(
     x: &Tensor,
     weight: &Tensor,
@@ -267,16 +297,7 @@ fn chunked_conv2d(
     stride: usize,
     chunk_floats: usize,
 ) -> Result<Tensor> {
-    let (_, _, kh, kw) = weight.dims4()?;
-    let op = Conv2d {
-        window: Window {
-            kh,
-            kw,
-            padding,
-            stride,
-        },
-        chunk_floats,
-    };
+    let op = Conv2d::new(weight, padding, stride, chunk_floats)?;
     op.plan(x.dims(), weight.dims())?;
     x.contiguous()?.apply_op2(&weight.contiguous()?, op)
 }

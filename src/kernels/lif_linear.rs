@@ -1,22 +1,36 @@
-//! LIF followed by a linear layer (or 1x1 convolution, channels-last) as one differentiable op
-//! that keeps its spikes for backward as bits.
+//! A LIF followed by the layer its spikes feed, a linear layer (or 1x1 convolution,
+//! channels-last) or a convolution, as one differentiable op that keeps its spikes for backward
+//! as bits and lets their sparsity save time.
 //!
-//! Composed from candle ops, the linear layer's autograd node would hold the LIF's f32 spikes
-//! until backward, 4 bytes per neuron-step, for the weight gradient alone. This op holds them
-//! bit-packed (1 bit), re-expands them for the weight gradient, and gets the input gradient from
-//! the LIF's own recomputing backward, which needs only the input that autograd keeps anyway.
+//! Composed from candle ops, the layer's autograd node would hold the LIF's f32 spikes until
+//! backward, 4 bytes per neuron-step, for the weight gradient alone. This op holds them
+//! bit-packed (1 bit) and gets the input gradient from the LIF's own recomputing backward, which
+//! needs only the input that autograd keeps anyway. Below [`SPARSE_BELOW`] firing the forward
+//! product runs accumulate-only over the bits (each output sums the weights its active inputs
+//! select); above it, and for both gradients, as dense products.
 
 use std::sync::Mutex;
 
-use candle_core::{CpuStorage, CustomOp2, Device, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, Device, Layout, Result, Shape, Tensor};
 
 use super::contiguous_f32;
-use super::spikes::SpikeBits;
+use super::conv::{conv2d, conv2d_grads};
+use super::spikes::{SpikeBits, SpikeLayer};
 use crate::neuron::MultiStepLif;
 
-/// `lif(x) . weight^T` for `x [T, ..., K]` and `weight [O, K]`: `[T, ..., O]`, with the same
-/// values and gradients (input and weight) as `lif.forward(x)?.broadcast_matmul(&weight.t()?)`.
-pub fn lif_linear(lif: &MultiStepLif, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+/// Firing rate below which the accumulate-only kernels beat the dense products (they do up to
+/// about 35 %, `spikeclip bench --case spike_linear_*`), with a margin.
+const SPARSE_BELOW: f64 = 0.25;
+
+/// `lif(x) . weight^T + bias` for `x [T, ..., K]`, `weight [O, K]` and `bias [O]`:
+/// `[T, ..., O]`, with the same values and gradients (input, weight, bias) as
+/// `lif.forward(x)?.broadcast_matmul(&weight.t()?)?.broadcast_add(bias)`.
+pub fn lif_linear(
+    lif: &MultiStepLif,
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+) -> Result<Tensor> {
     let (o, k) = weight.dims2()?;
     if x.dims().last() != Some(&k) || x.rank() < 2 {
         candle_core::bail!(
@@ -24,33 +38,101 @@ pub fn lif_linear(lif: &MultiStepLif, x: &Tensor, weight: &Tensor) -> Result<Ten
             x.shape()
         )
     }
-    let op = LifLinear {
-        lif: lif.clone(),
-        saved: Mutex::new(None),
-    };
-    let y = x.contiguous()?.apply_op2(&weight.contiguous()?, op)?;
+    let y = apply(lif, x, weight, bias, Layer::Linear)?;
     let mut shape = x.dims().to_vec();
     *shape.last_mut().expect("rank checked") = o;
     y.reshape(shape)
 }
 
-struct LifLinear {
+/// The stride-1 convolution `conv2d(lif(x), weight, padding)` plus `bias` over all time steps
+/// at once, for `x [T, B, C, H, W]`, `weight [O, C, kh, kw]` and `bias [O]`:
+/// `[T * B, O, Ho, Wo]`, with the same values and gradients as the composition of the LIF op,
+/// [`conv2d`] and a broadcast add.
+pub fn lif_conv2d(
+    lif: &MultiStepLif,
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    padding: usize,
+) -> Result<Tensor> {
+    let (_, c, _, _) = weight.dims4()?;
+    if x.rank() != 5 || x.dim(2)? != c {
+        candle_core::bail!("lif_conv2d: input {:?} is not [T, B, {c}, H, W]", x.shape())
+    }
+    apply(lif, x, weight, bias, Layer::Conv2d { padding })
+}
+
+/// The layer the spikes feed.
+#[derive(Debug, Clone, Copy)]
+enum Layer {
+    /// `[M, K] x [O, K]^T`.
+    Linear,
+    /// Stride 1, over `[T * B, C, H, W]`.
+    Conv2d { padding: usize },
+}
+
+/// Runs the op; a missing bias is zeros, and gets no gradient.
+fn apply(
+    lif: &MultiStepLif,
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    layer: Layer,
+) -> Result<Tensor> {
+    let o = weight.dim(0)?;
+    let has_bias = bias.is_some();
+    let bias = match bias {
+        Some(b) if b.dims() == [o] => b.contiguous()?,
+        Some(b) => candle_core::bail!("lif_layer: bias {:?} for {o} outputs", b.shape()),
+        None => Tensor::zeros(o, weight.dtype(), weight.device())?,
+    };
+    let op = LifLayer {
+        lif: lif.clone(),
+        layer,
+        has_bias,
+        saved: Mutex::new(None),
+    };
+    x.contiguous()?.apply_op3(&weight.contiguous()?, &bias, op)
+}
+
+struct LifLayer {
     lif: MultiStepLif,
-    /// The forward pass's spikes `[M, K]`, for the weight gradient.
+    layer: Layer,
+    has_bias: bool,
+    /// The forward pass's spikes as the layer reads them: `[M, K]` for a linear layer,
+    /// channels-last `[T * B, H, W, C]` for a convolution.
     saved: Mutex<Option<SpikeBits>>,
 }
 
-impl LifLinear {
-    fn saved(&self) -> Result<std::sync::MutexGuard<'_, Option<SpikeBits>>> {
-        self.saved
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("lif_linear: saved spikes poisoned".into()))
+impl LifLayer {
+    /// The layer's input: the spikes `[T, ...]` seen as `[M, K]` or `[T * B, C, H, W]`.
+    fn layer_input(&self, spikes: &Tensor, w: &Tensor) -> Result<Tensor> {
+        match self.layer {
+            Layer::Linear => spikes.reshape(((), w.dim(1)?)),
+            Layer::Conv2d { .. } => spikes.flatten_to(1),
+        }
+    }
+
+    fn pack(&self, input: &Tensor) -> Result<SpikeBits> {
+        match self.layer {
+            Layer::Linear => SpikeBits::pack(input),
+            Layer::Conv2d { .. } => SpikeBits::pack_channels_last(input),
+        }
+    }
+
+    /// The f32 layer input back from its bits.
+    fn unpack(&self, bits: &SpikeBits) -> Result<Tensor> {
+        let spikes = bits.unpack(&Device::Cpu)?;
+        match self.layer {
+            Layer::Linear => Ok(spikes),
+            Layer::Conv2d { .. } => spikes.permute((0, 3, 1, 2))?.contiguous(),
+        }
     }
 }
 
-impl CustomOp2 for LifLinear {
+impl CustomOp3 for LifLayer {
     fn name(&self) -> &'static str {
-        "lif-linear"
+        "lif-layer"
     }
 
     fn cpu_fwd(
@@ -59,15 +141,27 @@ impl CustomOp2 for LifLinear {
         xl: &Layout,
         ws: &CpuStorage,
         wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let dev = Device::Cpu;
-        let x = Tensor::from_slice(contiguous_f32(xs, xl, "lif_linear")?, xl.shape(), &dev)?;
-        let w = Tensor::from_slice(contiguous_f32(ws, wl, "lif_linear")?, wl.shape(), &dev)?;
-        let k = w.dim(1)?;
-        let spikes = self.lif.forward(&x)?.reshape(((), k))?;
-        let y = spikes.matmul(&w.t()?)?;
-        let bits = SpikeBits::pack(&spikes)?;
-        *self.saved()? = Some(bits);
+        let x = Tensor::from_slice(contiguous_f32(xs, xl, "lif_layer")?, xl.shape(), &dev)?;
+        let w = Tensor::from_slice(contiguous_f32(ws, wl, "lif_layer")?, wl.shape(), &dev)?;
+        let b = Tensor::from_slice(contiguous_f32(bs, bl, "lif_layer")?, bl.shape(), &dev)?;
+        let input = self.layer_input(&self.lif.forward(&x)?, &w)?;
+        let bits = self.pack(&input)?;
+        let sparse = (bits.count() as f64) < SPARSE_BELOW * input.elem_count() as f64;
+        let y = match (self.layer, sparse) {
+            (Layer::Linear, true) => SpikeLayer::new(&w, Some(&b))?.linear(&bits, &dev)?,
+            (Layer::Linear, false) => input.matmul(&w.t()?)?.broadcast_add(&b)?,
+            (Layer::Conv2d { padding }, true) => {
+                SpikeLayer::new(&w, Some(&b))?.conv2d(&bits, padding, 1, &dev)?
+            }
+            (Layer::Conv2d { padding }, false) => {
+                conv2d(&input, &w, padding, 1)?.broadcast_add(&b.reshape((1, (), 1, 1))?)?
+            }
+        };
+        *self.saved.lock().map_err(poisoned)? = Some(bits);
         let shape = y.shape().clone();
         Ok((CpuStorage::F32(y.flatten_all()?.to_vec1()?), shape))
     }
@@ -76,18 +170,42 @@ impl CustomOp2 for LifLinear {
         &self,
         x: &Tensor,
         w: &Tensor,
+        b: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let spikes = match self.saved()?.as_ref() {
-            Some(bits) => bits.unpack(&Device::Cpu)?,
-            None => candle_core::bail!("lif_linear: backward before forward"),
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let guard = self.saved.lock().map_err(poisoned)?;
+        let Some(bits) = guard.as_ref() else {
+            candle_core::bail!("lif_layer: backward before forward")
         };
-        let grad_spikes = grad.matmul(w)?.reshape(x.shape())?;
-        let grad_x = self.lif.input_gradient(x, &grad_spikes)?;
-        let grad_w = grad.t()?.matmul(&spikes)?;
-        Ok((Some(grad_x), Some(grad_w)))
+        let input = self.unpack(bits)?;
+        let grad = grad.contiguous()?;
+        let (grad_input, grad_w) = match self.layer {
+            Layer::Linear => (grad.matmul(w)?, grad.t()?.matmul(&input)?),
+            Layer::Conv2d { padding } => conv2d_grads(&input, w, &grad, padding, 1)?,
+        };
+        // The bias gradient sums the output gradient over all but the channel axis: as rows
+        // `[M, O]` (a conv's pixels summed first, along contiguous runs), then by a matmul with
+        // ones, far faster than candle's reduction over the leading axis.
+        let grad_b = if self.has_bias {
+            let rows = match self.layer {
+                Layer::Linear => grad.clone(),
+                Layer::Conv2d { .. } => grad.flatten_from(2)?.sum(2)?,
+            };
+            let ones = Tensor::ones((1, rows.dim(0)?), rows.dtype(), rows.device())?;
+            Some(ones.matmul(&rows)?.squeeze(0)?.to_device(b.device())?)
+        } else {
+            None
+        };
+        let grad_x = self
+            .lif
+            .input_gradient(x, &grad_input.reshape(x.shape())?)?;
+        Ok((Some(grad_x), Some(grad_w.to_device(w.device())?), grad_b))
     }
+}
+
+fn poisoned<T>(_: T) -> candle_core::Error {
+    candle_core::Error::Msg("lif_layer: saved spikes poisoned".into())
 }
 
 #[cfg(test)]
@@ -97,25 +215,76 @@ mod tests {
     use crate::neuron::LifConfig;
     use candle_core::Var;
 
-    /// Values and both gradients equal the composition of the LIF op and a matmul.
-    #[test]
-    fn matches_composed_lif_and_matmul() {
+    /// Values and both gradients equal the composition of the LIF op and a matmul, with the
+    /// input shifted by `offset` so that the spikes fire at a rate on the `sparse` side of
+    /// [`SPARSE_BELOW`].
+    fn matches_composed(offset: f64, sparse: bool) {
         let dev = Device::Cpu;
         let x = Var::from_tensor(
-            &(Tensor::randn(0f32, 1.0, (4, 3, 5, 70), &dev).unwrap() + 0.5).unwrap(),
+            &(Tensor::randn(0f32, 1.0, (4, 3, 5, 70), &dev).unwrap() + offset).unwrap(),
         )
         .unwrap();
         let w = Var::randn(0f32, 1.0, (9, 70), &dev).unwrap();
+        let b = Var::randn(0f32, 1.0, 9, &dev).unwrap();
         let lif = MultiStepLif::new(LifConfig::default());
-        let ours = lif_linear(&lif, x.as_tensor(), w.as_tensor()).unwrap();
-        let composed = lif
-            .forward(x.as_tensor())
-            .unwrap()
+        let ours = lif_linear(&lif, x.as_tensor(), w.as_tensor(), Some(b.as_tensor())).unwrap();
+        let spikes = lif.forward(x.as_tensor()).unwrap();
+        let rate = spikes.mean_all().unwrap().to_scalar::<f32>().unwrap() as f64;
+        assert_eq!(rate < SPARSE_BELOW, sparse, "firing rate {rate}");
+        let composed = spikes
             .broadcast_matmul(&w.as_tensor().t().unwrap())
+            .unwrap()
+            .broadcast_add(b.as_tensor())
             .unwrap();
         assert_eq!(ours.dims(), &[4, 3, 5, 9]);
         assert!(max_rel_diff(&ours, &composed) < 1e-5);
-        assert_same_gradients(ours, composed, &[&x, &w], 1e-5);
+        assert_same_gradients(ours, composed, &[&x, &w, &b], 1e-5);
+    }
+
+    #[test]
+    fn matches_composed_lif_and_matmul_when_sparse() {
+        matches_composed(0.5, true)
+    }
+
+    #[test]
+    fn matches_composed_lif_and_matmul_when_dense() {
+        matches_composed(2.0, false)
+    }
+
+    /// The same for a 3x3 convolution over `[T, B, C, H, W]`, against candle's conv2d.
+    fn conv_matches_composed(offset: f64, sparse: bool) {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(
+            &(Tensor::randn(0f32, 1.0, (4, 2, 5, 6, 7), &dev).unwrap() + offset).unwrap(),
+        )
+        .unwrap();
+        let w = Var::randn(0f32, 1.0, (3, 5, 3, 3), &dev).unwrap();
+        let b = Var::randn(0f32, 1.0, 3, &dev).unwrap();
+        let lif = MultiStepLif::new(LifConfig::default());
+        let ours = lif_conv2d(&lif, x.as_tensor(), w.as_tensor(), Some(b.as_tensor()), 1).unwrap();
+        let spikes = lif.forward(x.as_tensor()).unwrap();
+        let rate = spikes.mean_all().unwrap().to_scalar::<f32>().unwrap() as f64;
+        assert_eq!(rate < SPARSE_BELOW, sparse, "firing rate {rate}");
+        let composed = spikes
+            .flatten_to(1)
+            .unwrap()
+            .conv2d(w.as_tensor(), 1, 1, 1, 1)
+            .unwrap()
+            .broadcast_add(&b.as_tensor().reshape((1, 3, 1, 1)).unwrap())
+            .unwrap();
+        assert_eq!(ours.dims(), &[8, 3, 6, 7]);
+        assert!(max_rel_diff(&ours, &composed) < 1e-5);
+        assert_same_gradients(ours, composed, &[&x, &w, &b], 1e-4);
+    }
+
+    #[test]
+    fn conv_matches_composed_lif_and_conv_when_sparse() {
+        conv_matches_composed(0.5, true)
+    }
+
+    #[test]
+    fn conv_matches_composed_lif_and_conv_when_dense() {
+        conv_matches_composed(2.0, false)
     }
 
     #[test]
@@ -123,7 +292,7 @@ mod tests {
         let x = Tensor::zeros((2, 3, 8), candle_core::DType::F32, &Device::Cpu).unwrap();
         let w = Tensor::zeros((4, 7), candle_core::DType::F32, &Device::Cpu).unwrap();
         let lif = MultiStepLif::new(LifConfig::default());
-        let err = lif_linear(&lif, &x, &w).unwrap_err().to_string();
+        let err = lif_linear(&lif, &x, &w, None).unwrap_err().to_string();
         assert!(err.contains("7 inputs"), "{err}");
     }
 }

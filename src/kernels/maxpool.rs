@@ -3,6 +3,7 @@
 //! routes each output's gradient to the first maximum of its window, as PyTorch does.
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
 
 /// Window geometry of one pooling call on `[N, C, H, W]`.
 #[derive(Debug, Clone, Copy)]
@@ -17,8 +18,9 @@ struct Pool {
 }
 
 impl Pool {
-    /// Input index of the first maximum of output `(plane, oy, ox)`'s window.
-    fn argmax(&self, x: &[f32], plane: usize, oy: usize, ox: usize) -> usize {
+    /// Index in `plane` (one `[H, W]` input plane) of the first maximum of output `(oy, ox)`'s
+    /// window.
+    fn argmax(&self, plane: &[f32], oy: usize, ox: usize) -> usize {
         let mut best = (f32::NEG_INFINITY, usize::MAX);
         for dy in 0..self.kernel {
             let iy = (oy * self.stride + dy).wrapping_sub(self.padding);
@@ -30,25 +32,21 @@ impl Pool {
                 if ix >= self.w {
                     continue;
                 }
-                let idx = (plane * self.h + iy) * self.w + ix;
-                if best.1 == usize::MAX || x[idx] > best.0 {
-                    best = (x[idx], idx);
+                let idx = iy * self.w + ix;
+                if best.1 == usize::MAX || plane[idx] > best.0 {
+                    best = (plane[idx], idx);
                 }
             }
         }
         best.1
     }
 
-    /// Calls `f(output index, argmax input index)` for every output.
-    fn each(&self, x: &[f32], planes: usize, mut f: impl FnMut(usize, usize)) {
-        for plane in 0..planes {
-            for oy in 0..self.oh {
-                for ox in 0..self.ow {
-                    f(
-                        (plane * self.oh + oy) * self.ow + ox,
-                        self.argmax(x, plane, oy, ox),
-                    );
-                }
+    /// `f(output offset in the plane, argmax input offset in the plane)` for every output of
+    /// one `[H, W]` plane.
+    fn each(&self, plane: &[f32], mut f: impl FnMut(usize, usize)) {
+        for oy in 0..self.oh {
+            for ox in 0..self.ow {
+                f(oy * self.ow + ox, self.argmax(plane, oy, ox));
             }
         }
     }
@@ -68,9 +66,11 @@ impl CustomOp1 for MaxPool {
         let x = &storage.as_slice::<f32>()?[start..end];
         let dims = layout.dims();
         let p = self.0;
-        let planes = dims[0] * dims[1];
-        let mut out = vec![0f32; planes * p.oh * p.ow];
-        p.each(x, planes, |o, i| out[o] = x[i]);
+        let mut out = vec![0f32; dims[0] * dims[1] * p.oh * p.ow];
+        // Planes are independent: one task each.
+        out.par_chunks_mut(p.oh * p.ow)
+            .zip(x.par_chunks(p.h * p.w))
+            .for_each(|(out, x)| p.each(x, |o, i| out[o] = x[i]));
         Ok((
             CpuStorage::F32(out),
             Shape::from((dims[0], dims[1], p.oh, p.ow)),
@@ -80,9 +80,12 @@ impl CustomOp1 for MaxPool {
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
         let x = arg.flatten_all()?.to_vec1::<f32>()?;
         let g = grad_res.flatten_all()?.to_vec1::<f32>()?;
+        let p = self.0;
         let mut grad = vec![0f32; x.len()];
-        let planes = arg.dim(0)? * arg.dim(1)?;
-        self.0.each(&x, planes, |o, i| grad[i] += g[o]);
+        grad.par_chunks_mut(p.h * p.w)
+            .zip(x.par_chunks(p.h * p.w))
+            .zip(g.par_chunks(p.oh * p.ow))
+            .for_each(|((grad, x), g)| p.each(x, |o, i| grad[i] += g[o]));
         Ok(Some(Tensor::from_vec(grad, arg.shape(), arg.device())?))
     }
 }

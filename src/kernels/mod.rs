@@ -2,13 +2,14 @@
 //! matmul (candle's own conv2d backward goes through conv_transpose2d at a few GFLOP/s) and
 //! accumulate-only kernels over bit-packed spikes, which turn spike sparsity into wall-clock time.
 
+pub mod batch_norm;
 pub mod conv;
 pub mod lif_linear;
 pub mod maxpool;
 pub mod spikes;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, Layout, Result};
+use candle_core::{CpuStorage, Layout, Result, Storage, Tensor};
 
 /// The f32 data of a contiguous CPU tensor; our kernels index it directly.
 fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
@@ -18,6 +19,16 @@ fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Res
     match layout.contiguous_offsets() {
         Some((lo, hi)) => Ok(&data[lo..hi]),
         None => candle_core::bail!("{op}: expected a contiguous tensor"),
+    }
+}
+
+/// `f` on the f32 data of `t`, a CPU tensor, in place (made contiguous first if it is not).
+fn with_f32<R>(t: &Tensor, op: &str, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(s) => f(contiguous_f32(s, layout, op)?),
+        _ => candle_core::bail!("{op}: expected a CPU tensor"),
     }
 }
 

@@ -11,6 +11,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use rayon::prelude::*;
 
 use super::conv::{weight_matrix, Window};
+use super::with_f32;
 
 const WORD_BITS: usize = u64::BITS as usize;
 
@@ -27,13 +28,20 @@ impl SpikeBits {
     /// thresholding would hide a non-spiking input.
     pub fn pack(spikes: &Tensor) -> Result<Self> {
         let shape = spikes.dims().to_vec();
-        let Some(&cols) = shape.last() else {
+        if shape.is_empty() {
             candle_core::bail!("SpikeBits::pack: a scalar has no dimension to pack")
-        };
-        let values = spikes
-            .to_dtype(DType::F32)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
+        }
+        // CPU f32 spikes are read in place: a copy would be as large as the spikes again.
+        if spikes.device().is_cpu() && spikes.dtype() == DType::F32 {
+            return with_f32(spikes, "SpikeBits::pack", |v| Self::pack_values(v, shape));
+        }
+        let values = spikes.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        Self::pack_values(&values, shape)
+    }
+
+    /// [`Self::pack`] of the values of a tensor of `shape` (not a scalar).
+    fn pack_values(values: &[f32], shape: Vec<usize>) -> Result<Self> {
+        let cols = shape.last().copied().unwrap_or(0);
         let words_per_row = cols.div_ceil(WORD_BITS);
         let rows = values.len().checked_div(cols).unwrap_or(0);
         let mut words = vec![0u64; rows * words_per_row];

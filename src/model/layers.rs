@@ -4,7 +4,9 @@ use candle_core::{Module, ModuleT, Result, Tensor, D};
 use candle_nn::{BatchNorm, BatchNormConfig, Linear, VarBuilder};
 
 use super::summary::{batch_norm_params, linear_params};
+use crate::kernels::lif_linear::{lif_conv2d, lif_linear};
 use crate::kernels::spikes::{SpikeBits, SpikeLayer};
+use crate::neuron::MultiStepLif;
 
 /// BatchNorm as the paper trains it: eps 1e-5, momentum 0.1, affine.
 pub fn batch_norm(channels: usize, vb: VarBuilder) -> Result<BatchNorm> {
@@ -18,6 +20,16 @@ pub fn batch_norm(channels: usize, vb: VarBuilder) -> Result<BatchNorm> {
         },
         vb,
     )
+}
+
+/// `bn` on `x [N, C, ...]`: training mode through our fused op (one pass per statistic, nothing
+/// kept for backward but the input), eval mode on the running statistics.
+fn normalise(bn: &BatchNorm, x: &Tensor, train: bool) -> Result<Tensor> {
+    if train {
+        crate::kernels::batch_norm::batch_norm_train(x, bn)
+    } else {
+        bn.forward_t(x, false)
+    }
 }
 
 /// Every convolution of the image encoders goes through here: our im2col kernel, about twice
@@ -47,16 +59,6 @@ fn fold_batch_norm(bn: &BatchNorm, weight: &Tensor, bias: Option<&Tensor>) -> Re
         .detach()
         .broadcast_mul(&scale.reshape(scale_shape)?)?;
     SpikeLayer::new(&weight, Some(&shift))
-}
-
-/// Runs `f` on all time steps at once: `[T, B, ...]` is seen as a batch of `T * B` samples,
-/// as SpikingJelly's `SeqToANNContainer` does for convolutions and BatchNorm.
-pub fn over_time(x: &Tensor, f: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
-    let (t, b) = (x.dim(0)?, x.dim(1)?);
-    let y = f(&x.flatten_to(1)?)?;
-    let mut dims = vec![t, b];
-    dims.extend_from_slice(&y.dims()[1..]);
-    y.reshape(dims)
 }
 
 /// A square convolution (stride 1, same padding) followed by BatchNorm.
@@ -114,7 +116,15 @@ impl ConvBn {
         if let Some(b) = &self.bias {
             y = y.broadcast_add(&b.reshape((1, (), 1, 1))?)?;
         }
-        self.bn.forward_t(&y, train)
+        normalise(&self.bn, &y, train)
+    }
+
+    /// The spikes of `lif` on `x [T, B, C, H, W]` through this layer, all time steps at once:
+    /// `[T * B, C_out, H, W]`, the same as `forward` of the flattened spikes. The LIF is fused
+    /// into the convolution (see [`crate::kernels::lif_linear`]), which keeps the spikes as bits.
+    pub fn forward_lif(&self, lif: &MultiStepLif, x: &Tensor, train: bool) -> Result<Tensor> {
+        let y = lif_conv2d(lif, x, &self.weight, self.bias.as_ref(), self.padding)?;
+        normalise(&self.bn, &y, train)
     }
 
     /// For [`ConvBn::forward_spikes`], in eval mode.
@@ -164,10 +174,60 @@ impl LinearBn {
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let rows = x.flatten_to(dims.len() - 2)?;
-        let y = self.bn.forward_t(&self.linear.forward(&rows)?, train)?;
+        let y = normalise(&self.bn, &self.linear.forward(&rows)?, train)?;
         let mut out = dims;
         *out.last_mut().expect("rank >= 1") = y.dim(1)?;
         y.reshape(out)
+    }
+
+    /// `layers` applied to the spikes of `lif` on `x [..., C]`, all fed by the same spikes:
+    /// one fused LIF + matmul over the layers' stacked weights (see
+    /// [`crate::kernels::lif_linear`]), which keeps the spikes as bits for backward instead of
+    /// the f32 tensor a separate LIF would hand to each layer. The same as `layer.forward` of
+    /// `lif.forward(x)` for each layer.
+    pub fn forward_lif(
+        layers: &[&LinearBn],
+        lif: &MultiStepLif,
+        x: &Tensor,
+        train: bool,
+    ) -> Result<Vec<Tensor>> {
+        let weights: Vec<&Tensor> = layers.iter().map(|l| l.linear.weight()).collect();
+        let stack = |parts: &[Tensor]| match parts {
+            [one] => Ok(one.clone()),
+            _ => Tensor::cat(parts, 0),
+        };
+        let stacked = stack(&weights.iter().map(|&w| w.clone()).collect::<Vec<_>>())?;
+        // Layers without a bias contribute zeros, unless none has one.
+        let bias = if layers.iter().any(|l| l.linear.bias().is_some()) {
+            let parts = layers
+                .iter()
+                .zip(&weights)
+                .map(|(l, w)| match l.linear.bias() {
+                    Some(b) => Ok(b.clone()),
+                    None => Tensor::zeros(w.dim(0)?, w.dtype(), w.device()),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Some(stack(&parts)?)
+        } else {
+            None
+        };
+        let dims = x.dims().to_vec();
+        // The LIF needs the time axis in front: flatten to rows only after it.
+        let y = lif_linear(lif, x, &stacked, bias.as_ref())?.flatten_to(dims.len() - 2)?;
+        let mut first = 0;
+        layers
+            .iter()
+            .zip(weights)
+            .map(|(layer, w)| {
+                let o = w.dim(0)?;
+                let y = y.narrow(1, first, o)?;
+                first += o;
+                let y = normalise(&layer.bn, &y, train)?;
+                let mut out = dims.clone();
+                *out.last_mut().expect("rank >= 2") = o;
+                y.reshape(out)
+            })
+            .collect()
     }
 
     /// The layer with its eval-mode BatchNorm folded in, for spikes `[..., C]`.

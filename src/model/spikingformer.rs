@@ -15,7 +15,7 @@ use candle_core::{Device, Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
 use super::config::SpikeClipConfig;
-use super::layers::{max_pool_3x3_s2, over_time, ConvBn, LinearBn};
+use super::layers::{max_pool_3x3_s2, ConvBn, LinearBn};
 use super::readout::Readout;
 use super::summary::{linear_params, Layer};
 use crate::energy::{Op, OpInput};
@@ -84,11 +84,12 @@ impl<'a, W> Pass<'a, W> {
     }
 }
 
-/// Spikes `[..., C]` on their way into linear layers: kept as f32 for the dense pass, packed
-/// once for all the layers they feed in the sparse one.
+/// Spikes `[..., C]` on their way into linear layers: the dense pass keeps the LIF's input and
+/// fuses the LIF into the layers it feeds, the sparse one packs the spikes once for all of them.
 enum Fed<'a, W> {
     Dense {
-        spikes: Tensor,
+        lif: &'a NamedLif,
+        x: Tensor,
         train: bool,
     },
     Sparse {
@@ -99,28 +100,46 @@ enum Fed<'a, W> {
 }
 
 impl<'a, W> Fed<'a, W> {
-    fn new(spikes: Tensor, pass: Pass<'a, W>) -> Result<Self> {
+    /// The spikes of `lif` on `x`.
+    fn new(lif: &'a NamedLif, x: &Tensor, pass: Pass<'a, W>) -> Result<Self> {
         Ok(match pass {
-            Pass::Dense { train } => Fed::Dense { spikes, train },
+            Pass::Dense { train } => Fed::Dense {
+                lif,
+                x: x.clone(),
+                train,
+            },
             Pass::Sparse(folded) => Fed::Sparse {
-                bits: SpikeBits::pack(&spikes)?,
+                bits: SpikeBits::pack(&lif.forward(x)?)?,
                 folded,
-                device: spikes.device().clone(),
+                device: x.device().clone(),
             },
         })
     }
 
-    /// `layer` applied to the spikes: itself when dense, its folded twin `twin(folded)` when
-    /// sparse.
-    fn linear(&self, layer: &LinearBn, twin: impl FnOnce(&W) -> &SpikeLayer) -> Result<Tensor> {
-        match self {
-            Fed::Dense { spikes, train } => layer.forward(spikes, *train),
+    /// `layers` applied to the spikes: themselves when dense, their folded twins `twins(folded)`
+    /// when sparse.
+    fn linears<const N: usize>(
+        &self,
+        layers: [&LinearBn; N],
+        twins: impl FnOnce(&W) -> [&SpikeLayer; N],
+    ) -> Result<[Tensor; N]> {
+        let out = match self {
+            Fed::Dense { lif, x, train } => LinearBn::forward_lif(&layers, &lif.lif, x, *train)?,
             Fed::Sparse {
                 bits,
                 folded,
                 device,
-            } => twin(folded).linear(bits, device),
-        }
+            } => twins(folded)
+                .iter()
+                .map(|t| t.linear(bits, device))
+                .collect::<Result<_>>()?,
+        };
+        Ok(out.try_into().expect("one output per layer"))
+    }
+
+    fn linear(&self, layer: &LinearBn, twin: impl FnOnce(&W) -> &SpikeLayer) -> Result<Tensor> {
+        let [y] = self.linears([layer], |w| [twin(w)])?;
+        Ok(y)
     }
 }
 
@@ -193,7 +212,7 @@ impl SpikingSelfAttention {
     ) -> Result<Tensor> {
         let (t, b, n, c) = x.dims4()?;
         let (h, d) = (self.heads, c / self.heads);
-        let s = Fed::new(self.input.forward(x)?, pass)?;
+        let s = Fed::new(&self.input, x, pass)?;
         // [T, B, N, C] -> [T * B * H, N, d]: candle's CPU matmul wants 3-D contiguous inputs.
         let split = |y: Tensor| -> Result<Tensor> {
             y.reshape((t, b, n, h, d))?
@@ -201,13 +220,14 @@ impl SpikingSelfAttention {
                 .contiguous()?
                 .reshape((t * b * h, n, d))
         };
-        let q = split(self.q_lif.forward(&s.linear(&self.q, |w| &w.q)?)?)?;
-        let mut k = self.k_lif.forward(&s.linear(&self.k, |w| &w.k)?)?;
+        let [q, k, v] = s.linears([&self.q, &self.k, &self.v], |w| [&w.q, &w.k, &w.v])?;
+        let q = split(self.q_lif.forward(&q)?)?;
+        let mut k = self.k_lif.forward(&k)?;
         if let Some(m) = key_mask {
             k = k.broadcast_mul(&m.reshape((1, b, n, 1))?)?;
         }
         let k = split(k)?;
-        let v = split(self.v_lif.forward(&s.linear(&self.v, |w| &w.v)?)?)?;
+        let v = split(self.v_lif.forward(&v)?)?;
         let product = match pass {
             Pass::Dense { .. } => q.matmul(&k.t()?.contiguous()?)?.matmul(&v)?,
             // Integer counts, exactly the dense product.
@@ -224,7 +244,7 @@ impl SpikingSelfAttention {
             .transpose(2, 3)?
             .contiguous()?
             .reshape((t, b, n, c))?;
-        Fed::new(self.attn_lif.forward(&y)?, pass)?.linear(&self.proj, |w| &w.proj)
+        Fed::new(&self.attn_lif, &y, pass)?.linear(&self.proj, |w| &w.proj)
     }
 
     fn params(&self) -> usize {
@@ -283,8 +303,8 @@ impl SpikingMlp {
     }
 
     fn forward(&self, x: &Tensor, pass: Pass<FoldedMlp>) -> Result<Tensor> {
-        let h = Fed::new(self.lif1.forward(x)?, pass)?.linear(&self.fc1, |w| &w.fc1)?;
-        Fed::new(self.lif2.forward(&h)?, pass)?.linear(&self.fc2, |w| &w.fc2)
+        let h = Fed::new(&self.lif1, x, pass)?.linear(&self.fc1, |w| &w.fc1)?;
+        Fed::new(&self.lif2, &h, pass)?.linear(&self.fc2, |w| &w.fc2)
     }
 }
 
@@ -528,21 +548,23 @@ impl ImageEncoder {
     fn tokens(&self, x: &Tensor, pass: Pass<SparseWeights>) -> Result<Tensor> {
         let mut y = pass.cut(self.first_conv(x, pass.train())?);
         for (i, conv) in self.convs.iter().enumerate().skip(1) {
-            let spikes = self.conv_lifs[i - 1].forward(&y)?;
-            y = over_time(&spikes, |s| {
-                let z = match pass {
-                    Pass::Dense { train } => conv.forward(s, train)?,
-                    Pass::Sparse(w) => {
-                        conv.forward_spikes(&w.convs[i - 1], &SpikeBits::pack_channels_last(s)?)?
-                    }
-                };
-                if POOLED.contains(&i) {
-                    max_pool_3x3_s2(&z)
-                } else {
-                    Ok(z)
+            let lif = &self.conv_lifs[i - 1];
+            // All time steps at once, `[T * B, ...]`, as SpikingJelly's `SeqToANNContainer`.
+            let z = match pass {
+                Pass::Dense { train } => conv.forward_lif(&lif.lif, &y, train)?,
+                Pass::Sparse(w) => {
+                    let spikes = lif.forward(&y)?.flatten_to(1)?;
+                    conv.forward_spikes(&w.convs[i - 1], &SpikeBits::pack_channels_last(&spikes)?)?
                 }
-            })
-            .map(|y| pass.cut(y))?;
+            };
+            let z = if POOLED.contains(&i) {
+                max_pool_3x3_s2(&z)?
+            } else {
+                z
+            };
+            let mut dims = y.dims()[..2].to_vec();
+            dims.extend_from_slice(&z.dims()[1..]);
+            y = pass.cut(z.reshape(dims)?);
         }
         // [T, B, C, H, W] -> [T, B, N, C]
         y.flatten_from(3)?.transpose(2, 3)?.contiguous()

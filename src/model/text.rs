@@ -13,6 +13,7 @@ use super::spikingformer::NamedLif;
 use super::summary::{linear_params, Layer};
 use super::text_transformer::TextTransformer;
 use crate::energy::{Op, OpInput};
+use crate::kernels::lif_linear::lif_linear;
 use crate::neuron::{LifConfig, MultiStepLif};
 
 /// CLIP's token and position embeddings of a fixed-length token sequence, flattened.
@@ -166,8 +167,12 @@ impl TextEncoder {
         let (b, f) = e.dims2()?;
         let t = self.cfg.time_steps;
         let x = e.unsqueeze(0)?.broadcast_as((t, b, f))?.contiguous()?;
-        let h = self.fc1.forward(&self.lif1.forward(&x)?)?;
-        let o = self.fc2.forward(&self.lif2.forward(&h)?)?;
+        // Each LIF fused into the layer it feeds: spikes kept as bits, sparse forward.
+        let fed = |lif: &NamedLif, fc: &Linear, x: &Tensor| {
+            lif_linear(&lif.lif, x, fc.weight(), fc.bias())
+        };
+        let h = fed(&self.lif1, &self.fc1, &x)?;
+        let o = fed(&self.lif2, &self.fc2, &h)?;
         self.readout.forward(&o)
     }
 

@@ -239,7 +239,7 @@ fn lif_projection(budget: Budget, fused: bool) -> anyhow::Result<BenchResult> {
     let lif = MultiStepLif::new(LifConfig::default());
     measure(budget, || {
         let y = if fused {
-            lif_linear::lif_linear(&lif, x.as_tensor(), w.as_tensor())?
+            lif_linear::lif_linear(&lif, x.as_tensor(), w.as_tensor(), None)?
         } else {
             lif.forward(x.as_tensor())?
                 .broadcast_matmul(&w.as_tensor().t()?)?

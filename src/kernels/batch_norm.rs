@@ -1,0 +1,410 @@
+//! Training-mode BatchNorm as one op with a hand-written backward.
+//!
+//! candle_nn composes train-mode BatchNorm from about ten tensor ops (a transpose to
+//! channel-major, subtract, square, mean, divide, scale, shift, a transpose back): each is a
+//! full pass over memory, and autograd keeps about six input-sized tensors per layer until
+//! backward, the largest share of a training step's memory. This op reads its input three
+//! times forward (mean, variance, normalise) and twice backward, and keeps nothing but its
+//! input and two numbers per channel. It normalises as PyTorch's CPU kernel does,
+//! `y = x * (gamma * invstd) + (beta - mean * gamma * invstd)`.
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, Var};
+use candle_nn::BatchNorm;
+use rayon::prelude::*;
+
+use super::{contiguous_f32, with_f32};
+
+/// A tensor `[N, C, ...]` seen as `[outer, c, inner]`: statistics are per channel `c`.
+#[derive(Debug, Clone, Copy)]
+struct Dims {
+    outer: usize,
+    c: usize,
+    inner: usize,
+}
+
+impl Dims {
+    fn of(shape: &Shape) -> Result<Self> {
+        let dims = shape.dims();
+        if dims.len() < 2 {
+            candle_core::bail!("batch_norm: expected [N, C, ...], got {shape:?}")
+        }
+        Ok(Self {
+            outer: dims[0],
+            c: dims[1],
+            inner: dims[2..].iter().product(),
+        })
+    }
+
+    /// Values per channel.
+    fn count(&self) -> usize {
+        self.outer * self.inner
+    }
+}
+
+/// Rows of `[c, inner]` per work item: enough floats to amortise the per-item partial sums.
+fn rows_per_task(d: Dims) -> usize {
+    (65_536 / (d.c * d.inner).max(1)).max(1)
+}
+
+/// Per channel, `sum(a - ca)` and `sum((a - ca) * (b - cb))` over `a`, `b` laid out as `d`
+/// (`ca`, `cb`: a per-channel centre, or none for zero). Runs of one channel are summed in
+/// eight f32 lanes, channels and work items in f64.
+fn channel_sums(
+    a: &[f32],
+    b: &[f32],
+    d: Dims,
+    (ca, cb): (Option<&[f64]>, Option<&[f64]>),
+) -> (Vec<f64>, Vec<f64>) {
+    let centre = |c: Option<&[f64]>, ch: usize| c.map_or(0.0, |c| c[ch] as f32);
+    let row = d.c * d.inner;
+    let rows = rows_per_task(d);
+    let partials: Vec<(Vec<f64>, Vec<f64>)> = a
+        .par_chunks(rows * row)
+        .zip(b.par_chunks(rows * row))
+        .map(|(a, b)| {
+            let (mut sa, mut sab) = (vec![0f64; d.c], vec![0f64; d.c]);
+            for (ra, rb) in a.chunks_exact(row).zip(b.chunks_exact(row)) {
+                if d.inner == 1 {
+                    for ch in 0..d.c {
+                        let x = (ra[ch] - centre(ca, ch)) as f64;
+                        sa[ch] += x;
+                        sab[ch] += x * (rb[ch] - centre(cb, ch)) as f64;
+                    }
+                    continue;
+                }
+                for ch in 0..d.c {
+                    let run = ch * d.inner..(ch + 1) * d.inner;
+                    let (s, p) =
+                        run_sums(&ra[run.clone()], &rb[run], centre(ca, ch), centre(cb, ch));
+                    sa[ch] += s as f64;
+                    sab[ch] += p as f64;
+                }
+            }
+            (sa, sab)
+        })
+        .collect();
+    let (mut sa, mut sab) = (vec![0f64; d.c], vec![0f64; d.c]);
+    for (pa, pab) in partials {
+        for ch in 0..d.c {
+            sa[ch] += pa[ch];
+            sab[ch] += pab[ch];
+        }
+    }
+    (sa, sab)
+}
+
+/// `sum(a - ca)` and `sum((a - ca) * (b - cb))` of one run, in eight independent lanes so that
+/// the loop vectorises (float addition is not reassociated by the compiler).
+#[inline]
+fn run_sums(a: &[f32], b: &[f32], ca: f32, cb: f32) -> (f32, f32) {
+    const LANES: usize = 8;
+    let (mut s, mut p) = ([0f32; LANES], [0f32; LANES]);
+    let (a8, b8) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail = a8.remainder().iter().zip(b8.remainder());
+    for (a, b) in a8.zip(b8) {
+        for j in 0..LANES {
+            let x = a[j] - ca;
+            s[j] += x;
+            p[j] += x * (b[j] - cb);
+        }
+    }
+    let (mut s, mut p) = (s.iter().sum::<f32>(), p.iter().sum::<f32>());
+    for (&a, &b) in tail {
+        s += a - ca;
+        p += (a - ca) * (b - cb);
+    }
+    (s, p)
+}
+
+/// `out = f(ch, x, g)` elementwise over `x` and `g` laid out as `d`, in parallel.
+fn per_channel_map(
+    x: &[f32],
+    g: &[f32],
+    d: Dims,
+    f: impl Fn(usize, f32, f32) -> f32 + Sync,
+) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    let row = d.c * d.inner;
+    let task = rows_per_task(d) * row;
+    out.par_chunks_mut(task)
+        .zip(x.par_chunks(task))
+        .zip(g.par_chunks(task))
+        .for_each(|((out, x), g)| {
+            let rows = out
+                .chunks_exact_mut(row)
+                .zip(x.chunks_exact(row))
+                .zip(g.chunks_exact(row));
+            for ((out, x), g) in rows {
+                if d.inner == 1 {
+                    for ch in 0..d.c {
+                        out[ch] = f(ch, x[ch], g[ch]);
+                    }
+                    continue;
+                }
+                for ch in 0..d.c {
+                    let run = ch * d.inner..(ch + 1) * d.inner;
+                    for ((o, &x), &g) in out[run.clone()]
+                        .iter_mut()
+                        .zip(&x[run.clone()])
+                        .zip(&g[run])
+                    {
+                        *o = f(ch, x, g);
+                    }
+                }
+            }
+        });
+    out
+}
+
+/// Batch statistics of one forward call: per channel, the mean and `1 / sqrt(var + eps)`,
+/// and the biased variance for the running average.
+#[derive(Debug, Clone)]
+struct Stats {
+    mean: Vec<f64>,
+    var: Vec<f64>,
+    invstd: Vec<f64>,
+}
+
+impl Stats {
+    fn of(x: &[f32], d: Dims, eps: f64) -> Self {
+        let n = d.count().max(1) as f64;
+        let (sum, _) = channel_sums(x, x, d, (None, None));
+        let mean: Vec<f64> = sum.iter().map(|s| s / n).collect();
+        let (_, sq) = channel_sums(x, x, d, (Some(&mean), Some(&mean)));
+        let var: Vec<f64> = sq.iter().map(|s| s / n).collect();
+        let invstd = var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
+        Self { mean, var, invstd }
+    }
+}
+
+struct BatchNormTrain {
+    eps: f64,
+    /// Written by forward, read by backward and by the running-average update.
+    stats: Arc<Mutex<Option<Stats>>>,
+}
+
+fn stats_of(slot: &Mutex<Option<Stats>>) -> Result<Stats> {
+    slot.lock()
+        .map_err(|_| candle_core::Error::Msg("batch_norm: statistics poisoned".into()))?
+        .clone()
+        .ok_or_else(|| candle_core::Error::Msg("batch_norm: backward before forward".into()))
+}
+
+impl CustomOp3 for BatchNormTrain {
+    fn name(&self) -> &'static str {
+        "batch-norm-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let d = Dims::of(xl.shape())?;
+        let x = contiguous_f32(xs, xl, "batch_norm")?;
+        let (gamma, beta) = (
+            contiguous_f32(gs, gl, "batch_norm")?,
+            contiguous_f32(bs, bl, "batch_norm")?,
+        );
+        if gamma.len() != d.c || beta.len() != d.c {
+            candle_core::bail!("batch_norm: {} channels, affine of {}", d.c, gamma.len())
+        }
+        let stats = Stats::of(x, d, self.eps);
+        let scale: Vec<f32> = (0..d.c)
+            .map(|ch| (gamma[ch] as f64 * stats.invstd[ch]) as f32)
+            .collect();
+        let shift: Vec<f32> = (0..d.c)
+            .map(|ch| (beta[ch] as f64 - stats.mean[ch] * scale[ch] as f64) as f32)
+            .collect();
+        let y = per_channel_map(x, x, d, |ch, x, _| x * scale[ch] + shift[ch]);
+        *self
+            .stats
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("batch_norm: statistics poisoned".into()))? =
+            Some(stats);
+        Ok((CpuStorage::F32(y), xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        _beta: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let stats = stats_of(&self.stats)?;
+        let d = Dims::of(x.shape())?;
+        let n = d.count().max(1) as f64;
+        let gamma = gamma.to_vec1::<f32>()?;
+        let (grad_x, sum_g, sum_gx) = with_f32(x, "batch_norm", |x| {
+            with_f32(grad, "batch_norm", |g| {
+                // sum(dy) and sum(dy * (x - mean)) per channel.
+                let (sum_g, sum_gx) = channel_sums(g, x, d, (None, Some(&stats.mean)));
+                // dx = gamma invstd (dy - sum(dy) / n - (x - mean) invstd^2 sum(dy (x - mean)) / n)
+                let a: Vec<f32> = (0..d.c)
+                    .map(|ch| (gamma[ch] as f64 * stats.invstd[ch]) as f32)
+                    .collect();
+                let k: Vec<f32> = (0..d.c)
+                    .map(|ch| (stats.invstd[ch] * stats.invstd[ch] * sum_gx[ch] / n) as f32)
+                    .collect();
+                let mean_g: Vec<f32> = sum_g.iter().map(|s| (s / n) as f32).collect();
+                let mean: Vec<f32> = stats.mean.iter().map(|&m| m as f32).collect();
+                let gx = per_channel_map(x, g, d, |ch, x, g| {
+                    a[ch] * (g - mean_g[ch] - (x - mean[ch]) * k[ch])
+                });
+                Ok((gx, sum_g, sum_gx))
+            })
+        })?;
+        let dev = x.device();
+        let grad_gamma: Vec<f32> = (0..d.c)
+            .map(|ch| (sum_gx[ch] * stats.invstd[ch]) as f32)
+            .collect();
+        let grad_beta: Vec<f32> = sum_g.iter().map(|&s| s as f32).collect();
+        Ok((
+            Some(Tensor::from_vec(grad_x, x.shape(), dev)?),
+            Some(Tensor::from_vec(grad_gamma, d.c, dev)?),
+            Some(Tensor::from_vec(grad_beta, d.c, dev)?),
+        ))
+    }
+}
+
+/// `bn` in training mode on `x [N, C, ...]`: normalised with the batch's statistics, which
+/// also update `bn`'s running mean and (unbiased) variance with its momentum, as
+/// `BatchNorm::forward_train` does. Non-CPU tensors go through candle_nn's version.
+pub fn batch_norm_train(x: &Tensor, bn: &BatchNorm) -> Result<Tensor> {
+    if !x.device().is_cpu() {
+        return bn.forward_train(x);
+    }
+    let d = Dims::of(x.shape())?;
+    let (gamma, beta) = match bn.weight_and_bias() {
+        Some((g, b)) => (g.clone(), b.clone()),
+        None => (
+            Tensor::ones(d.c, x.dtype(), x.device())?,
+            Tensor::zeros(d.c, x.dtype(), x.device())?,
+        ),
+    };
+    let stats = Arc::new(Mutex::new(None));
+    let op = BatchNormTrain {
+        eps: bn.eps(),
+        stats: stats.clone(),
+    };
+    let y = x.contiguous()?.apply_op3(&gamma, &beta, op)?;
+    let Stats { mean, var, .. } = stats_of(&stats)?;
+    let m = bn.momentum();
+    let n = d.count() as f64;
+    let unbiased = n / (n - 1.0).max(1.0);
+    let update = |running: &Tensor, batch: Vec<f64>, scale: f64| -> Result<()> {
+        let old = running.to_vec1::<f32>()?;
+        let new: Vec<f32> = old
+            .iter()
+            .zip(batch)
+            .map(|(&r, b)| (r as f64 * (1.0 - m) + b * scale * m) as f32)
+            .collect();
+        Var::from_tensor(running)?.set(&Tensor::from_vec(new, d.c, x.device())?)
+    };
+    update(bn.running_mean(), mean, 1.0)?;
+    update(bn.running_var(), var, unbiased)?;
+    Ok(y)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::test_util::*;
+    use candle_core::{DType, Device};
+    use candle_nn::{BatchNormConfig, VarBuilder, VarMap};
+
+    /// A BatchNorm over `c` channels with a random affine pair (the same for every seed).
+    fn batch_norm(c: usize, affine: &[Tensor; 2]) -> (VarMap, BatchNorm) {
+        let vm = VarMap::new();
+        let cfg = BatchNormConfig {
+            eps: 1e-5,
+            remove_mean: true,
+            affine: true,
+            momentum: 0.1,
+        };
+        let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+        let bn = candle_nn::batch_norm(c, cfg, vb).unwrap();
+        let (g, b) = bn.weight_and_bias().unwrap();
+        Var::from_tensor(g).unwrap().set(&affine[0]).unwrap();
+        Var::from_tensor(b).unwrap().set(&affine[1]).unwrap();
+        (vm, bn)
+    }
+
+    /// Output, gradients of input and affine pair, and running statistics against candle_nn's
+    /// composed `forward_train`, on inputs off-centre so that a naive variance would cancel.
+    fn check(shape: &[usize]) {
+        let dev = Device::Cpu;
+        let c = shape[1];
+        let affine = [
+            Tensor::randn(1f32, 0.5, c, &dev).unwrap(),
+            Tensor::randn(0f32, 0.5, c, &dev).unwrap(),
+        ];
+        let (_m1, ours_bn) = batch_norm(c, &affine);
+        let (_m2, ref_bn) = batch_norm(c, &affine);
+        let x = Var::from_tensor(&(Tensor::randn(0f32, 2.0, shape, &dev).unwrap() + 3.0).unwrap())
+            .unwrap();
+        let ours = batch_norm_train(x.as_tensor(), &ours_bn).unwrap();
+        let theirs = ref_bn.forward_train(x.as_tensor()).unwrap();
+        assert!(max_rel_diff(&ours, &theirs) < 1e-5, "forward differs");
+        let vars = |bn: &BatchNorm| {
+            let (g, b) = bn.weight_and_bias().unwrap();
+            [Var::from_tensor(g).unwrap(), Var::from_tensor(b).unwrap()]
+        };
+        let [g1, b1] = vars(&ours_bn);
+        let [g2, b2] = vars(&ref_bn);
+        let up = Tensor::randn(0f32, 1.0, shape, &dev).unwrap();
+        let ga = (ours * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = (theirs * &up)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (a, b) in [(&x, &x), (&g1, &g2), (&b1, &b2)] {
+            let (da, db) = (
+                ga.get(a.as_tensor()).unwrap(),
+                gb.get(b.as_tensor()).unwrap(),
+            );
+            assert!(
+                max_rel_diff(da, db) < 1e-4,
+                "gradient differs for {:?}",
+                a.dims()
+            );
+        }
+        assert!(max_rel_diff(ours_bn.running_mean(), ref_bn.running_mean()) < 1e-5);
+        assert!(max_rel_diff(ours_bn.running_var(), ref_bn.running_var()) < 1e-5);
+    }
+
+    /// Channels-first images, runs of a channel not a multiple of the lane width.
+    #[test]
+    fn matches_candle_on_images() {
+        check(&[6, 5, 7, 9]);
+    }
+
+    /// Rows of channels (a 1x1 convolution over tokens), as `LinearBn` normalises them.
+    #[test]
+    fn matches_candle_on_rows() {
+        check(&[300, 13]);
+    }
+
+    #[test]
+    fn rejects_a_vector() {
+        let (_vm, bn) = batch_norm(
+            3,
+            &[
+                Tensor::ones(3, DType::F32, &Device::Cpu).unwrap(),
+                Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap(),
+            ],
+        );
+        let x = Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap();
+        assert!(batch_norm_train(&x, &bn).is_err());
+    }
+}
