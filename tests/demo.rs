@@ -54,14 +54,7 @@ fn classify_seen_images(checkpoint: &Path, folder: &Path) -> usize {
 fn quick_demo_writes_its_report_and_checkpoints_that_other_commands_read() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("demo");
-    let run = spikeclip()
-        .args(["demo", "--quick", "--out"])
-        .arg(&out)
-        .output()
-        .unwrap();
-    common::assert_success(&run);
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let report = common::report_of(&["demo", "--quick"], &out);
     assert!((report["chance"].as_f64().unwrap() - 1.0 / 24.0).abs() < 1e-12);
     for model in ["spikeclip", "scratchclip"] {
         for key in ["seen_top1", "unseen_top1"] {

@@ -199,14 +199,7 @@ fn experiment_lists_parse_and_refuse_unknown_names() {
 fn quick_reproduce_writes_every_table_and_claim() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("repro");
-    let run = Command::new(env!("CARGO_BIN_EXE_spikeclip"))
-        .args(["reproduce", "--quick", "--out"])
-        .arg(&out)
-        .output()
-        .unwrap();
-    common::assert_success(&run);
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let report = common::report_of(&["reproduce", "--quick"], &out);
     let tables = report["tables"].as_array().unwrap();
     let ids: Vec<&str> = tables.iter().map(|t| t["id"].as_str().unwrap()).collect();
     assert_eq!(

@@ -15,6 +15,18 @@ pub fn assert_success(out: &std::process::Output) {
     );
 }
 
+/// Runs `spikeclip ARGS --out OUT`, which must succeed, and returns `OUT/report.json`.
+pub fn report_of(args: &[&str], out: &std::path::Path) -> serde_json::Value {
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_spikeclip"))
+        .args(args)
+        .arg("--out")
+        .arg(out)
+        .output()
+        .unwrap();
+    assert_success(&run);
+    serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap()
+}
+
 /// Largest absolute elementwise difference of two tensors of one shape.
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     (a - b)
