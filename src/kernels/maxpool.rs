@@ -22,6 +22,18 @@ impl Pool {
     /// window.
     fn argmax(&self, plane: &[f32], oy: usize, ox: usize) -> usize {
         let mut best = (f32::NEG_INFINITY, usize::MAX);
+        self.for_each_tap(oy, ox, |idx| {
+            if best.1 == usize::MAX || plane[idx] > best.0 {
+                best = (plane[idx], idx);
+            }
+        });
+        best.1
+    }
+
+    /// `f(iy * W + ix)` for each in-image input pixel of output `(oy, ox)`'s window, row by
+    /// row.
+    #[inline(always)]
+    fn for_each_tap(&self, oy: usize, ox: usize, mut f: impl FnMut(usize)) {
         for dy in 0..self.kernel {
             let iy = (oy * self.stride + dy).wrapping_sub(self.padding);
             if iy >= self.h {
@@ -29,16 +41,11 @@ impl Pool {
             }
             for dx in 0..self.kernel {
                 let ix = (ox * self.stride + dx).wrapping_sub(self.padding);
-                if ix >= self.w {
-                    continue;
-                }
-                let idx = iy * self.w + ix;
-                if best.1 == usize::MAX || plane[idx] > best.0 {
-                    best = (plane[idx], idx);
+                if ix < self.w {
+                    f(iy * self.w + ix);
                 }
             }
         }
-        best.1
     }
 
     /// `f(output offset in the plane, argmax input offset in the plane)` for every output of
@@ -94,33 +101,98 @@ impl CustomOp1 for MaxPool {
 /// padding, as `torch.nn.MaxPool2d(kernel, stride, padding)`.
 pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> Result<Tensor> {
     let (_, _, h, w) = x.dims4()?;
-    if kernel == 0
-        || stride == 0
-        || 2 * padding > kernel
-        || h + 2 * padding < kernel
-        || w + 2 * padding < kernel
-    {
-        candle_core::bail!(
+    let pool = Pool::new((kernel, stride, padding), (h, w))?;
+    x.contiguous()?.apply_op1(MaxPool(pool))
+}
+
+/// [`max_pool2d`] of channels-last `[N, H, W, C]` f32, inference only (no gradient): every
+/// output pixel is the elementwise maximum of its window's channel vectors, which vectorises
+/// over channels.
+pub fn max_pool2d_channels_last(
+    x: &Tensor,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    let (n, h, w, c) = x.dims4()?;
+    let p = Pool::new((kernel, stride, padding), (h, w))?;
+    let out = super::with_f32(x, "max_pool2d", |x| {
+        let mut out = vec![0f32; n * p.oh * p.ow * c];
+        if c == 0 {
+            return Ok(out);
+        }
+        // One task per output row of one image.
+        out.par_chunks_mut(p.ow * c)
+            .enumerate()
+            .for_each(|(row, out)| {
+                let image = &x[row / p.oh * h * w * c..(row / p.oh + 1) * h * w * c];
+                for (ox, out) in out.chunks_exact_mut(c).enumerate() {
+                    let mut first = true;
+                    p.for_each_tap(row % p.oh, ox, |idx| {
+                        let pixel = &image[idx * c..(idx + 1) * c];
+                        if first {
+                            out.copy_from_slice(pixel);
+                            first = false;
+                        } else {
+                            for (o, &v) in out.iter_mut().zip(pixel) {
+                                // A select, not a branch, so that it vectorises.
+                                *o = if v > *o { v } else { *o };
+                            }
+                        }
+                    });
+                }
+            });
+        Ok(out)
+    })?;
+    Tensor::from_vec(out, (n, p.oh, p.ow, c), x.device())
+}
+
+impl Pool {
+    /// Geometry of `(kernel, stride, padding)` pooling over an `h x w` input, checked.
+    fn new(
+        (kernel, stride, padding): (usize, usize, usize),
+        (h, w): (usize, usize),
+    ) -> Result<Self> {
+        if kernel == 0
+            || stride == 0
+            || 2 * padding > kernel
+            || h + 2 * padding < kernel
+            || w + 2 * padding < kernel
+        {
+            candle_core::bail!(
             "max_pool2d: invalid kernel {kernel}, stride {stride}, padding {padding} for {h}x{w}"
         )
+        }
+        let out = |n: usize| (n + 2 * padding - kernel) / stride + 1;
+        Ok(Pool {
+            kernel,
+            stride,
+            padding,
+            h,
+            w,
+            oh: out(h),
+            ow: out(w),
+        })
     }
-    let out = |n: usize| (n + 2 * padding - kernel) / stride + 1;
-    let pool = Pool {
-        kernel,
-        stride,
-        padding,
-        h,
-        w,
-        oh: out(h),
-        ow: out(w),
-    };
-    x.contiguous()?.apply_op1(MaxPool(pool))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::{Device, Var};
+
+    #[test]
+    fn channels_last_pooling_is_the_transposed_pooling() -> Result<()> {
+        let x = Tensor::randn(0f32, 1.0, (3, 5, 7, 9), &Device::Cpu)?;
+        let nchw = max_pool2d(&x, 3, 2, 1)?;
+        let nhwc = max_pool2d_channels_last(&x.permute((0, 2, 3, 1))?, 3, 2, 1)?;
+        let back = nhwc
+            .permute((0, 3, 1, 2))?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        assert_eq!(back, nchw.flatten_all()?.to_vec1::<f32>()?);
+        Ok(())
+    }
 
     #[test]
     fn matches_a_direct_loop_and_routes_gradients_to_the_maxima() -> Result<()> {

@@ -50,23 +50,15 @@ impl SpikeBits {
                 .par_chunks_mut(words_per_row)
                 .zip(values.par_chunks(cols))
                 .try_for_each(|(row_words, row)| {
-                    for (word, chunk) in row_words.iter_mut().zip(row.chunks(WORD_BITS)) {
-                        let (mut bits, mut binary) = (0u64, true);
-                        for (k, &v) in chunk.iter().enumerate() {
-                            bits |= u64::from(v == 1.0) << k;
-                            binary &= v == 0.0 || v == 1.0;
-                        }
-                        if !binary {
-                            return Err(chunk.iter().copied().find(|&v| v != 0.0 && v != 1.0));
-                        }
-                        *word = bits;
+                    if let Some(&bad) = row.iter().find(|&&v| v != 0.0 && v != 1.0) {
+                        return Err(bad);
                     }
+                    pack_binary_row(row, row_words);
                     Ok(())
                 })
                 .map_err(|bad| {
                     candle_core::Error::Msg(format!(
-                        "SpikeBits::pack: spikes must be 0 or 1, found {}",
-                        bad.unwrap_or(f32::NAN)
+                        "SpikeBits::pack: spikes must be 0 or 1, found {bad}"
                     ))
                 })?;
         }
@@ -75,6 +67,86 @@ impl SpikeBits {
             shape,
             words_per_row,
         })
+    }
+
+    /// Bits already packed as [`Self::pack`] lays them out: `words_per_row` words per row of
+    /// the last axis of `shape`.
+    pub(crate) fn from_words(words: Vec<u64>, shape: Vec<usize>) -> Result<Self> {
+        let cols = shape.last().copied().unwrap_or(0);
+        let words_per_row = cols.div_ceil(WORD_BITS);
+        let rows = shape
+            .iter()
+            .product::<usize>()
+            .checked_div(cols)
+            .unwrap_or(0);
+        if shape.is_empty() || words.len() != rows * words_per_row {
+            candle_core::bail!(
+                "SpikeBits: {} words do not pack a {shape:?} spike tensor",
+                words.len()
+            )
+        }
+        Ok(Self {
+            words,
+            shape,
+            words_per_row,
+        })
+    }
+
+    /// The same bits under another shape with the same last axis and element count, as
+    /// `Tensor::reshape` of the unpacked spikes.
+    pub fn reshaped(self, shape: Vec<usize>) -> Result<Self> {
+        if shape.last() != self.shape.last()
+            || shape.iter().product::<usize>() != self.shape.iter().product::<usize>()
+        {
+            candle_core::bail!("SpikeBits: cannot reshape {:?} to {shape:?}", self.shape)
+        }
+        Ok(Self { shape, ..self })
+    }
+
+    /// Spikes `[..., N, H, D]` as `[..., H, N, D]`, the two axes before the packed one
+    /// swapped: attention heads split from tokens, as `transpose` of the unpacked spikes.
+    pub fn heads_first(&self) -> Result<Self> {
+        let rank = self.shape.len();
+        if rank < 3 {
+            candle_core::bail!(
+                "SpikeBits::heads_first: expected [..., N, H, D], got {:?}",
+                self.shape
+            )
+        }
+        let (n, h, wpr) = (
+            self.shape[rank - 3],
+            self.shape[rank - 2],
+            self.words_per_row,
+        );
+        let mut words = vec![0u64; self.words.len()];
+        if n * h * wpr > 0 {
+            words
+                .par_chunks_mut(n * h * wpr)
+                .zip(self.words.par_chunks(n * h * wpr))
+                .for_each(|(out, group)| {
+                    for (i, row) in group.chunks_exact(wpr).enumerate() {
+                        let (token, head) = (i / h, i % h);
+                        let to = (head * n + token) * wpr;
+                        out[to..to + wpr].copy_from_slice(row);
+                    }
+                });
+        }
+        let mut shape = self.shape.clone();
+        shape.swap(rank - 3, rank - 2);
+        Ok(Self {
+            words,
+            shape,
+            words_per_row: wpr,
+        })
+    }
+
+    /// Spikes per leading index (per time step of `[T, ...]` spikes).
+    pub fn counts_per_leading(&self) -> Vec<u64> {
+        let lead = self.shape.first().copied().unwrap_or(0);
+        self.words
+            .chunks(self.words.len().checked_div(lead).unwrap_or(1).max(1))
+            .map(|step| step.iter().map(|w| u64::from(w.count_ones())).sum())
+            .collect()
     }
 
     /// Packs `[B, C, H, W]` spikes channels-last, `[B, H, W, C]`: the layout the spike-driven
@@ -127,6 +199,31 @@ impl SpikeBits {
     }
 }
 
+/// Packs a row of spikes 64 to a word: bit `k % 64` of word `k / 64` is set where `row[k]` is 1.
+#[inline(always)]
+pub(crate) fn pack_binary_row(row: &[f32], words: &mut [u64]) {
+    for (word, chunk) in words.iter_mut().zip(row.chunks(WORD_BITS)) {
+        *word = chunk
+            .iter()
+            .enumerate()
+            .fold(0, |bits, (k, &v)| bits | u64::from(v == 1.0) << k);
+    }
+}
+
+/// Calls `f` with the index of every clear bit among the first `cols` of `words`, in
+/// increasing order.
+#[inline]
+fn for_each_silent(words: &[u64], cols: usize, mut f: impl FnMut(usize)) {
+    for (i, &word) in words.iter().enumerate() {
+        let valid = (cols - i * WORD_BITS).min(WORD_BITS);
+        let mut w = !word & (u64::MAX >> (WORD_BITS - valid));
+        while w != 0 {
+            f(i * WORD_BITS + w.trailing_zeros() as usize);
+            w &= w - 1;
+        }
+    }
+}
+
 /// Calls `f` with the index of every set bit of `words`, in increasing order.
 #[inline]
 fn for_each_active(words: &[u64], mut f: impl FnMut(usize)) {
@@ -142,6 +239,30 @@ fn for_each_active(words: &[u64], mut f: impl FnMut(usize)) {
 /// Output lanes kept in registers while the active weight rows stream past: 8 AVX registers.
 const BLOCK: usize = 64;
 
+/// Inputs per weight tile: `TILE` rows of `BLOCK` lanes, 16 KB, half of an L1 data cache.
+const TILE: usize = 96;
+
+/// One block's accumulators.
+type Lanes = [f32; BLOCK];
+
+/// Adds (subtracts, if `SUB`) the rows `active` of a blocked weight slice (`BLOCK` lanes per
+/// row) to `acc`, in order.
+#[inline(always)]
+fn add_rows<const SUB: bool>(block: &[f32], active: &[usize], acc: &mut Lanes) {
+    for &r in active {
+        let w: &Lanes = block[r * BLOCK..(r + 1) * BLOCK]
+            .try_into()
+            .expect("blocks hold BLOCK lanes per input");
+        for (a, w) in acc.iter_mut().zip(w) {
+            if SUB {
+                *a -= w
+            } else {
+                *a += w
+            }
+        }
+    }
+}
+
 /// Output rows per parallel task: each weight block is reused by this many output pixels
 /// while it is hot in cache.
 const ROWS_PER_TASK: usize = 64;
@@ -154,6 +275,9 @@ const ROWS_PER_TASK: usize = 64;
 struct BlockedWeights {
     data: Vec<f32>,
     bias: Option<Vec<f32>>,
+    /// Per padded output lane: the bias plus every input's weight, the output when all inputs
+    /// fire (summed in f64), from which a mostly active pixel subtracts its silent inputs.
+    full: Vec<f32>,
     inputs: usize,
     outputs: usize,
 }
@@ -180,9 +304,21 @@ impl BlockedWeights {
                 b.to_dtype(DType::F32)?.pad_with_zeros(0, 0, pad)?.to_vec1()
             })
             .transpose()?;
+        let mut full: Vec<f64> = match &bias {
+            Some(b) => b.iter().map(|&v| f64::from(v)).collect(),
+            None => vec![0.0; blocks * BLOCK],
+        };
+        for (b, block) in data.chunks_exact((inputs * BLOCK).max(1)).enumerate() {
+            for row in block.chunks_exact(BLOCK) {
+                for (f, &w) in full[b * BLOCK..(b + 1) * BLOCK].iter_mut().zip(row) {
+                    *f += f64::from(w);
+                }
+            }
+        }
         Ok(Self {
             data,
             bias,
+            full: full.into_iter().map(|v| v as f32).collect(),
             inputs,
             outputs,
         })
@@ -192,14 +328,19 @@ impl BlockedWeights {
         &self.data[b * self.inputs * BLOCK..(b + 1) * self.inputs * BLOCK]
     }
 
-    /// Block `b`'s accumulators before any spike arrives: its bias lanes, or zeros.
+    /// Block `b`'s accumulators before any row is added (its bias lanes, or zeros) or, for a
+    /// pixel that subtracts its silent inputs, before any row is subtracted (all inputs on).
     #[inline(always)]
-    fn start(&self, b: usize) -> [f32; BLOCK] {
-        match &self.bias {
-            Some(bias) => bias[b * BLOCK..(b + 1) * BLOCK]
+    fn start(&self, b: usize, complement: bool) -> Lanes {
+        let lanes = |v: &[f32]| -> Lanes {
+            v[b * BLOCK..(b + 1) * BLOCK]
                 .try_into()
-                .expect("the bias is padded to whole blocks"),
-            None => [0f32; BLOCK],
+                .expect("padded to whole blocks")
+        };
+        match (&self.bias, complement) {
+            (_, true) => lanes(&self.full),
+            (Some(bias), false) => lanes(bias),
+            (None, false) => [0f32; BLOCK],
         }
     }
 }
@@ -215,55 +356,101 @@ struct Gather<'a> {
 }
 
 impl Gather<'_> {
-    /// Weight rows selected by output pixel `p`'s window, appended to `active`.
+    /// Calls `f(first weight row, spike words)` for each in-image tap of output pixel `p`'s
+    /// window; returns whether every tap was in the image.
     #[inline(always)]
-    fn select(&self, p: usize, active: &mut Vec<usize>) {
+    fn for_each_tap(&self, p: usize, mut f: impl FnMut(usize, &[u64])) -> bool {
         let (_, h, w, c) = self.dims;
         let (ho, wo) = self.out_hw;
         let win = self.win;
         let (bi, oy, ox) = (p / (ho * wo), p / wo % ho, p % wo);
+        let mut inside = true;
         for ky in 0..win.kh {
             let Some(iy) = win.source(oy, ky, h) else {
+                inside = false;
                 continue;
             };
             for kx in 0..win.kw {
-                let Some(ix) = win.source(ox, kx, w) else {
-                    continue;
-                };
-                let base = (ky * win.kw + kx) * c;
-                for_each_active(self.spikes.row((bi * h + iy) * w + ix), |ch| {
-                    active.push(base + ch)
-                });
+                match win.source(ox, kx, w) {
+                    Some(ix) => f(
+                        (ky * win.kw + kx) * c,
+                        self.spikes.row((bi * h + iy) * w + ix),
+                    ),
+                    None => inside = false,
+                }
             }
         }
+        inside
     }
 
-    /// Output pixels `first..` into `rows` (`O` floats each), one weight block at a time for
-    /// all of them, accumulating each block in registers.
+    /// Appends the weight rows output pixel `p` accumulates to `active`, in increasing order,
+    /// and returns whether they are to be subtracted. Rows of active inputs are added; when
+    /// more than half of a whole window's inputs fire, the rows of its silent inputs are
+    /// subtracted from the all-on sum instead, so the work is that of the smaller set.
     #[inline(always)]
-    fn rows(&self, first: usize, rows: &mut [f32]) {
-        let o = self.weights.outputs;
-        let (mut active, mut ends) = (Vec::new(), Vec::new());
-        for p in first..first + rows.len() / o {
-            self.select(p, &mut active);
-            ends.push(active.len());
+    fn select(&self, p: usize, active: &mut Vec<usize>) -> bool {
+        let c = self.dims.3;
+        let mut firing = 0;
+        let whole = self.for_each_tap(p, |_, row| {
+            firing += row.iter().map(|w| w.count_ones() as usize).sum::<usize>()
+        });
+        let complement = whole && 2 * firing > self.weights.inputs;
+        self.for_each_tap(p, |base, row| {
+            if complement {
+                for_each_silent(row, c, |ch| active.push(base + ch))
+            } else {
+                for_each_active(row, |ch| active.push(base + ch))
+            }
+        });
+        complement
+    }
+
+    /// Output pixels `first..` into `rows` (`O` floats each); `sum` adds a pixel's selected
+    /// rows of a weight tile to its accumulators.
+    ///
+    /// The loop runs one weight block at a time and, within it, one [`TILE`] of inputs at a
+    /// time for all of the task's pixels, so that the rows the pixels select come from L1: a
+    /// whole block (up to 900 KB for the last tokenizer conv) would stream from L2 or L3 for
+    /// every pixel. A pixel's accumulators carry from tile to tile, so each lane still sums its
+    /// rows in increasing order.
+    #[inline(always)]
+    fn rows(
+        &self,
+        first: usize,
+        rows: &mut [f32],
+        sum: impl Fn(&[f32], &[usize], &mut Lanes, bool),
+    ) {
+        let (o, inputs) = (self.weights.outputs, self.weights.inputs);
+        let pixels = rows.len() / o;
+        let tiles = inputs.div_ceil(TILE);
+        // `splits[p * (tiles + 1) + t]`: where pixel p's selected rows of tile t begin.
+        let (mut active, mut splits) = (Vec::new(), Vec::with_capacity(pixels * (tiles + 1)));
+        let mut subtract = Vec::with_capacity(pixels);
+        for p in first..first + pixels {
+            let start = active.len();
+            subtract.push(self.select(p, &mut active));
+            let selected = &active[start..];
+            splits.extend((0..tiles).map(|t| start + selected.partition_point(|&r| r < t * TILE)));
+            splits.push(active.len());
         }
+        let mut accs = vec![[0f32; BLOCK]; pixels];
         for b in 0..o.div_ceil(BLOCK) {
             let block = self.weights.block(b);
-            let lanes = b * BLOCK..((b + 1) * BLOCK).min(o);
-            let mut start = 0;
-            for (out, &end) in rows.chunks_exact_mut(o).zip(&ends) {
-                let mut acc = self.weights.start(b);
-                for &r in &active[start..end] {
-                    let w: &[f32; BLOCK] = block[r * BLOCK..(r + 1) * BLOCK]
-                        .try_into()
-                        .expect("blocks hold BLOCK lanes per input");
-                    for (a, w) in acc.iter_mut().zip(w) {
-                        *a += w;
-                    }
+            for (acc, &sub) in accs.iter_mut().zip(&subtract) {
+                *acc = self.weights.start(b, sub);
+            }
+            for t in 0..tiles {
+                for ((acc, split), &sub) in accs
+                    .iter_mut()
+                    .zip(splits.chunks_exact(tiles + 1))
+                    .zip(&subtract)
+                {
+                    sum(block, &active[split[t]..split[t + 1]], acc, sub);
                 }
+            }
+            let lanes = b * BLOCK..((b + 1) * BLOCK).min(o);
+            for (out, acc) in rows.chunks_exact_mut(o).zip(&accs) {
                 out[lanes.clone()].copy_from_slice(&acc[..lanes.len()]);
-                start = end;
             }
         }
     }
@@ -286,7 +473,10 @@ impl Gather<'_> {
                     // SAFETY: the CPU supports the features `simd` is compiled for.
                     return unsafe { simd::gather_rows(self, first, rows) };
                 }
-                self.rows(first, rows)
+                self.rows(first, rows, |block, active, acc, sub| match sub {
+                    true => add_rows::<true>(block, active, acc),
+                    false => add_rows::<false>(block, active, acc),
+                })
             });
         out
     }
@@ -359,6 +549,20 @@ impl SpikeLayer {
         stride: usize,
         device: &Device,
     ) -> Result<Tensor> {
+        self.conv2d_channels_last(spikes, padding, stride, device)?
+            .permute((0, 3, 1, 2))?
+            .contiguous()
+    }
+
+    /// [`Self::conv2d`] left channels-last, `[B, Ho, Wo, O]`, as the kernel writes it: the
+    /// layout the next spike-driven layer reads, so a chain of them needs no transposes.
+    pub fn conv2d_channels_last(
+        &self,
+        spikes: &SpikeBits,
+        padding: usize,
+        stride: usize,
+        device: &Device,
+    ) -> Result<Tensor> {
         let (b, h, w, c) = spikes.dims4("spike_conv2d")?;
         let ((kh, kw), o) = (self.kernel, self.weights.outputs);
         if kh * kw * c != self.weights.inputs {
@@ -382,9 +586,7 @@ impl SpikeLayer {
             out_hw: (ho, wo),
         }
         .run();
-        Tensor::from_vec(out, (b, ho, wo, o), device)?
-            .permute((0, 3, 1, 2))?
-            .contiguous()
+        Tensor::from_vec(out, (b, ho, wo, o), device)
     }
 }
 
@@ -548,7 +750,52 @@ mod simd {
 
     #[target_feature(enable = "avx2,popcnt")]
     pub(super) fn gather_rows(job: &Gather, first: usize, rows: &mut [f32]) {
-        job.rows(first, rows)
+        // SAFETY: `Gather::select` only yields rows below the weight's input count, the
+        // number of rows of every block.
+        job.rows(first, rows, |block, active, acc, sub| unsafe {
+            match sub {
+                true => add_rows::<true>(block, active, acc),
+                false => add_rows::<false>(block, active, acc),
+            }
+        })
+    }
+
+    /// [`super::add_rows`] with the accumulators pinned in eight AVX registers: left to
+    /// itself, the compiler keeps them on the stack and stores all eight after every row, which
+    /// halves the kernel's speed. Lane by lane the sums run in the same order, so results are
+    /// bit-identical.
+    ///
+    /// # Safety
+    /// Every row in `active` must lie inside `block` (`r < block.len() / BLOCK`): checking it
+    /// here would cost a fifth of the kernel's time.
+    #[target_feature(enable = "avx2")]
+    unsafe fn add_rows<const SUB: bool>(block: &[f32], active: &[usize], acc: &mut Lanes) {
+        use std::arch::x86_64::*;
+        const REGS: usize = BLOCK / 8;
+        debug_assert!(active.iter().all(|&r| r < block.len() / BLOCK));
+        let base = block.as_ptr();
+        // SAFETY: `acc` holds REGS * 8 lanes and every row read lies inside `block` (the
+        // caller's promise); unaligned loads and stores are used throughout.
+        unsafe {
+            let mut regs = [_mm256_setzero_ps(); REGS];
+            for (i, reg) in regs.iter_mut().enumerate() {
+                *reg = _mm256_loadu_ps(acc.as_ptr().add(i * 8));
+            }
+            for &r in active {
+                let row = base.add(r * BLOCK);
+                for (i, reg) in regs.iter_mut().enumerate() {
+                    let w = _mm256_loadu_ps(row.add(i * 8));
+                    *reg = if SUB {
+                        _mm256_sub_ps(*reg, w)
+                    } else {
+                        _mm256_add_ps(*reg, w)
+                    };
+                }
+            }
+            for (i, reg) in regs.iter().enumerate() {
+                _mm256_storeu_ps(acc.as_mut_ptr().add(i * 8), *reg);
+            }
+        }
     }
 
     #[target_feature(enable = "avx2,popcnt")]
@@ -587,6 +834,30 @@ mod tests {
     }
 
     #[test]
+    fn heads_first_and_reshape_follow_the_unpacked_tensor() {
+        let s = spikes(&[2, 3, 5, 4, 48], 0.3);
+        let bits = SpikeBits::pack(&s).unwrap();
+        let swapped = bits.heads_first().unwrap();
+        assert_eq!(
+            swapped,
+            SpikeBits::pack(&s.transpose(2, 3).unwrap()).unwrap()
+        );
+        assert_eq!(
+            bits.counts_per_leading().iter().sum::<u64>(),
+            bits.count() as u64
+        );
+        let flat = bits.reshaped(vec![6, 20, 48]).unwrap();
+        assert_eq!(
+            flat,
+            SpikeBits::pack(&s.reshape((6, 20, 48)).unwrap()).unwrap()
+        );
+        assert!(SpikeBits::pack(&s)
+            .unwrap()
+            .reshaped(vec![6, 5, 192])
+            .is_err());
+    }
+
+    #[test]
     fn pack_rejects_non_binary() {
         let t = Tensor::new(&[[0f32, 1.0, 0.5]], &Device::Cpu).unwrap();
         let err = SpikeBits::pack(&t).unwrap_err().to_string();
@@ -603,30 +874,39 @@ mod tests {
         assert!(max_rel_diff(&ours, &dense) < 1e-5);
     }
 
+    /// Sparse rows add their active inputs' weights, dense ones (above half firing, around
+    /// 0.5 a mix of both) subtract their silent inputs' from the all-on sum, bias included.
     #[test]
-    fn layer_bias_starts_the_sums() {
-        let s = spikes(&[5, 70], 0.3);
+    fn layer_bias_starts_the_sums_at_every_firing_rate() {
         let w = Tensor::randn(0f32, 1.0, (66, 70), &Device::Cpu).unwrap();
         let b = Tensor::randn(0f32, 1.0, 66, &Device::Cpu).unwrap();
         let layer = SpikeLayer::new(&w, Some(&b)).unwrap();
-        let ours = layer
-            .linear(&SpikeBits::pack(&s).unwrap(), &Device::Cpu)
-            .unwrap();
-        let dense = s
-            .matmul(&w.t().unwrap())
-            .unwrap()
-            .broadcast_add(&b)
-            .unwrap();
-        assert!(max_rel_diff(&ours, &dense) < 1e-5);
+        for rate in [0.3, 0.5, 0.9, 1.0] {
+            let s = spikes(&[40, 70], rate);
+            let ours = layer
+                .linear(&SpikeBits::pack(&s).unwrap(), &Device::Cpu)
+                .unwrap();
+            let dense = s
+                .matmul(&w.t().unwrap())
+                .unwrap()
+                .broadcast_add(&b)
+                .unwrap();
+            assert!(max_rel_diff(&ours, &dense) < 1e-5, "rate {rate}");
+        }
         let err = SpikeLayer::new(&w, Some(&b.narrow(0, 0, 3).unwrap()))
             .unwrap_err()
             .to_string();
         assert!(err.contains("bias"), "{err}");
     }
 
-    fn check_conv(shape: (usize, usize, usize, usize), o: usize, k: usize, pad: usize, st: usize) {
+    fn check_conv(
+        shape: (usize, usize, usize, usize),
+        o: usize,
+        (k, pad, st): (usize, usize, usize),
+        rate: f64,
+    ) {
         let (b, c, h, w) = shape;
-        let s = spikes(&[b, c, h, w], 0.15);
+        let s = spikes(&[b, c, h, w], rate);
         let wt = Tensor::randn(0f32, 1.0, (o, c, k, k), &Device::Cpu).unwrap();
         let bits = SpikeBits::pack_channels_last(&s).unwrap();
         let ours = spike_conv2d(&bits, &wt, pad, st).unwrap();
@@ -635,15 +915,21 @@ mod tests {
         assert!(max_rel_diff(&ours, &dense) < 1e-5);
     }
 
+    /// At 0.8 the inner pixels subtract silent inputs while the border ones, whose windows
+    /// leave the image, add active ones.
     #[test]
     fn conv3x3_matches_dense() {
-        check_conv((2, 70, 7, 5), 9, 3, 1, 1);
+        for rate in [0.15, 0.8] {
+            check_conv((2, 70, 7, 5), 9, (3, 1, 1), rate);
+        }
     }
 
     #[test]
     fn conv1x1_and_strided_match_dense() {
-        check_conv((3, 5, 6, 6), 4, 1, 0, 1);
-        check_conv((2, 3, 9, 9), 4, 3, 1, 2);
+        for rate in [0.15, 0.8] {
+            check_conv((3, 5, 6, 6), 4, (1, 0, 1), rate);
+            check_conv((2, 3, 9, 9), 4, (3, 1, 2), rate);
+        }
     }
 
     #[test]

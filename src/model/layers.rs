@@ -133,9 +133,9 @@ impl ConvBn {
     }
 
     /// Eval-mode forward of channels-last spikes `[N, H, W, C]` through this layer's
-    /// [`ConvBn::folded`] twin: `[N, C_out, H, W]`.
+    /// [`ConvBn::folded`] twin, channels-last too: `[N, H, W, C_out]`.
     pub fn forward_spikes(&self, folded: &SpikeLayer, spikes: &SpikeBits) -> Result<Tensor> {
-        folded.conv2d(spikes, self.padding, 1, self.weight.device())
+        folded.conv2d_channels_last(spikes, self.padding, 1, self.weight.device())
     }
 }
 
@@ -239,6 +239,11 @@ impl LinearBn {
 /// Max-pooling with a 3x3 window, stride 2 and padding 1 on `[N, C, H, W]`, the tokenizer's.
 pub fn max_pool_3x3_s2(x: &Tensor) -> Result<Tensor> {
     crate::kernels::maxpool::max_pool2d(x, 3, 2, 1)
+}
+
+/// [`max_pool_3x3_s2`] of channels-last `[N, H, W, C]`, for inference.
+pub fn max_pool_3x3_s2_channels_last(x: &Tensor) -> Result<Tensor> {
+    crate::kernels::maxpool::max_pool2d_channels_last(x, 3, 2, 1)
 }
 
 /// LayerNorm over the last axis, composed from differentiable ops (candle's fused layer norm

@@ -15,7 +15,7 @@ use candle_core::{Device, Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
 use super::config::SpikeClipConfig;
-use super::layers::{max_pool_3x3_s2, ConvBn, LinearBn};
+use super::layers::{max_pool_3x3_s2, max_pool_3x3_s2_channels_last, ConvBn, LinearBn};
 use super::readout::Readout;
 use super::summary::{linear_params, Layer};
 use crate::energy::{Op, OpInput};
@@ -109,7 +109,7 @@ impl<'a, W> Fed<'a, W> {
                 train,
             },
             Pass::Sparse(folded) => Fed::Sparse {
-                bits: SpikeBits::pack(&lif.forward(x)?)?,
+                bits: lif.lif.forward_bits(x)?,
                 folded,
                 device: x.device().clone(),
             },
@@ -221,23 +221,35 @@ impl SpikingSelfAttention {
                 .reshape((t * b * h, n, d))
         };
         let [q, k, v] = s.linears([&self.q, &self.k, &self.v], |w| [&w.q, &w.k, &w.v])?;
-        let q = split(self.q_lif.forward(&q)?)?;
-        let mut k = self.k_lif.forward(&k)?;
-        if let Some(m) = key_mask {
-            k = k.broadcast_mul(&m.reshape((1, b, n, 1))?)?;
-        }
-        let k = split(k)?;
-        let v = split(self.v_lif.forward(&v)?)?;
         let product = match pass {
-            Pass::Dense { .. } => q.matmul(&k.t()?.contiguous()?)?.matmul(&v)?,
-            // Integer counts, exactly the dense product.
-            Pass::Sparse(_) => spike_attention(
-                &SpikeBits::pack(&q)?,
-                &SpikeBits::pack(&k)?,
-                &SpikeBits::pack(&v)?,
-            )?
-            .to_dtype(candle_core::DType::F32)?
-            .to_device(q.device())?,
+            Pass::Dense { .. } => {
+                let q = split(self.q_lif.forward(&q)?)?;
+                let mut k = self.k_lif.forward(&k)?;
+                if let Some(m) = key_mask {
+                    k = k.broadcast_mul(&m.reshape((1, b, n, 1))?)?;
+                }
+                let k = split(k)?;
+                let v = split(self.v_lif.forward(&v)?)?;
+                q.matmul(&k.t()?.contiguous()?)?.matmul(&v)?
+            }
+            // Integer counts, exactly the dense product, `[T, B, H, N, d]`.
+            Pass::Sparse(_) => {
+                if key_mask.is_some() {
+                    candle_core::bail!("spike-driven attention takes no key mask")
+                }
+                let heads = |lif: &NamedLif, y: &Tensor| {
+                    lif.lif
+                        .forward_bits(&y.reshape((t, b, n, h, d))?)?
+                        .heads_first()
+                };
+                spike_attention(
+                    &heads(&self.q_lif, &q)?,
+                    &heads(&self.k_lif, &k)?,
+                    &heads(&self.v_lif, &v)?,
+                )?
+                .to_dtype(candle_core::DType::F32)?
+                .to_device(x.device())?
+            }
         };
         let y = (product * 0.125)?
             .reshape((t, b, h, n, d))?
@@ -530,12 +542,14 @@ impl ImageEncoder {
     /// The first conv's output repeated over T, `[T, B, C, H, W]`: the input is the same at every
     /// step, so the conv runs once, and BatchNorm sees the same statistics as over T copies.
     fn first_conv(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let first = self.convs[0].forward(x, train)?;
-        let (b, c, h, w) = first.dims4()?;
-        first
-            .unsqueeze(0)?
-            .broadcast_as((self.cfg.time_steps, b, c, h, w))?
-            .contiguous()
+        self.over_time(&self.convs[0].forward(x, train)?)
+    }
+
+    /// `y` repeated over the T time steps, `[T, ...]`.
+    fn over_time(&self, y: &Tensor) -> Result<Tensor> {
+        let mut dims = vec![self.cfg.time_steps];
+        dims.extend_from_slice(y.dims());
+        y.unsqueeze(0)?.broadcast_as(dims)?.contiguous()
     }
 
     /// The first LIF layer's name and spikes `[T, B, C, H, W]` (eval mode).
@@ -546,17 +560,14 @@ impl ImageEncoder {
 
     /// Spike tokens `[T, B, N, C]` of images `[B, 3, H, W]`.
     fn tokens(&self, x: &Tensor, pass: Pass<SparseWeights>) -> Result<Tensor> {
-        let mut y = pass.cut(self.first_conv(x, pass.train())?);
+        let train = match pass {
+            Pass::Dense { train } => train,
+            Pass::Sparse(w) => return self.sparse_tokens(x, w),
+        };
+        let mut y = pass.cut(self.first_conv(x, train)?);
         for (i, conv) in self.convs.iter().enumerate().skip(1) {
-            let lif = &self.conv_lifs[i - 1];
             // All time steps at once, `[T * B, ...]`, as SpikingJelly's `SeqToANNContainer`.
-            let z = match pass {
-                Pass::Dense { train } => conv.forward_lif(&lif.lif, &y, train)?,
-                Pass::Sparse(w) => {
-                    let spikes = lif.forward(&y)?.flatten_to(1)?;
-                    conv.forward_spikes(&w.convs[i - 1], &SpikeBits::pack_channels_last(&spikes)?)?
-                }
-            };
+            let z = conv.forward_lif(&self.conv_lifs[i - 1].lif, &y, train)?;
             let z = if POOLED.contains(&i) {
                 max_pool_3x3_s2(&z)?
             } else {
@@ -568,6 +579,29 @@ impl ImageEncoder {
         }
         // [T, B, C, H, W] -> [T, B, N, C]
         y.flatten_from(3)?.transpose(2, 3)?.contiguous()
+    }
+
+    /// [`Self::tokens`] spike-driven, channels-last throughout: the spike-fed convs read and
+    /// write `[T * B, H, W, C]`, so the feature maps are never transposed and the tokens come
+    /// out as a reshape.
+    fn sparse_tokens(&self, x: &Tensor, w: &SparseWeights) -> Result<Tensor> {
+        let first = self.convs[0].forward(x, false)?.permute((0, 2, 3, 1))?;
+        let mut y = self.over_time(&first)?; // [T, B, H, W, C]
+        for (i, conv) in self.convs.iter().enumerate().skip(1) {
+            let (t, b) = (y.dim(0)?, y.dim(1)?);
+            let bits = self.conv_lifs[i - 1].lif.forward_bits(&y)?;
+            let flat = [t * b].iter().chain(&bits.shape()[2..]).copied().collect();
+            let z = conv.forward_spikes(&w.convs[i - 1], &bits.reshaped(flat)?)?;
+            let z = if POOLED.contains(&i) {
+                max_pool_3x3_s2_channels_last(&z)?
+            } else {
+                z
+            };
+            let (_, h, wd, c) = z.dims4()?;
+            y = z.reshape((t, b, h, wd, c))?;
+        }
+        let (t, b, h, wd, c) = y.dims5()?;
+        y.reshape((t, b, h * wd, c))
     }
 
     /// Image features `[B, out_dim]` of CLIP-normalised images `[B, 3, H, W]`.

@@ -14,6 +14,8 @@ use serde::{Deserialize, Serialize};
 use super::lif_kernel;
 use super::monitor::SpikeMonitor;
 use super::surrogate::Surrogate;
+use crate::kernels::spikes::SpikeBits;
+use crate::kernels::with_f32;
 
 /// Neuron parameters, with SpikingJelly's `MultiStepLIFNode` meaning and defaults.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -109,16 +111,7 @@ impl MultiStepLif {
     /// CPU tensors run the fused kernel in place; tensors on another device take a round trip
     /// through the CPU (the op has no GPU kernel yet), gradients included.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.cfg.validate()?;
-        if x.rank() == 0 || x.dim(0)? == 0 {
-            candle_core::bail!(
-                "LIF: input must be [T, ...] with T >= 1, got {:?}",
-                x.shape()
-            )
-        }
-        if x.dtype() != DType::F32 {
-            candle_core::bail!("LIF: input must be f32, got {:?}", x.dtype())
-        }
+        self.check_input(x)?;
         let op = LifForward {
             cfg: self.cfg,
             monitor: self.monitor.is_enabled().then(|| self.monitor.clone()),
@@ -129,6 +122,37 @@ impl MultiStepLif {
             let cpu = x.to_device(&candle_core::Device::Cpu)?.contiguous()?;
             cpu.apply_op1(op)?.to_device(x.device())
         }
+    }
+
+    fn check_input(&self, x: &Tensor) -> Result<()> {
+        self.cfg.validate()?;
+        if x.rank() == 0 || x.dim(0)? == 0 {
+            candle_core::bail!(
+                "LIF: input must be [T, ...] with T >= 1, got {:?}",
+                x.shape()
+            )
+        }
+        if x.dtype() != DType::F32 {
+            candle_core::bail!("LIF: input must be f32, got {:?}", x.dtype())
+        }
+        Ok(())
+    }
+
+    /// The spikes of [`Self::forward`] packed along the last axis, for the spike-driven
+    /// inference kernels: the f32 spike tensor between them would be 32 times the bits, written
+    /// once and read once. Counted by the monitor like `forward`; no gradient flows.
+    pub fn forward_bits(&self, x: &Tensor) -> Result<SpikeBits> {
+        self.check_input(x)?;
+        let x = x.to_device(&candle_core::Device::Cpu)?;
+        let (n, cols) = (neurons(x.shape()), x.dims()[x.rank() - 1]);
+        let words = with_f32(&x, "LIF", |x| {
+            Ok(lif_kernel::forward_bits(&self.cfg, x, n, cols))
+        })?;
+        let bits = SpikeBits::from_words(words, x.dims().to_vec())?;
+        if self.monitor.is_enabled() {
+            self.monitor.record(&bits.counts_per_leading(), n as u64);
+        }
+        Ok(bits)
     }
 
     /// Gradient of the input `x [T, ...]` given the gradient of the spikes it produces, without
@@ -221,5 +245,34 @@ impl CustomOp2 for LifBackward {
         let (x, g) = (f32_slice(xs, xl)?, f32_slice(gs, gl)?);
         let gx = lif_kernel::backward(&self.cfg, x, g, neurons(xl.shape()));
         Ok((CpuStorage::F32(gx), xl.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// Rows longer and shorter than a word, more neurons than one work item, and both charge
+    /// rules the models use.
+    #[test]
+    fn packed_spikes_are_the_forward_spikes_and_are_counted() -> Result<()> {
+        for (cols, cfg) in [
+            (48, LifConfig::attention()),
+            (130, LifConfig::default()),
+            (7, LifConfig::default()),
+        ] {
+            let x = (Tensor::randn(0.6f32, 1.0, (4, 3, 29, cols), &Device::Cpu)? * 1.5)?;
+            let lif = MultiStepLif::new(cfg);
+            lif.monitor().enable();
+            let dense = lif.forward(&x)?;
+            let dense_counts = lif.monitor().counts();
+            lif.monitor().reset();
+            let bits = lif.forward_bits(&x)?;
+            assert_eq!(bits, SpikeBits::pack(&dense)?, "cols {cols}");
+            assert_eq!(lif.monitor().counts(), dense_counts, "cols {cols}");
+            assert!(bits.count() > 0);
+        }
+        Ok(())
     }
 }

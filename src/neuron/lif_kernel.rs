@@ -5,10 +5,13 @@
 //! AVX2 and FMA a second copy of each loop runs eight lanes wide. Work is split over chunks of
 //! neurons: a chunk's T membrane values stay in cache while backward runs through time.
 
+use std::ops::Range;
+
 use rayon::prelude::*;
 
 use super::lif::LifConfig;
 use super::surrogate::{atan_slope, sigmoid_slope, Surrogate};
+use crate::kernels::spikes::pack_binary_row;
 
 /// Neurons per work item.
 const CHUNK: usize = 1024;
@@ -211,6 +214,15 @@ fn for_each_lane(
     }
 }
 
+/// One step of one neuron: charge membrane `v` with input `x`, fire into `o` (0 or 1), reset.
+#[inline(always)]
+fn step<C: Charge>(c: C, k: Common, o: &mut f32, v: &mut f32, x: f32) {
+    let h = c.charge(*v, x);
+    let s = h >= k.v_th;
+    *v = k.reset(h, s);
+    *o = if s { 1.0 } else { 0.0 };
+}
+
 #[inline(always)]
 fn forward_chunk<C: Charge>(c: C, k: Common, pass: Pass, lo: usize, hi: usize) -> Vec<u64> {
     let steps = pass.x.len() / pass.n;
@@ -220,17 +232,47 @@ fn forward_chunk<C: Charge>(c: C, k: Common, pass: Pass, lo: usize, hi: usize) -
         let xs = &pass.x[t * pass.n + lo..t * pass.n + hi];
         // SAFETY: this work item owns lo..hi.
         let out = unsafe { pass.out_slice(t, lo, hi) };
-        for_each_lane(out, &mut v, xs, |o, v, x| {
-            let h = c.charge(*v, x);
-            let s = h >= k.v_th;
-            *v = k.reset(h, s);
-            *o = if s { 1.0 } else { 0.0 };
-        });
+        for_each_lane(out, &mut v, xs, |o, v, x| step(c, k, o, v, x));
         if pass.count_spikes {
             *fired_at_t = out.iter().filter(|&&s| s != 0.0).count() as u64;
         }
     }
     spikes
+}
+
+/// Rows `rows` (of `cols` neurons) of a `[T, n]` input: their spikes packed 64 to a word,
+/// `[T, rows, words_per_row]`, the same spikes as [`forward_chunk`]'s.
+#[inline(always)]
+fn bits_chunk<C: Charge>(
+    c: C,
+    k: Common,
+    (x, n): (&[f32], usize),
+    (cols, words_per_row): (usize, usize),
+    rows: Range<usize>,
+) -> Vec<u64> {
+    let steps = x.len() / n;
+    let (lo, hi) = (rows.start * cols, rows.end * cols);
+    let mut v = vec![k.v_rest; hi - lo];
+    let mut spikes = vec![0f32; hi - lo];
+    let mut words = vec![0u64; steps * rows.len() * words_per_row];
+    for (t, words) in words
+        .chunks_exact_mut(rows.len() * words_per_row)
+        .enumerate()
+    {
+        for_each_lane(
+            &mut spikes,
+            &mut v,
+            &x[t * n + lo..t * n + hi],
+            |o, v, x| step(c, k, o, v, x),
+        );
+        for (row, row_words) in spikes
+            .chunks_exact(cols)
+            .zip(words.chunks_exact_mut(words_per_row))
+        {
+            pack_binary_row(row, row_words);
+        }
+    }
+    words
 }
 
 #[inline(always)]
@@ -307,6 +349,17 @@ mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma")]
+    pub(super) fn bits_chunk<C: Charge>(
+        c: C,
+        k: Common,
+        input: (&[f32], usize),
+        row_shape: (usize, usize),
+        rows: Range<usize>,
+    ) -> Vec<u64> {
+        super::bits_chunk(c, k, input, row_shape, rows)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
     pub(super) fn backward_chunk<C: Charge, S: Slope>(
         c: C,
         sl: S,
@@ -357,6 +410,46 @@ impl WithCharge for Forward<'_> {
     }
 }
 
+struct ForwardBits<'a> {
+    cfg: &'a LifConfig,
+    x: &'a [f32],
+    n: usize,
+    cols: usize,
+}
+
+impl WithCharge for ForwardBits<'_> {
+    type Out = Vec<u64>;
+    fn run<C: Charge>(self, c: C) -> Vec<u64> {
+        let (k, input) = (Common::new(self.cfg), (self.x, self.n));
+        let row_shape = (self.cols, self.cols.div_ceil(u64::BITS as usize));
+        let rows = self.n / self.cols;
+        // Whole rows per work item, about CHUNK neurons.
+        let per_item = (CHUNK / self.cols).max(1);
+        let items: Vec<Vec<u64>> = (0..rows.div_ceil(per_item))
+            .into_par_iter()
+            .map(|i| {
+                let rows = i * per_item..((i + 1) * per_item).min(rows);
+                #[cfg(target_arch = "x86_64")]
+                if has_avx2() {
+                    // SAFETY: the CPU has the features `avx2::bits_chunk` is compiled for.
+                    return unsafe { avx2::bits_chunk(c, k, input, row_shape, rows) };
+                }
+                bits_chunk(c, k, input, row_shape, rows)
+            })
+            .collect();
+        // Items hold [T, their rows, words]; the result is [T, all rows, words].
+        let steps = self.x.len() / self.n.max(1);
+        let mut words = Vec::with_capacity(steps * rows * row_shape.1);
+        for t in 0..steps {
+            for item in &items {
+                let per_step = item.len() / steps;
+                words.extend_from_slice(&item[t * per_step..(t + 1) * per_step]);
+            }
+        }
+        words
+    }
+}
+
 struct Backward<'a> {
     cfg: &'a LifConfig,
     pass: Pass<'a>,
@@ -403,6 +496,16 @@ pub(super) fn forward(
     };
     let per_step = with_charge(cfg, Forward { cfg, pass });
     (out, per_step)
+}
+
+/// Spikes of `[T, n]` input `x`, whose neurons form rows of `cols`, packed 64 to a word per
+/// row: `[T, n / cols, cols.div_ceil(64)]` words, bit `j % 64` of word `j / 64` for column `j`.
+/// Eval only: nothing is kept for backward.
+pub(super) fn forward_bits(cfg: &LifConfig, x: &[f32], n: usize, cols: usize) -> Vec<u64> {
+    if n == 0 || cols == 0 {
+        return Vec::new();
+    }
+    with_charge(cfg, ForwardBits { cfg, x, n, cols })
 }
 
 /// dL/dX of `[T, n]` input `x` given dL/dS.
