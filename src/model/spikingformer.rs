@@ -19,6 +19,8 @@ use super::layers::{max_pool_3x3_s2, ConvBn, LinearBn};
 use super::readout::Readout;
 use super::summary::{linear_params, Layer};
 use crate::energy::{Op, OpInput};
+use crate::kernels::attention::Attention;
+use crate::kernels::lif_linear::lif_linear_packed;
 use crate::kernels::spikes::{spike_attention, SpikeBits, SpikeLayer};
 use crate::neuron::{LifConfig, MultiStepLif};
 
@@ -116,30 +118,17 @@ impl<'a, W> Fed<'a, W> {
         })
     }
 
-    /// `layers` applied to the spikes: themselves when dense, their folded twins `twins(folded)`
-    /// when sparse.
-    fn linears<const N: usize>(
-        &self,
-        layers: [&LinearBn; N],
-        twins: impl FnOnce(&W) -> [&SpikeLayer; N],
-    ) -> Result<[Tensor; N]> {
-        let out = match self {
-            Fed::Dense { lif, x, train } => LinearBn::forward_lif(&layers, &lif.lif, x, *train)?,
+    /// `layer` applied to the spikes: itself when dense, its folded twin `twin(folded)` when
+    /// sparse.
+    fn linear(&self, layer: &LinearBn, twin: impl FnOnce(&W) -> &SpikeLayer) -> Result<Tensor> {
+        match self {
+            Fed::Dense { lif, x, train } => LinearBn::forward_lif(&[layer], &lif.lif, x, *train),
             Fed::Sparse {
                 bits,
                 folded,
                 device,
-            } => twins(folded)
-                .iter()
-                .map(|t| t.linear(bits, device))
-                .collect::<Result<_>>()?,
-        };
-        Ok(out.try_into().expect("one output per layer"))
-    }
-
-    fn linear(&self, layer: &LinearBn, twin: impl FnOnce(&W) -> &SpikeLayer) -> Result<Tensor> {
-        let [y] = self.linears([layer], |w| [twin(w)])?;
-        Ok(y)
+            } => twin(folded).linear(bits, device),
+        }
     }
 }
 
@@ -151,6 +140,9 @@ struct FoldedAttention {
     v: SpikeLayer,
     proj: SpikeLayer,
 }
+
+/// Spiking self-attention's scale of `q k^T v`.
+const ATTENTION_SCALE: f64 = 0.125;
 
 /// Spiking self-attention: q, k, v from spikes, `(q k^T) v * 0.125` without softmax.
 #[derive(Debug, Clone)]
@@ -201,49 +193,60 @@ impl SpikingSelfAttention {
         })
     }
 
+    /// The attention core's settings.
+    fn core(&self, key_mask: Option<&Tensor>) -> Attention {
+        Attention {
+            lifs: [&self.q_lif, &self.k_lif, &self.v_lif].map(|l| l.lif.clone()),
+            heads: self.heads,
+            scale: ATTENTION_SCALE,
+            key_mask: key_mask.cloned(),
+        }
+    }
+
     /// `[T, B, N, C]` to `[T, B, N, C]`. `key_mask` (`[B, N]`, 1 for tokens, 0 for padding)
-    /// zeroes the keys of padding: without a softmax, a zero key row removes that token's value
-    /// from every query's output.
+    /// takes padding out of attention (see [`Attention::key_mask`]).
     fn forward(
         &self,
         x: &Tensor,
         key_mask: Option<&Tensor>,
         pass: Pass<FoldedAttention>,
     ) -> Result<Tensor> {
-        let (t, b, n, c) = x.dims4()?;
-        let (h, d) = (self.heads, c / self.heads);
-        let s = Fed::new(&self.input, x, pass)?;
-        // [T, B, N, C] -> [T * B * H, N, d]: candle's CPU matmul wants 3-D contiguous inputs.
-        let split = |y: Tensor| -> Result<Tensor> {
-            y.reshape((t, b, n, h, d))?
-                .transpose(2, 3)?
-                .contiguous()?
-                .reshape((t * b * h, n, d))
+        let core = self.core(key_mask);
+        let layers = [&self.q, &self.k, &self.v];
+        let y = match pass {
+            // In training the normalised q, k, v are recomputed in backward, not kept.
+            Pass::Dense { train: true } => {
+                let back = core.clone();
+                LinearBn::forward_lif_then(&layers, &self.input.lif, x, None, |qkv| {
+                    let grad = move |qkv: &Tensor, g: &Tensor| Ok((back.gradient(qkv, g)?, None));
+                    Ok((core.value(qkv)?, grad))
+                })?
+            }
+            Pass::Dense { train: false } => {
+                core.forward(&LinearBn::forward_lif(&layers, &self.input.lif, x, false)?)?
+            }
+            Pass::Sparse(_) => {
+                let dims = x.dims4()?;
+                let s = Fed::new(&self.input, x, pass)?;
+                let q = s.linear(&self.q, |w| &w.q)?;
+                let k = s.linear(&self.k, |w| &w.k)?;
+                let v = s.linear(&self.v, |w| &w.v)?;
+                let mut k = self.k_lif.forward(&k)?;
+                if let Some(m) = key_mask {
+                    k = k.broadcast_mul(&m.reshape((1, dims.1, dims.2, 1))?)?;
+                }
+                let bits = |t: Tensor| SpikeBits::pack(&core.split(&t)?);
+                // Integer counts, exactly the dense product.
+                let product = spike_attention(
+                    &bits(self.q_lif.forward(&q)?)?,
+                    &bits(k)?,
+                    &bits(self.v_lif.forward(&v)?)?,
+                )?
+                .to_dtype(candle_core::DType::F32)?
+                .to_device(x.device())?;
+                core.merge(&(product * ATTENTION_SCALE)?, dims)?
+            }
         };
-        let [q, k, v] = s.linears([&self.q, &self.k, &self.v], |w| [&w.q, &w.k, &w.v])?;
-        let q = split(self.q_lif.forward(&q)?)?;
-        let mut k = self.k_lif.forward(&k)?;
-        if let Some(m) = key_mask {
-            k = k.broadcast_mul(&m.reshape((1, b, n, 1))?)?;
-        }
-        let k = split(k)?;
-        let v = split(self.v_lif.forward(&v)?)?;
-        let product = match pass {
-            Pass::Dense { .. } => q.matmul(&k.t()?.contiguous()?)?.matmul(&v)?,
-            // Integer counts, exactly the dense product.
-            Pass::Sparse(_) => spike_attention(
-                &SpikeBits::pack(&q)?,
-                &SpikeBits::pack(&k)?,
-                &SpikeBits::pack(&v)?,
-            )?
-            .to_dtype(candle_core::DType::F32)?
-            .to_device(q.device())?,
-        };
-        let y = (product * 0.125)?
-            .reshape((t, b, h, n, d))?
-            .transpose(2, 3)?
-            .contiguous()?
-            .reshape((t, b, n, c))?;
         Fed::new(&self.attn_lif, &y, pass)?.linear(&self.proj, |w| &w.proj)
     }
 
@@ -303,6 +306,16 @@ impl SpikingMlp {
     }
 
     fn forward(&self, x: &Tensor, pass: Pass<FoldedMlp>) -> Result<Tensor> {
+        if pass.train() {
+            // The hidden layer's normalised output, four times the block's width, is
+            // recomputed in backward instead of kept for the second layer.
+            let packed = self.fc2.packed()?;
+            let y =
+                LinearBn::forward_lif_then(&[&self.fc1], &self.lif1.lif, x, Some(&packed), |h| {
+                    lif_linear_packed(&self.lif2.lif, h, &packed)
+                })?;
+            return self.fc2.normalise(&y, true);
+        }
         let h = Fed::new(&self.lif1, x, pass)?.linear(&self.fc1, |w| &w.fc1)?;
         Fed::new(&self.lif2, &h, pass)?.linear(&self.fc2, |w| &w.fc2)
     }
@@ -550,17 +563,22 @@ impl ImageEncoder {
         for (i, conv) in self.convs.iter().enumerate().skip(1) {
             let lif = &self.conv_lifs[i - 1];
             // All time steps at once, `[T * B, ...]`, as SpikingJelly's `SeqToANNContainer`.
+            let pooled = POOLED.contains(&i);
             let z = match pass {
+                Pass::Dense { train } if pooled => conv.forward_lif_pooled(&lif.lif, &y, train)?,
                 Pass::Dense { train } => conv.forward_lif(&lif.lif, &y, train)?,
                 Pass::Sparse(w) => {
                     let spikes = lif.forward(&y)?.flatten_to(1)?;
-                    conv.forward_spikes(&w.convs[i - 1], &SpikeBits::pack_channels_last(&spikes)?)?
+                    let z = conv.forward_spikes(
+                        &w.convs[i - 1],
+                        &SpikeBits::pack_channels_last(&spikes)?,
+                    )?;
+                    if pooled {
+                        max_pool_3x3_s2(&z)?
+                    } else {
+                        z
+                    }
                 }
-            };
-            let z = if POOLED.contains(&i) {
-                max_pool_3x3_s2(&z)?
-            } else {
-                z
             };
             let mut dims = y.dims()[..2].to_vec();
             dims.extend_from_slice(&z.dims()[1..]);
