@@ -623,6 +623,21 @@ mod tests {
         check_then(&[8, 6], Some(&packed), then, composed);
     }
 
+    /// Followed by a residual sum whose other term gets its gradient through `param`, as the
+    /// blocks' projections.
+    #[test]
+    fn then_residual_sum_matches_composed() {
+        let residual = Var::randn(0f32, 1.0, (8, 6), &Device::Cpu).unwrap();
+        let kept = residual.as_tensor().detach();
+        let then = |y: &Tensor| {
+            let grad = |_: &Tensor, g: &Tensor| Ok((g.clone(), Some(g.clone())));
+            Ok(((y + &kept)?, grad))
+        };
+        check_then(&[8, 6], Some(&residual), then, |y| {
+            (y + residual.as_tensor()).unwrap()
+        });
+    }
+
     #[test]
     fn rejects_a_vector() {
         let (_vm, bn) = batch_norm(

@@ -264,10 +264,27 @@ impl LinearBn {
         Tensor::cat(&[w, &b.unsqueeze(1)?], 1)
     }
 
-    /// This layer's BatchNorm on its linear output `y [..., C_out]`.
-    pub fn normalise(&self, y: &Tensor, train: bool) -> Result<Tensor> {
+    /// `residual + BN(y)` in training mode for this layer's linear output `y [..., C_out]`: the
+    /// normalised output is recomputed in backward instead of kept for the sum.
+    pub fn add_to(&self, residual: &Tensor, y: &Tensor) -> Result<Tensor> {
         let dims = y.dims().to_vec();
-        normalise(&[&self.bn], &y.flatten_to(dims.len() - 2)?, train)?.reshape(dims)
+        let rows = residual.flatten_to(dims.len() - 2)?;
+        let kept = rows.detach();
+        let sum = batch_norm_train_then(
+            &y.flatten_to(dims.len() - 2)?,
+            &[&self.bn],
+            Some(&rows),
+            |n| {
+                let grad = |_: &Tensor, g: &Tensor| Ok((g.clone(), Some(g.clone())));
+                Ok(((n + kept)?, grad))
+            },
+        )?;
+        sum.reshape(dims)
+    }
+
+    /// `residual + self.forward_lif(lif, x)` in training mode, as [`Self::add_to`].
+    pub fn add_lif_to(&self, residual: &Tensor, lif: &MultiStepLif, x: &Tensor) -> Result<Tensor> {
+        self.add_to(residual, &Self::stacked_lif(&[self], lif, x)?)
     }
 
     /// The layers' outputs side by side, before BatchNorm: one fused LIF + matmul over their

@@ -203,8 +203,9 @@ impl SpikingSelfAttention {
         }
     }
 
-    /// `[T, B, N, C]` to `[T, B, N, C]`. `key_mask` (`[B, N]`, 1 for tokens, 0 for padding)
-    /// takes padding out of attention (see [`Attention::key_mask`]).
+    /// `x + SSA(x)` for `x [T, B, N, C]`, the residual added here so that training can leave
+    /// the projection's normalised output out of what it keeps. `key_mask` (`[B, N]`, 1 for
+    /// tokens, 0 for padding) takes padding out of attention (see [`Attention::key_mask`]).
     fn forward(
         &self,
         x: &Tensor,
@@ -247,7 +248,10 @@ impl SpikingSelfAttention {
                 core.merge(&(product * ATTENTION_SCALE)?, dims)?
             }
         };
-        Fed::new(&self.attn_lif, &y, pass)?.linear(&self.proj, |w| &w.proj)
+        if pass.train() {
+            return self.proj.add_lif_to(x, &self.attn_lif.lif, &y);
+        }
+        x + Fed::new(&self.attn_lif, &y, pass)?.linear(&self.proj, |w| &w.proj)?
     }
 
     fn params(&self) -> usize {
@@ -305,6 +309,7 @@ impl SpikingMlp {
         })
     }
 
+    /// `x + MLP(x)` for `x [T, B, N, C]`, the residual added here as in spiking self-attention.
     fn forward(&self, x: &Tensor, pass: Pass<FoldedMlp>) -> Result<Tensor> {
         if pass.train() {
             // The hidden layer's normalised output, four times the block's width, is
@@ -314,10 +319,10 @@ impl SpikingMlp {
                 LinearBn::forward_lif_then(&[&self.fc1], &self.lif1.lif, x, Some(&packed), |h| {
                     lif_linear_packed(&self.lif2.lif, h, &packed)
                 })?;
-            return self.fc2.normalise(&y, true);
+            return self.fc2.add_to(x, &y);
         }
         let h = Fed::new(&self.lif1, x, pass)?.linear(&self.fc1, |w| &w.fc1)?;
-        Fed::new(&self.lif2, &h, pass)?.linear(&self.fc2, |w| &w.fc2)
+        x + Fed::new(&self.lif2, &h, pass)?.linear(&self.fc2, |w| &w.fc2)?
     }
 }
 
@@ -363,8 +368,8 @@ impl Block {
         key_mask: Option<&Tensor>,
         pass: Pass<FoldedBlock>,
     ) -> Result<Tensor> {
-        let x = (x + self.attn.forward(x, key_mask, pass.map(|w| &w.attn))?)?;
-        Ok(pass.cut((&x + self.mlp.forward(&x, pass.map(|w| &w.mlp))?)?))
+        let x = self.attn.forward(x, key_mask, pass.map(|w| &w.attn))?;
+        Ok(pass.cut(self.mlp.forward(&x, pass.map(|w| &w.mlp))?))
     }
 
     /// The block's LIF layers, in forward order.
