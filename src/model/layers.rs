@@ -256,12 +256,19 @@ impl LinearBn {
     /// [`crate::kernels::lif_linear::lif_linear_packed`] takes them; gradients flow back to
     /// both.
     pub fn packed(&self) -> Result<Tensor> {
+        Tensor::cat(
+            &[self.linear.weight(), &self.bias_or_zeros()?.unsqueeze(1)?],
+            1,
+        )
+    }
+
+    /// The bias, or zeros for a layer without one.
+    fn bias_or_zeros(&self) -> Result<Tensor> {
         let w = self.linear.weight();
-        let b = match self.linear.bias() {
-            Some(b) => b.clone(),
-            None => Tensor::zeros(w.dim(0)?, w.dtype(), w.device())?,
-        };
-        Tensor::cat(&[w, &b.unsqueeze(1)?], 1)
+        match self.linear.bias() {
+            Some(b) => Ok(b.clone()),
+            None => Tensor::zeros(w.dim(0)?, w.dtype(), w.device()),
+        }
     }
 
     /// `residual + BN(y)` in training mode for this layer's linear output `y [..., C_out]`: the
@@ -295,11 +302,7 @@ impl LinearBn {
         let bias = if layers.iter().any(|l| l.linear.bias().is_some()) {
             let parts = layers
                 .iter()
-                .zip(&weights)
-                .map(|(l, w)| match l.linear.bias() {
-                    Some(b) => Ok(b.clone()),
-                    None => Tensor::zeros(w.dim(0)?, w.dtype(), w.device()),
-                })
+                .map(|l| l.bias_or_zeros())
                 .collect::<Result<Vec<_>>>()?;
             Some(Tensor::cat(&parts, 0)?)
         } else {
