@@ -14,7 +14,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, Var};
 use candle_nn::BatchNorm;
 use rayon::prelude::*;
 
-use super::{contiguous_f32, with_f32};
+use super::{contiguous_f32, with_backward3, with_f32, Grads3};
 
 /// A tensor `[N, C, ...]` seen as `[outer, c, inner]`: statistics are per channel `c`.
 #[derive(Debug, Clone, Copy)]
@@ -179,6 +179,53 @@ impl Stats {
     }
 }
 
+/// `x * (gamma * invstd) + (beta - mean * gamma * invstd)` per channel.
+fn normalised(x: &[f32], d: Dims, stats: &Stats, gamma: &[f32], beta: &[f32]) -> Vec<f32> {
+    let scale: Vec<f32> = (0..d.c)
+        .map(|ch| (gamma[ch] as f64 * stats.invstd[ch]) as f32)
+        .collect();
+    let shift: Vec<f32> = (0..d.c)
+        .map(|ch| (beta[ch] as f64 - stats.mean[ch] * scale[ch] as f64) as f32)
+        .collect();
+    per_channel_map(x, x, d, |ch, x, _| x * scale[ch] + shift[ch])
+}
+
+/// Gradients of the input, `gamma` and `beta` of [`normalised`] given the output's, `grad`.
+fn gradients(x: &Tensor, grad: &Tensor, stats: &Stats, gamma: &Tensor) -> Result<Grads3> {
+    let d = Dims::of(x.shape())?;
+    let n = d.count().max(1) as f64;
+    let gamma = gamma.to_vec1::<f32>()?;
+    let (grad_x, sum_g, sum_gx) = with_f32(x, "batch_norm", |x| {
+        with_f32(grad, "batch_norm", |g| {
+            // sum(dy) and sum(dy * (x - mean)) per channel.
+            let (sum_g, sum_gx) = channel_sums(g, x, d, (None, Some(&stats.mean)));
+            // dx = gamma invstd (dy - sum(dy) / n - (x - mean) invstd^2 sum(dy (x - mean)) / n)
+            let a: Vec<f32> = (0..d.c)
+                .map(|ch| (gamma[ch] as f64 * stats.invstd[ch]) as f32)
+                .collect();
+            let k: Vec<f32> = (0..d.c)
+                .map(|ch| (stats.invstd[ch] * stats.invstd[ch] * sum_gx[ch] / n) as f32)
+                .collect();
+            let mean_g: Vec<f32> = sum_g.iter().map(|s| (s / n) as f32).collect();
+            let mean: Vec<f32> = stats.mean.iter().map(|&m| m as f32).collect();
+            let gx = per_channel_map(x, g, d, |ch, x, g| {
+                a[ch] * (g - mean_g[ch] - (x - mean[ch]) * k[ch])
+            });
+            Ok((gx, sum_g, sum_gx))
+        })
+    })?;
+    let dev = x.device();
+    let grad_gamma: Vec<f32> = (0..d.c)
+        .map(|ch| (sum_gx[ch] * stats.invstd[ch]) as f32)
+        .collect();
+    let grad_beta: Vec<f32> = sum_g.iter().map(|&s| s as f32).collect();
+    Ok((
+        Some(Tensor::from_vec(grad_x, x.shape(), dev)?),
+        Some(Tensor::from_vec(grad_gamma, d.c, dev)?),
+        Some(Tensor::from_vec(grad_beta, d.c, dev)?),
+    ))
+}
+
 struct BatchNormTrain {
     eps: f64,
     /// Written by forward, read by backward and by the running-average update.
@@ -216,13 +263,7 @@ impl CustomOp3 for BatchNormTrain {
             candle_core::bail!("batch_norm: {} channels, affine of {}", d.c, gamma.len())
         }
         let stats = Stats::of(x, d, self.eps);
-        let scale: Vec<f32> = (0..d.c)
-            .map(|ch| (gamma[ch] as f64 * stats.invstd[ch]) as f32)
-            .collect();
-        let shift: Vec<f32> = (0..d.c)
-            .map(|ch| (beta[ch] as f64 - stats.mean[ch] * scale[ch] as f64) as f32)
-            .collect();
-        let y = per_channel_map(x, x, d, |ch, x, _| x * scale[ch] + shift[ch]);
+        let y = normalised(x, d, &stats, gamma, beta);
         *self
             .stats
             .lock()
@@ -238,80 +279,149 @@ impl CustomOp3 for BatchNormTrain {
         _beta: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let stats = stats_of(&self.stats)?;
-        let d = Dims::of(x.shape())?;
-        let n = d.count().max(1) as f64;
-        let gamma = gamma.to_vec1::<f32>()?;
-        let (grad_x, sum_g, sum_gx) = with_f32(x, "batch_norm", |x| {
-            with_f32(grad, "batch_norm", |g| {
-                // sum(dy) and sum(dy * (x - mean)) per channel.
-                let (sum_g, sum_gx) = channel_sums(g, x, d, (None, Some(&stats.mean)));
-                // dx = gamma invstd (dy - sum(dy) / n - (x - mean) invstd^2 sum(dy (x - mean)) / n)
-                let a: Vec<f32> = (0..d.c)
-                    .map(|ch| (gamma[ch] as f64 * stats.invstd[ch]) as f32)
-                    .collect();
-                let k: Vec<f32> = (0..d.c)
-                    .map(|ch| (stats.invstd[ch] * stats.invstd[ch] * sum_gx[ch] / n) as f32)
-                    .collect();
-                let mean_g: Vec<f32> = sum_g.iter().map(|s| (s / n) as f32).collect();
-                let mean: Vec<f32> = stats.mean.iter().map(|&m| m as f32).collect();
-                let gx = per_channel_map(x, g, d, |ch, x, g| {
-                    a[ch] * (g - mean_g[ch] - (x - mean[ch]) * k[ch])
-                });
-                Ok((gx, sum_g, sum_gx))
-            })
-        })?;
-        let dev = x.device();
-        let grad_gamma: Vec<f32> = (0..d.c)
-            .map(|ch| (sum_gx[ch] * stats.invstd[ch]) as f32)
-            .collect();
-        let grad_beta: Vec<f32> = sum_g.iter().map(|&s| s as f32).collect();
-        Ok((
-            Some(Tensor::from_vec(grad_x, x.shape(), dev)?),
-            Some(Tensor::from_vec(grad_gamma, d.c, dev)?),
-            Some(Tensor::from_vec(grad_beta, d.c, dev)?),
-        ))
+    ) -> Result<Grads3> {
+        gradients(x, grad, &stats_of(&self.stats)?, gamma)
     }
 }
 
-/// `bn` in training mode on `x [N, C, ...]`: normalised with the batch's statistics, which
-/// also update `bn`'s running mean and (unbiased) variance with its momentum, as
-/// `BatchNorm::forward_train` does. Non-CPU tensors go through candle_nn's version.
-pub fn batch_norm_train(x: &Tensor, bn: &BatchNorm) -> Result<Tensor> {
+/// Each of `bns` applied by `f` to its own channels of `x [N, C, ...]`, where their channels
+/// lie side by side along C; the outputs side by side again.
+pub fn per_layer(
+    x: &Tensor,
+    bns: &[&BatchNorm],
+    f: impl Fn(&BatchNorm, &Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let mut first = 0;
+    let parts = bns
+        .iter()
+        .map(|bn| {
+            let c = bn.running_mean().dim(0)?;
+            first += c;
+            f(bn, &x.narrow(1, first - c, c)?)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Tensor::cat(&parts, 1)
+}
+
+/// BatchNorms `bns` in training mode on `x [N, C, ...]`, their channels side by side along C
+/// (layers fed by the same input normalise their stacked outputs in one pass, with no copy of
+/// each layer's part): normalised with the batch's statistics, which also update each `bn`'s
+/// running mean and (unbiased) variance with its momentum, as `BatchNorm::forward_train` does.
+/// Non-CPU tensors go through candle_nn's version.
+pub fn batch_norm_train(x: &Tensor, bns: &[&BatchNorm]) -> Result<Tensor> {
     if !x.device().is_cpu() {
-        return bn.forward_train(x);
+        return per_layer(x, bns, BatchNorm::forward_train);
     }
-    let d = Dims::of(x.shape())?;
-    let (gamma, beta) = match bn.weight_and_bias() {
-        Some((g, b)) => (g.clone(), b.clone()),
-        None => (
-            Tensor::ones(d.c, x.dtype(), x.device())?,
-            Tensor::zeros(d.c, x.dtype(), x.device())?,
-        ),
-    };
+    let (gamma, beta, eps) = stacked_affine(x, bns)?;
     let stats = Arc::new(Mutex::new(None));
     let op = BatchNormTrain {
-        eps: bn.eps(),
+        eps,
         stats: stats.clone(),
     };
     let y = x.contiguous()?.apply_op3(&gamma, &beta, op)?;
-    let Stats { mean, var, .. } = stats_of(&stats)?;
-    let m = bn.momentum();
+    update_running(bns, &stats_of(&stats)?, Dims::of(x.shape())?)?;
+    Ok(y)
+}
+
+/// [`batch_norm_train`] followed by `then`, as one op that keeps nothing but `x` for backward:
+/// the normalised tensor, as large as `x`, is recomputed in backward instead of kept for what
+/// follows. For a layer whose output is only normalised on its way into an op that keeps what
+/// it needs of its input itself (max-pooling, attention, a LIF-fed layer). `then` gives its
+/// value on the normalised tensor and its backward: given that input (recomputed) and the
+/// output's gradient, the gradients of the input and of `param`, a tensor of its own if it has
+/// one (a layer's weights).
+pub fn batch_norm_train_then<F, G>(
+    x: &Tensor,
+    bns: &[&BatchNorm],
+    param: Option<&Tensor>,
+    then: F,
+) -> Result<Tensor>
+where
+    F: FnOnce(&Tensor) -> Result<(Tensor, G)>,
+    G: Fn(&Tensor, &Tensor) -> Result<(Tensor, Option<Tensor>)> + Send + Sync + 'static,
+{
+    let d = Dims::of(x.shape())?;
+    let (gamma, beta, eps) = stacked_affine(x, bns)?;
+    let (g, b) = (gamma.to_vec1::<f32>()?, beta.to_vec1::<f32>()?);
+    let (stats, y) = with_f32(x, "batch_norm", |x| {
+        let stats = Stats::of(x, d, eps);
+        let y = normalised(x, d, &stats, &g, &b);
+        Ok((stats, y))
+    })?;
+    update_running(bns, &stats, d)?;
+    let (value, then_grad) = then(&Tensor::from_vec(y, x.shape(), x.device())?)?;
+    // Three arguments at most: the affine pair travels as one, and without a parameter the
+    // pair stands in for it (and gets no gradient as such).
+    let affine = Tensor::cat(&[&gamma, &beta], 0)?;
+    let has_param = param.is_some();
+    let bwd = move |[x, affine, _]: [&Tensor; 3], grad: &Tensor| -> Result<Grads3> {
+        let y = with_f32(x, "batch_norm", |x| Ok(normalised(x, d, &stats, &g, &b)))?;
+        let (grad_y, grad_param) = then_grad(&Tensor::from_vec(y, x.shape(), x.device())?, grad)?;
+        let gamma = affine.narrow(0, 0, d.c)?;
+        let (grad_x, grad_gamma, grad_beta) = gradients(x, &grad_y, &stats, &gamma)?;
+        let grad_affine = match (grad_gamma, grad_beta) {
+            (Some(g), Some(b)) => Some(Tensor::cat(&[g, b], 0)?),
+            _ => None,
+        };
+        Ok((grad_x, grad_affine, grad_param.filter(|_| has_param)))
+    };
+    let param = param.unwrap_or(&affine);
+    with_backward3("batch-norm-then", [x, &affine, param], value, bwd)
+}
+
+/// The affine pairs of `bns` side by side (ones and zeros for a BatchNorm without), and their
+/// common eps.
+fn stacked_affine(x: &Tensor, bns: &[&BatchNorm]) -> Result<(Tensor, Tensor, f64)> {
+    let c = Dims::of(x.shape())?.c;
+    let affine = bns
+        .iter()
+        .map(|bn| {
+            let c = bn.running_mean().dim(0)?;
+            match bn.weight_and_bias() {
+                Some((g, b)) => Ok((g.clone(), b.clone())),
+                None => Ok((
+                    Tensor::ones(c, x.dtype(), x.device())?,
+                    Tensor::zeros(c, x.dtype(), x.device())?,
+                )),
+            }
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let (gamma, beta): (Vec<Tensor>, Vec<Tensor>) = affine.into_iter().unzip();
+    let (gamma, beta) = (Tensor::cat(&gamma, 0)?, Tensor::cat(&beta, 0)?);
+    if gamma.dim(0)? != c {
+        candle_core::bail!("batch_norm: {c} channels, affine of {}", gamma.dim(0)?)
+    }
+    let eps = bns.first().map_or(1e-5, |bn| bn.eps());
+    if bns.iter().any(|bn| bn.eps() != eps) {
+        candle_core::bail!("batch_norm: stacked layers with different eps")
+    }
+    Ok((gamma, beta, eps))
+}
+
+/// Moves each of `bns`' running mean and (unbiased) variance towards its channels' share of
+/// the batch statistics `stats` of an input laid out as `d`, with its momentum.
+fn update_running(bns: &[&BatchNorm], stats: &Stats, d: Dims) -> Result<()> {
     let n = d.count() as f64;
     let unbiased = n / (n - 1.0).max(1.0);
-    let update = |running: &Tensor, batch: Vec<f64>, scale: f64| -> Result<()> {
-        let old = running.to_vec1::<f32>()?;
-        let new: Vec<f32> = old
-            .iter()
-            .zip(batch)
-            .map(|(&r, b)| (r as f64 * (1.0 - m) + b * scale * m) as f32)
-            .collect();
-        Var::from_tensor(running)?.set(&Tensor::from_vec(new, d.c, x.device())?)
-    };
-    update(bn.running_mean(), mean, 1.0)?;
-    update(bn.running_var(), var, unbiased)?;
-    Ok(y)
+    let mut first = 0;
+    for bn in bns {
+        let m = bn.momentum();
+        let running = bn.running_mean();
+        let c = running.dim(0)?;
+        let update = |running: &Tensor, batch: &[f64], scale: f64| -> Result<()> {
+            let old = running.to_vec1::<f32>()?;
+            let new: Vec<f32> = old
+                .iter()
+                .zip(batch)
+                .map(|(&r, b)| (r as f64 * (1.0 - m) + b * scale * m) as f32)
+                .collect();
+            Var::from_tensor(running)?.set(&Tensor::from_vec(new, c, running.device())?)
+        };
+        update(running, &stats.mean[first..first + c], 1.0)?;
+        update(bn.running_var(), &stats.var[first..first + c], unbiased)?;
+        first += c;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -338,28 +448,41 @@ mod tests {
         (vm, bn)
     }
 
-    /// Output, gradients of input and affine pair, and running statistics against candle_nn's
-    /// composed `forward_train`, on inputs off-centre so that a naive variance would cancel.
-    fn check(shape: &[usize]) {
+    /// Output, gradients of input and affine pairs, and running statistics against candle_nn's
+    /// composed `forward_train`, on inputs off-centre so that a naive variance would cancel;
+    /// `layers` splits the channels among stacked BatchNorms.
+    fn check(shape: &[usize], layers: &[usize]) {
         let dev = Device::Cpu;
-        let c = shape[1];
-        let affine = [
-            Tensor::randn(1f32, 0.5, c, &dev).unwrap(),
-            Tensor::randn(0f32, 0.5, c, &dev).unwrap(),
-        ];
-        let (_m1, ours_bn) = batch_norm(c, &affine);
-        let (_m2, ref_bn) = batch_norm(c, &affine);
+        let make = || {
+            layers
+                .iter()
+                .map(|&c| {
+                    let affine = [
+                        Tensor::randn(1f32, 0.5, c, &dev).unwrap(),
+                        Tensor::randn(0f32, 0.5, c, &dev).unwrap(),
+                    ];
+                    (batch_norm(c, &affine), batch_norm(c, &affine))
+                })
+                .unzip::<_, _, Vec<_>, Vec<_>>()
+        };
+        let (ours_bns, ref_bns) = make();
+        fn refs(bns: &[(VarMap, BatchNorm)]) -> Vec<&BatchNorm> {
+            bns.iter().map(|(_, bn)| bn).collect()
+        }
+        let (ours_bns, ref_bns) = (refs(&ours_bns), refs(&ref_bns));
         let x = Var::from_tensor(&(Tensor::randn(0f32, 2.0, shape, &dev).unwrap() + 3.0).unwrap())
             .unwrap();
-        let ours = batch_norm_train(x.as_tensor(), &ours_bn).unwrap();
-        let theirs = ref_bn.forward_train(x.as_tensor()).unwrap();
+        let ours = batch_norm_train(x.as_tensor(), &ours_bns).unwrap();
+        let theirs = per_layer(x.as_tensor(), &ref_bns, BatchNorm::forward_train).unwrap();
         assert!(max_rel_diff(&ours, &theirs) < 1e-5, "forward differs");
-        let vars = |bn: &BatchNorm| {
-            let (g, b) = bn.weight_and_bias().unwrap();
-            [Var::from_tensor(g).unwrap(), Var::from_tensor(b).unwrap()]
+        let vars = |bns: &[&BatchNorm]| {
+            bns.iter()
+                .flat_map(|bn| {
+                    let (g, b) = bn.weight_and_bias().unwrap();
+                    [Var::from_tensor(g).unwrap(), Var::from_tensor(b).unwrap()]
+                })
+                .collect::<Vec<_>>()
         };
-        let [g1, b1] = vars(&ours_bn);
-        let [g2, b2] = vars(&ref_bn);
         let up = Tensor::randn(0f32, 1.0, shape, &dev).unwrap();
         let ga = (ours * &up).unwrap().sum_all().unwrap().backward().unwrap();
         let gb = (theirs * &up)
@@ -368,7 +491,10 @@ mod tests {
             .unwrap()
             .backward()
             .unwrap();
-        for (a, b) in [(&x, &x), (&g1, &g2), (&b1, &b2)] {
+        let pairs = [(x.clone(), x.clone())]
+            .into_iter()
+            .chain(vars(&ours_bns).into_iter().zip(vars(&ref_bns)));
+        for (a, b) in pairs {
             let (da, db) = (
                 ga.get(a.as_tensor()).unwrap(),
                 gb.get(b.as_tensor()).unwrap(),
@@ -379,20 +505,137 @@ mod tests {
                 a.dims()
             );
         }
-        assert!(max_rel_diff(ours_bn.running_mean(), ref_bn.running_mean()) < 1e-5);
-        assert!(max_rel_diff(ours_bn.running_var(), ref_bn.running_var()) < 1e-5);
+        for (ours, theirs) in ours_bns.iter().zip(&ref_bns) {
+            assert!(max_rel_diff(ours.running_mean(), theirs.running_mean()) < 1e-5);
+            assert!(max_rel_diff(ours.running_var(), theirs.running_var()) < 1e-5);
+        }
     }
 
     /// Channels-first images, runs of a channel not a multiple of the lane width.
     #[test]
     fn matches_candle_on_images() {
-        check(&[6, 5, 7, 9]);
+        check(&[6, 5, 7, 9], &[5]);
     }
 
     /// Rows of channels (a 1x1 convolution over tokens), as `LinearBn` normalises them.
     #[test]
     fn matches_candle_on_rows() {
-        check(&[300, 13]);
+        check(&[300, 13], &[13]);
+    }
+
+    /// Three layers' outputs side by side, as spiking self-attention's q, k and v.
+    #[test]
+    fn stacked_layers_match_each_layer_alone() {
+        check(&[300, 12], &[3, 4, 5]);
+    }
+
+    /// [`batch_norm_train_then`] against `then` composed after [`batch_norm_train`] (values,
+    /// gradients of the input, the affine pair and `param`, running statistics), on `[8, 6, ...]`.
+    fn check_then<F, G>(
+        shape: &[usize],
+        param: Option<&Var>,
+        then: F,
+        composed: impl Fn(&Tensor) -> Tensor,
+    ) where
+        F: FnOnce(&Tensor) -> Result<(Tensor, G)>,
+        G: Fn(&Tensor, &Tensor) -> Result<(Tensor, Option<Tensor>)> + Send + Sync + 'static,
+    {
+        let dev = Device::Cpu;
+        let c = shape[1];
+        let affine = [
+            Tensor::randn(1f32, 0.5, c, &dev).unwrap(),
+            Tensor::randn(0f32, 0.5, c, &dev).unwrap(),
+        ];
+        let ((_m1, ours_bn), (_m2, ref_bn)) = (batch_norm(c, &affine), batch_norm(c, &affine));
+        let x = Var::from_tensor(&(Tensor::randn(0f32, 2.0, shape, &dev).unwrap() + 3.0).unwrap())
+            .unwrap();
+        let ours =
+            batch_norm_train_then(x.as_tensor(), &[&ours_bn], param.map(Var::as_tensor), then)
+                .unwrap();
+        let theirs = composed(&batch_norm_train(x.as_tensor(), &[&ref_bn]).unwrap());
+        assert!(max_rel_diff(&ours, &theirs) < 1e-5, "forward differs");
+        let up = Tensor::randn(0f32, 1.0, ours.dims(), &dev).unwrap();
+        let ga = (ours * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = (theirs * &up)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let affine_vars = |bn: &BatchNorm| {
+            let (g, b) = bn.weight_and_bias().unwrap();
+            [g.clone(), b.clone()]
+        };
+        let mut pairs = vec![(x.as_tensor().clone(), x.as_tensor().clone())];
+        pairs.extend(affine_vars(&ours_bn).into_iter().zip(affine_vars(&ref_bn)));
+        pairs.extend(param.map(|p| (p.as_tensor().clone(), p.as_tensor().clone())));
+        for (a, b) in pairs {
+            let (da, db) = (ga.get(&a).unwrap(), gb.get(&b).unwrap());
+            assert!(
+                max_rel_diff(da, db) < 1e-4,
+                "gradient differs for {:?}",
+                a.dims()
+            );
+        }
+        assert!(max_rel_diff(ours_bn.running_mean(), ref_bn.running_mean()) < 1e-5);
+        assert!(max_rel_diff(ours_bn.running_var(), ref_bn.running_var()) < 1e-5);
+    }
+
+    /// Followed by max-pooling, as the tokenizer's pooled convolutions.
+    #[test]
+    fn then_max_pool_matches_composed() {
+        use crate::kernels::maxpool::{max_pool2d, max_pool2d_grad};
+        let then = |y: &Tensor| {
+            let grad = |y: &Tensor, g: &Tensor| Ok((max_pool2d_grad(y, g, 3, 2, 1)?, None));
+            Ok((max_pool2d(y, 3, 2, 1)?, grad))
+        };
+        check_then(&[8, 6, 7, 9], None, then, |y| {
+            max_pool2d(y, 3, 2, 1).unwrap()
+        });
+    }
+
+    /// Followed by a LIF-fed linear layer whose packed weights get their gradient through
+    /// `param`, as the spiking MLP's hidden layer.
+    #[test]
+    fn then_lif_linear_matches_composed() {
+        use crate::kernels::lif_linear::{lif_linear, lif_linear_packed};
+        use crate::neuron::{LifConfig, MultiStepLif};
+        let packed = Var::randn(0f32, 1.0, (5, 7), &Device::Cpu).unwrap();
+        let lif = MultiStepLif::new(LifConfig::default());
+        // Rows of 6 channels, seen by the LIF as [T = 4, 2, 6].
+        let then = |y: &Tensor| {
+            let (value, grad) =
+                lif_linear_packed(&lif, &y.reshape((4, 2, 6))?, packed.as_tensor())?;
+            let grad = move |y: &Tensor, g: &Tensor| {
+                let (grad_y, grad_packed) = grad(&y.reshape((4, 2, 6))?, g)?;
+                Ok((grad_y.reshape(y.shape())?, grad_packed))
+            };
+            Ok((value, grad))
+        };
+        let composed = |y: &Tensor| {
+            let p = packed.as_tensor();
+            let (w, b) = (
+                p.narrow(1, 0, 6).unwrap(),
+                p.narrow(1, 6, 1).unwrap().squeeze(1).unwrap(),
+            );
+            lif_linear(&lif, &y.reshape((4, 2, 6)).unwrap(), &w, Some(&b)).unwrap()
+        };
+        check_then(&[8, 6], Some(&packed), then, composed);
+    }
+
+    /// Followed by a residual sum whose other term gets its gradient through `param`, as the
+    /// blocks' projections.
+    #[test]
+    fn then_residual_sum_matches_composed() {
+        let residual = Var::randn(0f32, 1.0, (8, 6), &Device::Cpu).unwrap();
+        let kept = residual.as_tensor().detach();
+        let then = |y: &Tensor| {
+            let grad = |_: &Tensor, g: &Tensor| Ok((g.clone(), Some(g.clone())));
+            Ok(((y + &kept)?, grad))
+        };
+        check_then(&[8, 6], Some(&residual), then, |y| {
+            (y + residual.as_tensor()).unwrap()
+        });
     }
 
     #[test]
@@ -405,6 +648,6 @@ mod tests {
             ],
         );
         let x = Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap();
-        assert!(batch_norm_train(&x, &bn).is_err());
+        assert!(batch_norm_train(&x, &[&bn]).is_err());
     }
 }

@@ -9,13 +9,11 @@
 //! product runs accumulate-only over the bits (each output sums the weights its active inputs
 //! select); above it, and for both gradients, as dense products.
 
-use std::sync::Mutex;
+use candle_core::{Device, Result, Tensor};
 
-use candle_core::{CpuStorage, CustomOp3, Device, Layout, Result, Shape, Tensor};
-
-use super::contiguous_f32;
 use super::conv::{conv2d, conv2d_grads};
 use super::spikes::{SpikeBits, SpikeLayer};
+use super::{with_backward3, Grads3};
 use crate::neuron::MultiStepLif;
 
 /// Firing rate below which the accumulate-only kernels beat the dense products (they do up to
@@ -71,6 +69,34 @@ enum Layer {
     Conv2d { padding: usize },
 }
 
+impl Layer {
+    /// The layer's input: the spikes `[T, ...]` seen as `[M, K]` or `[T * B, C, H, W]`.
+    fn input(self, spikes: &Tensor, w: &Tensor) -> Result<Tensor> {
+        match self {
+            Layer::Linear => spikes.reshape(((), w.dim(1)?)),
+            Layer::Conv2d { .. } => spikes.flatten_to(1),
+        }
+    }
+
+    /// The spikes as the layer reads them: `[M, K]` for a linear layer, channels-last
+    /// `[T * B, H, W, C]` for a convolution.
+    fn pack(self, input: &Tensor) -> Result<SpikeBits> {
+        match self {
+            Layer::Linear => SpikeBits::pack(input),
+            Layer::Conv2d { .. } => SpikeBits::pack_channels_last(input),
+        }
+    }
+
+    /// The f32 layer input back from its bits.
+    fn unpack(self, bits: &SpikeBits) -> Result<Tensor> {
+        let spikes = bits.unpack(&Device::Cpu)?;
+        match self {
+            Layer::Linear => Ok(spikes),
+            Layer::Conv2d { .. } => spikes.permute((0, 3, 1, 2))?.contiguous(),
+        }
+    }
+}
+
 /// Runs the op; a missing bias is zeros, and gets no gradient.
 fn apply(
     lif: &MultiStepLif,
@@ -82,130 +108,115 @@ fn apply(
     let o = weight.dim(0)?;
     let has_bias = bias.is_some();
     let bias = match bias {
-        Some(b) if b.dims() == [o] => b.contiguous()?,
+        Some(b) if b.dims() == [o] => b.clone(),
         Some(b) => candle_core::bail!("lif_layer: bias {:?} for {o} outputs", b.shape()),
         None => Tensor::zeros(o, weight.dtype(), weight.device())?,
     };
-    let op = LifLayer {
-        lif: lif.clone(),
-        layer,
-        has_bias,
-        saved: Mutex::new(None),
-    };
-    x.contiguous()?.apply_op3(&weight.contiguous()?, &bias, op)
+    let (y, bits) = fire(lif, x, &weight.detach(), &bias.detach(), layer)?;
+    let lif = lif.clone();
+    with_backward3(
+        "lif-layer",
+        [x, weight, &bias],
+        y,
+        move |[x, w, b], grad| backward(&lif, layer, &bits, (x, w, has_bias.then_some(b)), grad),
+    )
 }
 
-struct LifLayer {
-    lif: MultiStepLif,
+/// The layer's output on the spikes of `lif` on `x`, and the spikes as bits, without autograd.
+/// Reads `x` and the weights in place and drops the f32 spikes once packed, before the sparse
+/// kernel lays the weights out: at most one input-sized temporary.
+fn fire(
+    lif: &MultiStepLif,
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
     layer: Layer,
-    has_bias: bool,
-    /// The forward pass's spikes as the layer reads them: `[M, K]` for a linear layer,
-    /// channels-last `[T * B, H, W, C]` for a convolution.
-    saved: Mutex<Option<SpikeBits>>,
+) -> Result<(Tensor, SpikeBits)> {
+    let input = layer.input(&lif.forward(&x.detach())?, w)?;
+    let bits = layer.pack(&input)?;
+    let dev = Device::Cpu;
+    let y = if (bits.count() as f64) < SPARSE_BELOW * input.elem_count() as f64 {
+        drop(input);
+        let twin = SpikeLayer::new(w, Some(b))?;
+        match layer {
+            Layer::Linear => twin.linear(&bits, &dev)?,
+            Layer::Conv2d { padding } => twin.conv2d(&bits, padding, 1, &dev)?,
+        }
+    } else {
+        match layer {
+            Layer::Linear => input.matmul(&w.t()?)?.broadcast_add(b)?,
+            Layer::Conv2d { padding } => {
+                conv2d(&input, w, padding, 1)?.broadcast_add(&b.reshape((1, (), 1, 1))?)?
+            }
+        }
+    };
+    Ok((y, bits))
 }
 
-impl LifLayer {
-    /// The layer's input: the spikes `[T, ...]` seen as `[M, K]` or `[T * B, C, H, W]`.
-    fn layer_input(&self, spikes: &Tensor, w: &Tensor) -> Result<Tensor> {
-        match self.layer {
-            Layer::Linear => spikes.reshape(((), w.dim(1)?)),
-            Layer::Conv2d { .. } => spikes.flatten_to(1),
-        }
-    }
+/// The backward of [`lif_linear_packed`]: the gradients of its `x` and packed weight given its
+/// output's.
+pub type PackedGrad =
+    Box<dyn Fn(&Tensor, &Tensor) -> Result<(Tensor, Option<Tensor>)> + Send + Sync>;
 
-    fn pack(&self, input: &Tensor) -> Result<SpikeBits> {
-        match self.layer {
-            Layer::Linear => SpikeBits::pack(input),
-            Layer::Conv2d { .. } => SpikeBits::pack_channels_last(input),
-        }
-    }
-
-    /// The f32 layer input back from its bits.
-    fn unpack(&self, bits: &SpikeBits) -> Result<Tensor> {
-        let spikes = bits.unpack(&Device::Cpu)?;
-        match self.layer {
-            Layer::Linear => Ok(spikes),
-            Layer::Conv2d { .. } => spikes.permute((0, 3, 1, 2))?.contiguous(),
-        }
-    }
+/// [`lif_linear`] without autograd, for fused ops that run the layer inside their own: the
+/// weight and bias packed as one `[O, K + 1]` tensor (bias last), the value, and its backward.
+pub fn lif_linear_packed(
+    lif: &MultiStepLif,
+    x: &Tensor,
+    packed: &Tensor,
+) -> Result<(Tensor, PackedGrad)> {
+    let k = packed.dim(1)? - 1;
+    let w = packed.narrow(1, 0, k)?.detach().contiguous()?;
+    let b = packed.narrow(1, k, 1)?.detach().squeeze(1)?.contiguous()?;
+    let mut shape = x.dims().to_vec();
+    *shape.last_mut().expect("rank >= 1") = w.dim(0)?;
+    let (y, bits) = fire(lif, x, &w, &b, Layer::Linear)?;
+    let lif = lif.clone();
+    let bwd = move |x: &Tensor, grad: &Tensor| {
+        let grad = grad.reshape(((), w.dim(0)?))?;
+        let (grad_x, grad_w, grad_b) =
+            backward(&lif, Layer::Linear, &bits, (x, &w, Some(&b)), &grad)?;
+        let grad_packed = match (grad_w, grad_b) {
+            (Some(gw), Some(gb)) => Some(Tensor::cat(&[gw, gb.unsqueeze(1)?], 1)?),
+            _ => None,
+        };
+        let grad_x =
+            grad_x.ok_or_else(|| candle_core::Error::Msg("lif_linear: no gradient".into()))?;
+        Ok((grad_x, grad_packed))
+    };
+    Ok((y.reshape(shape)?, Box::new(bwd)))
 }
 
-impl CustomOp3 for LifLayer {
-    fn name(&self) -> &'static str {
-        "lif-layer"
-    }
-
-    fn cpu_fwd(
-        &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        ws: &CpuStorage,
-        wl: &Layout,
-        bs: &CpuStorage,
-        bl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let dev = Device::Cpu;
-        let x = Tensor::from_slice(contiguous_f32(xs, xl, "lif_layer")?, xl.shape(), &dev)?;
-        let w = Tensor::from_slice(contiguous_f32(ws, wl, "lif_layer")?, wl.shape(), &dev)?;
-        let b = Tensor::from_slice(contiguous_f32(bs, bl, "lif_layer")?, bl.shape(), &dev)?;
-        let input = self.layer_input(&self.lif.forward(&x)?, &w)?;
-        let bits = self.pack(&input)?;
-        let sparse = (bits.count() as f64) < SPARSE_BELOW * input.elem_count() as f64;
-        let y = match (self.layer, sparse) {
-            (Layer::Linear, true) => SpikeLayer::new(&w, Some(&b))?.linear(&bits, &dev)?,
-            (Layer::Linear, false) => input.matmul(&w.t()?)?.broadcast_add(&b)?,
-            (Layer::Conv2d { padding }, true) => {
-                SpikeLayer::new(&w, Some(&b))?.conv2d(&bits, padding, 1, &dev)?
-            }
-            (Layer::Conv2d { padding }, false) => {
-                conv2d(&input, &w, padding, 1)?.broadcast_add(&b.reshape((1, (), 1, 1))?)?
-            }
-        };
-        *self.saved.lock().map_err(poisoned)? = Some(bits);
-        let shape = y.shape().clone();
-        Ok((CpuStorage::F32(y.flatten_all()?.to_vec1()?), shape))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        b: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let guard = self.saved.lock().map_err(poisoned)?;
-        let Some(bits) = guard.as_ref() else {
-            candle_core::bail!("lif_layer: backward before forward")
-        };
-        let input = self.unpack(bits)?;
-        let grad = grad.contiguous()?;
-        let (grad_input, grad_w) = match self.layer {
-            Layer::Linear => (grad.matmul(w)?, grad.t()?.matmul(&input)?),
-            Layer::Conv2d { padding } => conv2d_grads(&input, w, &grad, padding, 1)?,
-        };
-        // The bias gradient sums the output gradient over all but the channel axis: as rows
-        // `[M, O]` (a conv's pixels summed first, along contiguous runs), then by a matmul with
-        // ones, far faster than candle's reduction over the leading axis.
-        let grad_b = if self.has_bias {
-            let rows = match self.layer {
+/// Gradients of `x`, the weight and (if any) the bias, from the spikes' `bits`.
+fn backward(
+    lif: &MultiStepLif,
+    layer: Layer,
+    bits: &SpikeBits,
+    (x, w, b): (&Tensor, &Tensor, Option<&Tensor>),
+    grad: &Tensor,
+) -> Result<Grads3> {
+    let input = layer.unpack(bits)?;
+    let grad = grad.contiguous()?;
+    let (grad_input, grad_w) = match layer {
+        Layer::Linear => (grad.matmul(w)?, grad.t()?.matmul(&input)?),
+        Layer::Conv2d { padding } => conv2d_grads(&input, w, &grad, padding, 1)?,
+    };
+    // The bias gradient sums the output gradient over all but the channel axis: as rows
+    // `[M, O]` (a conv's pixels summed first, along contiguous runs), then by a matmul with
+    // ones, far faster than candle's reduction over the leading axis.
+    let grad_b = match b {
+        Some(b) => {
+            let rows = match layer {
                 Layer::Linear => grad.clone(),
                 Layer::Conv2d { .. } => grad.flatten_from(2)?.sum(2)?,
             };
             let ones = Tensor::ones((1, rows.dim(0)?), rows.dtype(), rows.device())?;
             Some(ones.matmul(&rows)?.squeeze(0)?.to_device(b.device())?)
-        } else {
-            None
-        };
-        let grad_x = self
-            .lif
-            .input_gradient(x, &grad_input.reshape(x.shape())?)?;
-        Ok((Some(grad_x), Some(grad_w.to_device(w.device())?), grad_b))
-    }
-}
-
-fn poisoned<T>(_: T) -> candle_core::Error {
-    candle_core::Error::Msg("lif_layer: saved spikes poisoned".into())
+        }
+        None => None,
+    };
+    let grad_x = lif.input_gradient(x, &grad_input.reshape(x.shape())?)?;
+    Ok((Some(grad_x), Some(grad_w.to_device(w.device())?), grad_b))
 }
 
 #[cfg(test)]

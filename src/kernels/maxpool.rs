@@ -5,6 +5,8 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::with_f32;
+
 /// Window geometry of one pooling call on `[N, C, H, W]`.
 #[derive(Debug, Clone, Copy)]
 struct Pool {
@@ -85,14 +87,17 @@ impl CustomOp1 for MaxPool {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let x = arg.flatten_all()?.to_vec1::<f32>()?;
-        let g = grad_res.flatten_all()?.to_vec1::<f32>()?;
         let p = self.0;
-        let mut grad = vec![0f32; x.len()];
-        grad.par_chunks_mut(p.h * p.w)
-            .zip(x.par_chunks(p.h * p.w))
-            .zip(g.par_chunks(p.oh * p.ow))
-            .for_each(|((grad, x), g)| p.each(x, |o, i| grad[i] += g[o]));
+        let mut grad = vec![0f32; arg.elem_count()];
+        with_f32(arg, "max_pool2d", |x| {
+            with_f32(grad_res, "max_pool2d", |g| {
+                grad.par_chunks_mut(p.h * p.w)
+                    .zip(x.par_chunks(p.h * p.w))
+                    .zip(g.par_chunks(p.oh * p.ow))
+                    .for_each(|((grad, x), g)| p.each(x, |o, i| grad[i] += g[o]));
+                Ok(())
+            })
+        })?;
         Ok(Some(Tensor::from_vec(grad, arg.shape(), arg.device())?))
     }
 }
@@ -100,8 +105,7 @@ impl CustomOp1 for MaxPool {
 /// 2-d max-pooling of `[N, C, H, W]` f32 with square kernel, stride and implicit `-inf`
 /// padding, as `torch.nn.MaxPool2d(kernel, stride, padding)`.
 pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> Result<Tensor> {
-    let (_, _, h, w) = x.dims4()?;
-    let pool = Pool::new((kernel, stride, padding), (h, w))?;
+    let pool = Pool::nchw(x, (kernel, stride, padding))?;
     x.contiguous()?.apply_op1(MaxPool(pool))
 }
 
@@ -148,6 +152,12 @@ pub fn max_pool2d_channels_last(
 }
 
 impl Pool {
+    /// The geometry of `torch.nn.MaxPool2d(kernel, stride, padding)` on `x [N, C, H, W]`.
+    fn nchw(x: &Tensor, window: (usize, usize, usize)) -> Result<Self> {
+        let (_, _, h, w) = x.dims4()?;
+        Self::new(window, (h, w))
+    }
+
     /// Geometry of `(kernel, stride, padding)` pooling over an `h x w` input, checked.
     fn new(
         (kernel, stride, padding): (usize, usize, usize),
@@ -173,6 +183,22 @@ impl Pool {
             oh: out(h),
             ow: out(w),
         })
+    }
+}
+
+/// The gradient of `x` through [`max_pool2d`] given the output's, `grad`: for fused ops that
+/// pool inside their own backward.
+pub fn max_pool2d_grad(
+    x: &Tensor,
+    grad: &Tensor,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    let op = MaxPool(Pool::nchw(x, (kernel, stride, padding))?);
+    match op.bwd(x, grad, grad)? {
+        Some(g) => Ok(g),
+        None => candle_core::bail!("max_pool2d: backward gave no gradient"),
     }
 }
 

@@ -2,14 +2,17 @@
 //! matmul (candle's own conv2d backward goes through conv_transpose2d at a few GFLOP/s) and
 //! accumulate-only kernels over bit-packed spikes, which turn spike sparsity into wall-clock time.
 
+pub mod attention;
 pub mod batch_norm;
 pub mod conv;
 pub mod lif_linear;
 pub mod maxpool;
 pub mod spikes;
 
+use std::sync::Mutex;
+
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, Layout, Result, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 
 /// The f32 data of a contiguous CPU tensor; our kernels index it directly.
 fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
@@ -30,6 +33,119 @@ pub(crate) fn with_f32<R>(t: &Tensor, op: &str, f: impl FnOnce(&[f32]) -> Result
         Storage::Cpu(s) => f(contiguous_f32(s, layout, op)?),
         _ => candle_core::bail!("{op}: expected a CPU tensor"),
     }
+}
+
+/// An op whose result was computed before it ran, with candle's own ops on detached tensors, and
+/// whose gradients `bwd` gives. A fused op written this way reads its inputs in place (a
+/// `cpu_fwd` gets raw storage, and would have to copy it into tensors to use candle's matmul),
+/// and autograd keeps nothing for it but its arguments and what `bwd` captures. `cpu_fwd` hands
+/// the result over, at the cost of one copy of it.
+struct Precomputed<B> {
+    name: &'static str,
+    value: Mutex<Option<Tensor>>,
+    bwd: B,
+}
+
+/// Gradients of a three-argument op, as [`CustomOp3::bwd`] returns them.
+pub(crate) type Grads3 = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
+
+impl<B> Precomputed<B> {
+    fn new(name: &'static str, value: Tensor, bwd: B) -> Self {
+        Self {
+            name,
+            value: Mutex::new(Some(value)),
+            bwd,
+        }
+    }
+
+    /// The result, once.
+    fn take(&self) -> Result<(CpuStorage, Shape)> {
+        let value = self
+            .value
+            .lock()
+            .map_err(|_| candle_core::Error::Msg(format!("{}: result poisoned", self.name)))?
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg(format!("{}: run twice", self.name)))?;
+        let data = value.flatten_all()?.to_vec1::<f32>()?;
+        Ok((CpuStorage::F32(data), value.shape().clone()))
+    }
+}
+
+impl<B> CustomOp1 for Precomputed<B>
+where
+    B: Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync,
+{
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.take()
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        (self.bwd)(arg, grad).map(Some)
+    }
+}
+
+impl<B> CustomOp3 for Precomputed<B>
+where
+    B: Fn([&Tensor; 3], &Tensor) -> Result<Grads3> + Send + Sync,
+{
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.take()
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        c: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<Grads3> {
+        (self.bwd)([a, b, c], grad)
+    }
+}
+
+/// `value`, computed from `arg` without autograd, as the result of an op named `name` on `arg`
+/// whose gradient is `bwd(arg, grad)`; `value` itself when `arg` needs no gradient.
+fn with_backward<B>(name: &'static str, arg: &Tensor, value: Tensor, bwd: B) -> Result<Tensor>
+where
+    B: Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync + 'static,
+{
+    if !arg.track_op() {
+        return Ok(value);
+    }
+    arg.apply_op1(Precomputed::new(name, value, bwd))
+}
+
+/// [`with_backward`] for an op of three arguments.
+fn with_backward3<B>(
+    name: &'static str,
+    args: [&Tensor; 3],
+    value: Tensor,
+    bwd: B,
+) -> Result<Tensor>
+where
+    B: Fn([&Tensor; 3], &Tensor) -> Result<Grads3> + Send + Sync + 'static,
+{
+    if !args.iter().any(|a| a.track_op()) {
+        return Ok(value);
+    }
+    args[0].apply_op3(args[1], args[2], Precomputed::new(name, value, bwd))
 }
 
 /// Comparisons shared by the kernels' tests.

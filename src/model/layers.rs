@@ -4,7 +4,9 @@ use candle_core::{Module, ModuleT, Result, Tensor, D};
 use candle_nn::{BatchNorm, BatchNormConfig, Linear, VarBuilder};
 
 use super::summary::{batch_norm_params, linear_params};
+use crate::kernels::batch_norm::{batch_norm_train_then, per_layer};
 use crate::kernels::lif_linear::{lif_conv2d, lif_linear};
+use crate::kernels::maxpool::{max_pool2d, max_pool2d_grad};
 use crate::kernels::spikes::{SpikeBits, SpikeLayer};
 use crate::neuron::MultiStepLif;
 
@@ -22,13 +24,15 @@ pub fn batch_norm(channels: usize, vb: VarBuilder) -> Result<BatchNorm> {
     )
 }
 
-/// `bn` on `x [N, C, ...]`: training mode through our fused op (one pass per statistic, nothing
-/// kept for backward but the input), eval mode on the running statistics.
-fn normalise(bn: &BatchNorm, x: &Tensor, train: bool) -> Result<Tensor> {
+/// BatchNorms `bns` on `x [N, C, ...]`, their channels side by side along C (one layer's, or
+/// the stacked outputs of layers fed by the same input): training mode through our fused op (one
+/// pass per statistic, nothing kept for backward but the input), eval mode on the running
+/// statistics.
+fn normalise(bns: &[&BatchNorm], x: &Tensor, train: bool) -> Result<Tensor> {
     if train {
-        crate::kernels::batch_norm::batch_norm_train(x, bn)
+        crate::kernels::batch_norm::batch_norm_train(x, bns)
     } else {
-        bn.forward_t(x, false)
+        per_layer(x, bns, |bn, x| bn.forward_t(x, false))
     }
 }
 
@@ -116,7 +120,7 @@ impl ConvBn {
         if let Some(b) = &self.bias {
             y = y.broadcast_add(&b.reshape((1, (), 1, 1))?)?;
         }
-        normalise(&self.bn, &y, train)
+        normalise(&[&self.bn], &y, train)
     }
 
     /// The spikes of `lif` on `x [T, B, C, H, W]` through this layer, all time steps at once:
@@ -124,7 +128,28 @@ impl ConvBn {
     /// into the convolution (see [`crate::kernels::lif_linear`]), which keeps the spikes as bits.
     pub fn forward_lif(&self, lif: &MultiStepLif, x: &Tensor, train: bool) -> Result<Tensor> {
         let y = lif_conv2d(lif, x, &self.weight, self.bias.as_ref(), self.padding)?;
-        normalise(&self.bn, &y, train)
+        normalise(&[&self.bn], &y, train)
+    }
+
+    /// [`Self::forward_lif`] followed by [`max_pool_3x3_s2`]. In training mode the normalised
+    /// map, four times the size of the pooled one, is recomputed in backward instead of kept.
+    pub fn forward_lif_pooled(
+        &self,
+        lif: &MultiStepLif,
+        x: &Tensor,
+        train: bool,
+    ) -> Result<Tensor> {
+        if !train {
+            return max_pool_3x3_s2(&self.forward_lif(lif, x, false)?);
+        }
+        let y = lif_conv2d(lif, x, &self.weight, self.bias.as_ref(), self.padding)?;
+        batch_norm_train_then(&y, &[&self.bn], None, |y| {
+            let grad = |y: &Tensor, g: &Tensor| {
+                let (k, s, p) = POOL;
+                Ok((max_pool2d_grad(y, g, k, s, p)?, None))
+            };
+            Ok((max_pool_3x3_s2(y)?, grad))
+        })
     }
 
     /// For [`ConvBn::forward_spikes`], in eval mode.
@@ -174,60 +199,116 @@ impl LinearBn {
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let rows = x.flatten_to(dims.len() - 2)?;
-        let y = normalise(&self.bn, &self.linear.forward(&rows)?, train)?;
+        let y = normalise(&[&self.bn], &self.linear.forward(&rows)?, train)?;
         let mut out = dims;
         *out.last_mut().expect("rank >= 1") = y.dim(1)?;
         y.reshape(out)
     }
 
-    /// `layers` applied to the spikes of `lif` on `x [..., C]`, all fed by the same spikes:
-    /// one fused LIF + matmul over the layers' stacked weights (see
-    /// [`crate::kernels::lif_linear`]), which keeps the spikes as bits for backward instead of
-    /// the f32 tensor a separate LIF would hand to each layer. The same as `layer.forward` of
-    /// `lif.forward(x)` for each layer.
+    /// `layers` applied to the spikes of `lif` on `x [..., C]`, all fed by the same spikes,
+    /// their outputs side by side on the last axis: one fused LIF + matmul over the layers'
+    /// stacked weights (see [`crate::kernels::lif_linear`]), which keeps the spikes as bits for
+    /// backward instead of the f32 tensor a separate LIF would hand to each layer, then one
+    /// BatchNorm pass over the stacked channels, which keeps no per-layer copies. The same as
+    /// `layer.forward` of `lif.forward(x)` for each layer, concatenated.
     pub fn forward_lif(
         layers: &[&LinearBn],
         lif: &MultiStepLif,
         x: &Tensor,
         train: bool,
-    ) -> Result<Vec<Tensor>> {
-        let weights: Vec<&Tensor> = layers.iter().map(|l| l.linear.weight()).collect();
-        let stack = |parts: &[Tensor]| match parts {
-            [one] => Ok(one.clone()),
-            _ => Tensor::cat(parts, 0),
-        };
-        let stacked = stack(&weights.iter().map(|&w| w.clone()).collect::<Vec<_>>())?;
+    ) -> Result<Tensor> {
+        let y = Self::stacked_lif(layers, lif, x)?;
+        let dims = y.dims().to_vec();
+        let bns: Vec<&BatchNorm> = layers.iter().map(|l| &l.bn).collect();
+        normalise(&bns, &y.flatten_to(dims.len() - 2)?, train)?.reshape(dims)
+    }
+
+    /// [`Self::forward_lif`] in training mode followed by `then`, the normalised output
+    /// recomputed in backward instead of kept (see [`batch_norm_train_then`], which also says
+    /// what `param` and `then` are). `then` and its backward see the normalised output shaped
+    /// as `x` with the layers' outputs on the last axis.
+    pub fn forward_lif_then<F, G>(
+        layers: &[&LinearBn],
+        lif: &MultiStepLif,
+        x: &Tensor,
+        param: Option<&Tensor>,
+        then: F,
+    ) -> Result<Tensor>
+    where
+        F: FnOnce(&Tensor) -> Result<(Tensor, G)>,
+        G: Fn(&Tensor, &Tensor) -> Result<(Tensor, Option<Tensor>)> + Send + Sync + 'static,
+    {
+        let y = Self::stacked_lif(layers, lif, x)?;
+        let dims = y.dims().to_vec();
+        let bns: Vec<&BatchNorm> = layers.iter().map(|l| &l.bn).collect();
+        let rows = y.flatten_to(dims.len() - 2)?;
+        batch_norm_train_then(&rows, &bns, param, |y| {
+            let (value, grad) = then(&y.reshape(dims.as_slice())?)?;
+            let rows_grad = move |y: &Tensor, g: &Tensor| {
+                let (grad_y, grad_param) = grad(&y.reshape(dims.as_slice())?, g)?;
+                Ok((grad_y.reshape(y.shape())?, grad_param))
+            };
+            Ok((value, rows_grad))
+        })
+    }
+
+    /// The weight and bias (zeros if none) packed as `[O, K + 1]`, as
+    /// [`crate::kernels::lif_linear::lif_linear_packed`] takes them; gradients flow back to
+    /// both.
+    pub fn packed(&self) -> Result<Tensor> {
+        Tensor::cat(
+            &[self.linear.weight(), &self.bias_or_zeros()?.unsqueeze(1)?],
+            1,
+        )
+    }
+
+    /// The bias, or zeros for a layer without one.
+    fn bias_or_zeros(&self) -> Result<Tensor> {
+        let w = self.linear.weight();
+        match self.linear.bias() {
+            Some(b) => Ok(b.clone()),
+            None => Tensor::zeros(w.dim(0)?, w.dtype(), w.device()),
+        }
+    }
+
+    /// `residual + BN(y)` in training mode for this layer's linear output `y [..., C_out]`: the
+    /// normalised output is recomputed in backward instead of kept for the sum.
+    pub fn add_to(&self, residual: &Tensor, y: &Tensor) -> Result<Tensor> {
+        let dims = y.dims().to_vec();
+        let rows = residual.flatten_to(dims.len() - 2)?;
+        let kept = rows.detach();
+        let sum = batch_norm_train_then(
+            &y.flatten_to(dims.len() - 2)?,
+            &[&self.bn],
+            Some(&rows),
+            |n| {
+                let grad = |_: &Tensor, g: &Tensor| Ok((g.clone(), Some(g.clone())));
+                Ok(((n + kept)?, grad))
+            },
+        )?;
+        sum.reshape(dims)
+    }
+
+    /// `residual + self.forward_lif(lif, x)` in training mode, as [`Self::add_to`].
+    pub fn add_lif_to(&self, residual: &Tensor, lif: &MultiStepLif, x: &Tensor) -> Result<Tensor> {
+        self.add_to(residual, &Self::stacked_lif(&[self], lif, x)?)
+    }
+
+    /// The layers' outputs side by side, before BatchNorm: one fused LIF + matmul over their
+    /// stacked weights.
+    fn stacked_lif(layers: &[&LinearBn], lif: &MultiStepLif, x: &Tensor) -> Result<Tensor> {
+        let weights: Vec<Tensor> = layers.iter().map(|l| l.linear.weight().clone()).collect();
         // Layers without a bias contribute zeros, unless none has one.
         let bias = if layers.iter().any(|l| l.linear.bias().is_some()) {
             let parts = layers
                 .iter()
-                .zip(&weights)
-                .map(|(l, w)| match l.linear.bias() {
-                    Some(b) => Ok(b.clone()),
-                    None => Tensor::zeros(w.dim(0)?, w.dtype(), w.device()),
-                })
+                .map(|l| l.bias_or_zeros())
                 .collect::<Result<Vec<_>>>()?;
-            Some(stack(&parts)?)
+            Some(Tensor::cat(&parts, 0)?)
         } else {
             None
         };
-        let dims = x.dims().to_vec();
-        // The LIF needs the time axis in front: flatten to rows only after it.
-        let y = lif_linear(lif, x, &stacked, bias.as_ref())?.flatten_to(dims.len() - 2)?;
-        let mut first = 0;
-        layers
-            .iter()
-            .zip(weights)
-            .map(|(layer, w)| {
-                let o = w.dim(0)?;
-                let y = y.narrow(1, first, o)?;
-                first += o;
-                let y = normalise(&layer.bn, &y, train)?;
-                let mut out = dims.clone();
-                *out.last_mut().expect("rank >= 2") = o;
-                y.reshape(out)
-            })
-            .collect()
+        lif_linear(lif, x, &Tensor::cat(&weights, 0)?, bias.as_ref())
     }
 
     /// The layer with its eval-mode BatchNorm folded in, for spikes `[..., C]`.
@@ -236,9 +317,13 @@ impl LinearBn {
     }
 }
 
+/// The tokenizer's max-pooling: window, stride, padding.
+const POOL: (usize, usize, usize) = (3, 2, 1);
+
 /// Max-pooling with a 3x3 window, stride 2 and padding 1 on `[N, C, H, W]`, the tokenizer's.
 pub fn max_pool_3x3_s2(x: &Tensor) -> Result<Tensor> {
-    crate::kernels::maxpool::max_pool2d(x, 3, 2, 1)
+    let (k, s, p) = POOL;
+    max_pool2d(x, k, s, p)
 }
 
 /// [`max_pool_3x3_s2`] of channels-last `[N, H, W, C]`, for inference.

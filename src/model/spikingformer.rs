@@ -15,10 +15,12 @@ use candle_core::{Device, Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
 use super::config::SpikeClipConfig;
-use super::layers::{max_pool_3x3_s2, max_pool_3x3_s2_channels_last, ConvBn, LinearBn};
+use super::layers::{max_pool_3x3_s2_channels_last, ConvBn, LinearBn};
 use super::readout::Readout;
 use super::summary::{linear_params, Layer};
 use crate::energy::{Op, OpInput};
+use crate::kernels::attention::Attention;
+use crate::kernels::lif_linear::lif_linear_packed;
 use crate::kernels::spikes::{spike_attention, SpikeBits, SpikeLayer};
 use crate::neuron::{LifConfig, MultiStepLif};
 
@@ -116,30 +118,17 @@ impl<'a, W> Fed<'a, W> {
         })
     }
 
-    /// `layers` applied to the spikes: themselves when dense, their folded twins `twins(folded)`
-    /// when sparse.
-    fn linears<const N: usize>(
-        &self,
-        layers: [&LinearBn; N],
-        twins: impl FnOnce(&W) -> [&SpikeLayer; N],
-    ) -> Result<[Tensor; N]> {
-        let out = match self {
-            Fed::Dense { lif, x, train } => LinearBn::forward_lif(&layers, &lif.lif, x, *train)?,
+    /// `layer` applied to the spikes: itself when dense, its folded twin `twin(folded)` when
+    /// sparse.
+    fn linear(&self, layer: &LinearBn, twin: impl FnOnce(&W) -> &SpikeLayer) -> Result<Tensor> {
+        match self {
+            Fed::Dense { lif, x, train } => LinearBn::forward_lif(&[layer], &lif.lif, x, *train),
             Fed::Sparse {
                 bits,
                 folded,
                 device,
-            } => twins(folded)
-                .iter()
-                .map(|t| t.linear(bits, device))
-                .collect::<Result<_>>()?,
-        };
-        Ok(out.try_into().expect("one output per layer"))
-    }
-
-    fn linear(&self, layer: &LinearBn, twin: impl FnOnce(&W) -> &SpikeLayer) -> Result<Tensor> {
-        let [y] = self.linears([layer], |w| [twin(w)])?;
-        Ok(y)
+            } => twin(folded).linear(bits, device),
+        }
     }
 }
 
@@ -151,6 +140,9 @@ struct FoldedAttention {
     v: SpikeLayer,
     proj: SpikeLayer,
 }
+
+/// Spiking self-attention's scale of `q k^T v`.
+const ATTENTION_SCALE: f64 = 0.125;
 
 /// Spiking self-attention: q, k, v from spikes, `(q k^T) v * 0.125` without softmax.
 #[derive(Debug, Clone)]
@@ -201,62 +193,67 @@ impl SpikingSelfAttention {
         })
     }
 
-    /// `[T, B, N, C]` to `[T, B, N, C]`. `key_mask` (`[B, N]`, 1 for tokens, 0 for padding)
-    /// zeroes the keys of padding: without a softmax, a zero key row removes that token's value
-    /// from every query's output.
+    /// The attention core's settings.
+    fn core(&self, key_mask: Option<&Tensor>) -> Attention {
+        Attention {
+            lifs: [&self.q_lif, &self.k_lif, &self.v_lif].map(|l| l.lif.clone()),
+            heads: self.heads,
+            scale: ATTENTION_SCALE,
+            key_mask: key_mask.cloned(),
+        }
+    }
+
+    /// `x + SSA(x)` for `x [T, B, N, C]`, the residual added here so that training can leave
+    /// the projection's normalised output out of what it keeps. `key_mask` (`[B, N]`, 1 for
+    /// tokens, 0 for padding) takes padding out of attention (see [`Attention::key_mask`]).
     fn forward(
         &self,
         x: &Tensor,
         key_mask: Option<&Tensor>,
         pass: Pass<FoldedAttention>,
     ) -> Result<Tensor> {
-        let (t, b, n, c) = x.dims4()?;
-        let (h, d) = (self.heads, c / self.heads);
-        let s = Fed::new(&self.input, x, pass)?;
-        // [T, B, N, C] -> [T * B * H, N, d]: candle's CPU matmul wants 3-D contiguous inputs.
-        let split = |y: Tensor| -> Result<Tensor> {
-            y.reshape((t, b, n, h, d))?
-                .transpose(2, 3)?
-                .contiguous()?
-                .reshape((t * b * h, n, d))
-        };
-        let [q, k, v] = s.linears([&self.q, &self.k, &self.v], |w| [&w.q, &w.k, &w.v])?;
-        let product = match pass {
-            Pass::Dense { .. } => {
-                let q = split(self.q_lif.forward(&q)?)?;
-                let mut k = self.k_lif.forward(&k)?;
-                if let Some(m) = key_mask {
-                    k = k.broadcast_mul(&m.reshape((1, b, n, 1))?)?;
-                }
-                let k = split(k)?;
-                let v = split(self.v_lif.forward(&v)?)?;
-                q.matmul(&k.t()?.contiguous()?)?.matmul(&v)?
+        let core = self.core(key_mask);
+        let layers = [&self.q, &self.k, &self.v];
+        let y = match pass {
+            // In training the normalised q, k, v are recomputed in backward, not kept.
+            Pass::Dense { train: true } => {
+                let back = core.clone();
+                LinearBn::forward_lif_then(&layers, &self.input.lif, x, None, |qkv| {
+                    let grad = move |qkv: &Tensor, g: &Tensor| Ok((back.gradient(qkv, g)?, None));
+                    Ok((core.value(qkv)?, grad))
+                })?
             }
-            // Integer counts, exactly the dense product, `[T, B, H, N, d]`.
+            Pass::Dense { train: false } => {
+                core.forward(&LinearBn::forward_lif(&layers, &self.input.lif, x, false)?)?
+            }
             Pass::Sparse(_) => {
                 if key_mask.is_some() {
                     candle_core::bail!("spike-driven attention takes no key mask")
                 }
-                let heads = |lif: &NamedLif, y: &Tensor| {
+                let (t, b, n, c) = x.dims4()?;
+                let s = Fed::new(&self.input, x, pass)?;
+                // Spikes straight to bits, heads split on the bits, `[T, B, H, N, d]`.
+                let heads = |lif: &NamedLif, y: Tensor| {
+                    let d = c / self.heads;
                     lif.lif
-                        .forward_bits(&y.reshape((t, b, n, h, d))?)?
+                        .forward_bits(&y.reshape((t, b, n, self.heads, d))?)?
                         .heads_first()
                 };
-                spike_attention(
-                    &heads(&self.q_lif, &q)?,
-                    &heads(&self.k_lif, &k)?,
-                    &heads(&self.v_lif, &v)?,
+                // Integer counts, exactly the dense product.
+                let product = spike_attention(
+                    &heads(&self.q_lif, s.linear(&self.q, |w| &w.q)?)?,
+                    &heads(&self.k_lif, s.linear(&self.k, |w| &w.k)?)?,
+                    &heads(&self.v_lif, s.linear(&self.v, |w| &w.v)?)?,
                 )?
                 .to_dtype(candle_core::DType::F32)?
-                .to_device(x.device())?
+                .to_device(x.device())?;
+                core.merge(&(product * ATTENTION_SCALE)?, (t, b, n, c))?
             }
         };
-        let y = (product * 0.125)?
-            .reshape((t, b, h, n, d))?
-            .transpose(2, 3)?
-            .contiguous()?
-            .reshape((t, b, n, c))?;
-        Fed::new(&self.attn_lif, &y, pass)?.linear(&self.proj, |w| &w.proj)
+        if pass.train() {
+            return self.proj.add_lif_to(x, &self.attn_lif.lif, &y);
+        }
+        x + Fed::new(&self.attn_lif, &y, pass)?.linear(&self.proj, |w| &w.proj)?
     }
 
     fn params(&self) -> usize {
@@ -314,9 +311,20 @@ impl SpikingMlp {
         })
     }
 
+    /// `x + MLP(x)` for `x [T, B, N, C]`, the residual added here as in spiking self-attention.
     fn forward(&self, x: &Tensor, pass: Pass<FoldedMlp>) -> Result<Tensor> {
+        if pass.train() {
+            // The hidden layer's normalised output, four times the block's width, is
+            // recomputed in backward instead of kept for the second layer.
+            let packed = self.fc2.packed()?;
+            let y =
+                LinearBn::forward_lif_then(&[&self.fc1], &self.lif1.lif, x, Some(&packed), |h| {
+                    lif_linear_packed(&self.lif2.lif, h, &packed)
+                })?;
+            return self.fc2.add_to(x, &y);
+        }
         let h = Fed::new(&self.lif1, x, pass)?.linear(&self.fc1, |w| &w.fc1)?;
-        Fed::new(&self.lif2, &h, pass)?.linear(&self.fc2, |w| &w.fc2)
+        x + Fed::new(&self.lif2, &h, pass)?.linear(&self.fc2, |w| &w.fc2)?
     }
 }
 
@@ -362,8 +370,8 @@ impl Block {
         key_mask: Option<&Tensor>,
         pass: Pass<FoldedBlock>,
     ) -> Result<Tensor> {
-        let x = (x + self.attn.forward(x, key_mask, pass.map(|w| &w.attn))?)?;
-        Ok(pass.cut((&x + self.mlp.forward(&x, pass.map(|w| &w.mlp))?)?))
+        let x = self.attn.forward(x, key_mask, pass.map(|w| &w.attn))?;
+        Ok(pass.cut(self.mlp.forward(&x, pass.map(|w| &w.mlp))?))
     }
 
     /// The block's LIF layers, in forward order.
@@ -567,11 +575,11 @@ impl ImageEncoder {
         let mut y = pass.cut(self.first_conv(x, train)?);
         for (i, conv) in self.convs.iter().enumerate().skip(1) {
             // All time steps at once, `[T * B, ...]`, as SpikingJelly's `SeqToANNContainer`.
-            let z = conv.forward_lif(&self.conv_lifs[i - 1].lif, &y, train)?;
+            let lif = &self.conv_lifs[i - 1].lif;
             let z = if POOLED.contains(&i) {
-                max_pool_3x3_s2(&z)?
+                conv.forward_lif_pooled(lif, &y, train)?
             } else {
-                z
+                conv.forward_lif(lif, &y, train)?
             };
             let mut dims = y.dims()[..2].to_vec();
             dims.extend_from_slice(&z.dims()[1..]);
