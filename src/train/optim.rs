@@ -8,6 +8,7 @@ use std::path::Path;
 use anyhow::{bail, Context};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
+use rayon::prelude::*;
 
 use super::checkpoint::write_atomic_with;
 
@@ -50,6 +51,55 @@ struct Moments {
 
 fn host_values(t: &Tensor) -> candle_core::Result<Vec<f32>> {
     t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()
+}
+
+/// Elements per parallel task of an update.
+const UPDATE_CHUNK: usize = 1 << 15;
+
+/// One step's update of a parameter's elements, in f64 as PyTorch's reference computes it here.
+struct Update<'a> {
+    cfg: &'a AdamConfig,
+    step_size: f64,
+    bias2_sqrt: f64,
+}
+
+impl Update<'_> {
+    /// Updates `p` and its moments in place from the gradient `g`. The AMSGrad branch is
+    /// taken once per chunk, not per element, so the loop stays branch-free.
+    fn run(
+        &self,
+        p: &mut [f32],
+        g: &[f32],
+        (m, v): (&mut [f32], &mut [f32]),
+        vmax: Option<&mut [f32]>,
+    ) {
+        let c = self.cfg;
+        let mut moments = |i: usize, p: f32| {
+            let gi = g[i] as f64 + c.weight_decay * p as f64;
+            m[i] = (c.beta1 * m[i] as f64 + (1.0 - c.beta1) * gi) as f32;
+            v[i] = (c.beta2 * v[i] as f64 + (1.0 - c.beta2) * gi * gi) as f32;
+            (m[i], v[i])
+        };
+        let step = |p: f32, m: f32, second: f32| {
+            let denom = (second as f64).sqrt() / self.bias2_sqrt + c.eps;
+            (p as f64 - self.step_size * m as f64 / denom) as f32
+        };
+        match vmax {
+            None => {
+                for i in 0..p.len() {
+                    let (m, v) = moments(i, p[i]);
+                    p[i] = step(p[i], m, v);
+                }
+            }
+            Some(vmax) => {
+                for i in 0..p.len() {
+                    let (m, v) = moments(i, p[i]);
+                    vmax[i] = vmax[i].max(v);
+                    p[i] = step(p[i], m, vmax[i]);
+                }
+            }
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -103,21 +153,22 @@ impl Adam {
             let mut p = host_values(var.as_tensor())?;
             let g = host_values(grad)?;
             st.step += 1;
-            let step_size = c.lr / (1.0 - c.beta1.powi(st.step as i32));
-            let bias2_sqrt = (1.0 - c.beta2.powi(st.step as i32)).sqrt();
-            for i in 0..p.len() {
-                let gi = g[i] as f64 + c.weight_decay * p[i] as f64;
-                st.m[i] = (c.beta1 * st.m[i] as f64 + (1.0 - c.beta1) * gi) as f32;
-                st.v[i] = (c.beta2 * st.v[i] as f64 + (1.0 - c.beta2) * gi * gi) as f32;
-                let second = match &mut st.vmax {
-                    Some(vmax) => {
-                        vmax[i] = vmax[i].max(st.v[i]);
-                        vmax[i]
-                    }
-                    None => st.v[i],
-                };
-                let denom = (second as f64).sqrt() / bias2_sqrt + c.eps;
-                p[i] = (p[i] as f64 - step_size * st.m[i] as f64 / denom) as f32;
+            let update = Update {
+                cfg: c,
+                step_size: c.lr / (1.0 - c.beta1.powi(st.step as i32)),
+                bias2_sqrt: (1.0 - c.beta2.powi(st.step as i32)).sqrt(),
+            };
+            // Elements are independent: chunks run in parallel, each element computed as before.
+            let chunks = p
+                .par_chunks_mut(UPDATE_CHUNK)
+                .zip(g.par_chunks(UPDATE_CHUNK))
+                .zip(st.m.par_chunks_mut(UPDATE_CHUNK))
+                .zip(st.v.par_chunks_mut(UPDATE_CHUNK));
+            match &mut st.vmax {
+                None => chunks.for_each(|(((p, g), m), v)| update.run(p, g, (m, v), None)),
+                Some(vmax) => chunks
+                    .zip(vmax.par_chunks_mut(UPDATE_CHUNK))
+                    .for_each(|((((p, g), m), v), vmax)| update.run(p, g, (m, v), Some(vmax))),
             }
             let updated = Tensor::from_vec(p, var.shape(), var.device())?;
             var.set(&updated.to_dtype(var.dtype())?)?;
