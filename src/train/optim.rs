@@ -86,16 +86,16 @@ impl Update<'_> {
         };
         match vmax {
             None => {
-                for i in 0..p.len() {
-                    let (m, v) = moments(i, p[i]);
-                    p[i] = step(p[i], m, v);
+                for (i, p) in p.iter_mut().enumerate() {
+                    let (m, v) = moments(i, *p);
+                    *p = step(*p, m, v);
                 }
             }
             Some(vmax) => {
-                for i in 0..p.len() {
-                    let (m, v) = moments(i, p[i]);
-                    vmax[i] = vmax[i].max(v);
-                    p[i] = step(p[i], m, vmax[i]);
+                for ((i, p), vmax) in p.iter_mut().enumerate().zip(vmax) {
+                    let (m, v) = moments(i, *p);
+                    *vmax = vmax.max(v);
+                    *p = step(*p, m, *vmax);
                 }
             }
         }
