@@ -431,6 +431,16 @@ mod tests {
     use candle_core::{DType, Device};
     use candle_nn::{BatchNormConfig, VarBuilder, VarMap};
 
+    /// The scale and shift of each BatchNorm, in order.
+    fn affine_params(bns: &[&BatchNorm]) -> Vec<Tensor> {
+        bns.iter()
+            .flat_map(|bn| {
+                let (g, b) = bn.weight_and_bias().unwrap();
+                [g.clone(), b.clone()]
+            })
+            .collect()
+    }
+
     /// A BatchNorm over `c` channels with a random affine pair (the same for every seed).
     fn batch_norm(c: usize, affine: &[Tensor; 2]) -> (VarMap, BatchNorm) {
         let vm = VarMap::new();
@@ -475,36 +485,13 @@ mod tests {
         let ours = batch_norm_train(x.as_tensor(), &ours_bns).unwrap();
         let theirs = per_layer(x.as_tensor(), &ref_bns, BatchNorm::forward_train).unwrap();
         assert!(max_rel_diff(&ours, &theirs) < 1e-5, "forward differs");
-        let vars = |bns: &[&BatchNorm]| {
-            bns.iter()
-                .flat_map(|bn| {
-                    let (g, b) = bn.weight_and_bias().unwrap();
-                    [Var::from_tensor(g).unwrap(), Var::from_tensor(b).unwrap()]
-                })
-                .collect::<Vec<_>>()
-        };
-        let up = Tensor::randn(0f32, 1.0, shape, &dev).unwrap();
-        let ga = (ours * &up).unwrap().sum_all().unwrap().backward().unwrap();
-        let gb = (theirs * &up)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let pairs = [(x.clone(), x.clone())]
-            .into_iter()
-            .chain(vars(&ours_bns).into_iter().zip(vars(&ref_bns)));
-        for (a, b) in pairs {
-            let (da, db) = (
-                ga.get(a.as_tensor()).unwrap(),
-                gb.get(b.as_tensor()).unwrap(),
-            );
-            assert!(
-                max_rel_diff(da, db) < 1e-4,
-                "gradient differs for {:?}",
-                a.dims()
-            );
-        }
+        let mut pairs = vec![(x.as_tensor().clone(), x.as_tensor().clone())];
+        pairs.extend(
+            affine_params(&ours_bns)
+                .into_iter()
+                .zip(affine_params(&ref_bns)),
+        );
+        assert_paired_gradients(ours, theirs, &pairs, 1e-4);
         for (ours, theirs) in ours_bns.iter().zip(&ref_bns) {
             assert!(max_rel_diff(ours.running_mean(), theirs.running_mean()) < 1e-5);
             assert!(max_rel_diff(ours.running_var(), theirs.running_var()) < 1e-5);
@@ -554,29 +541,14 @@ mod tests {
                 .unwrap();
         let theirs = composed(&batch_norm_train(x.as_tensor(), &[&ref_bn]).unwrap());
         assert!(max_rel_diff(&ours, &theirs) < 1e-5, "forward differs");
-        let up = Tensor::randn(0f32, 1.0, ours.dims(), &dev).unwrap();
-        let ga = (ours * &up).unwrap().sum_all().unwrap().backward().unwrap();
-        let gb = (theirs * &up)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let affine_vars = |bn: &BatchNorm| {
-            let (g, b) = bn.weight_and_bias().unwrap();
-            [g.clone(), b.clone()]
-        };
         let mut pairs = vec![(x.as_tensor().clone(), x.as_tensor().clone())];
-        pairs.extend(affine_vars(&ours_bn).into_iter().zip(affine_vars(&ref_bn)));
+        pairs.extend(
+            affine_params(&[&ours_bn])
+                .into_iter()
+                .zip(affine_params(&[&ref_bn])),
+        );
         pairs.extend(param.map(|p| (p.as_tensor().clone(), p.as_tensor().clone())));
-        for (a, b) in pairs {
-            let (da, db) = (ga.get(&a).unwrap(), gb.get(&b).unwrap());
-            assert!(
-                max_rel_diff(da, db) < 1e-4,
-                "gradient differs for {:?}",
-                a.dims()
-            );
-        }
+        assert_paired_gradients(ours, theirs, &pairs, 1e-4);
         assert!(max_rel_diff(ours_bn.running_mean(), ref_bn.running_mean()) < 1e-5);
         assert!(max_rel_diff(ours_bn.running_var(), ref_bn.running_var()) < 1e-5);
     }

@@ -163,6 +163,21 @@ pub(crate) mod test_util {
     /// `ours` and `theirs` give the same gradients, within `tol` relative, to every var in
     /// `vars` under the same random upstream gradient.
     pub fn assert_same_gradients(ours: Tensor, theirs: Tensor, vars: &[&Var], tol: f32) {
+        let pairs: Vec<_> = vars
+            .iter()
+            .map(|v| (v.as_tensor().clone(), v.as_tensor().clone()))
+            .collect();
+        assert_paired_gradients(ours, theirs, &pairs, tol)
+    }
+
+    /// [`assert_same_gradients`] for two graphs with leaves of their own: each pair holds a
+    /// tensor of `ours`'s graph and its counterpart in `theirs`'s.
+    pub fn assert_paired_gradients(
+        ours: Tensor,
+        theirs: Tensor,
+        pairs: &[(Tensor, Tensor)],
+        tol: f32,
+    ) {
         let g = Tensor::randn(0f32, 1.0, theirs.dims(), theirs.device()).unwrap();
         let ga = (ours * &g).unwrap().sum_all().unwrap().backward().unwrap();
         let gb = (theirs * &g)
@@ -171,15 +186,12 @@ pub(crate) mod test_util {
             .unwrap()
             .backward()
             .unwrap();
-        for v in vars {
-            let (a, b) = (
-                ga.get(v.as_tensor()).unwrap(),
-                gb.get(v.as_tensor()).unwrap(),
-            );
+        for (a, b) in pairs {
+            let (da, db) = (ga.get(a).unwrap(), gb.get(b).unwrap());
             assert!(
-                max_rel_diff(a, b) < tol,
+                max_rel_diff(da, db) < tol,
                 "gradient differs for {:?}",
-                v.dims()
+                a.dims()
             );
         }
     }
