@@ -323,6 +323,19 @@ pub fn batch_norm_train(x: &Tensor, bns: &[&BatchNorm]) -> Result<Tensor> {
     Ok(y)
 }
 
+/// The backward of the op a fused BatchNorm feeds (see [`batch_norm_train_then`]): given its
+/// input, recomputed, and its output's gradient, the gradients of that input and of the op's
+/// own parameter, if it has one.
+pub trait ThenBackward:
+    Fn(&Tensor, &Tensor) -> Result<(Tensor, Option<Tensor>)> + Send + Sync + 'static
+{
+}
+
+impl<G> ThenBackward for G where
+    G: Fn(&Tensor, &Tensor) -> Result<(Tensor, Option<Tensor>)> + Send + Sync + 'static
+{
+}
+
 /// [`batch_norm_train`] followed by `then`, as one op that keeps nothing but `x` for backward:
 /// the normalised tensor, as large as `x`, is recomputed in backward instead of kept for what
 /// follows. For a layer whose output is only normalised on its way into an op that keeps what
@@ -338,7 +351,7 @@ pub fn batch_norm_train_then<F, G>(
 ) -> Result<Tensor>
 where
     F: FnOnce(&Tensor) -> Result<(Tensor, G)>,
-    G: Fn(&Tensor, &Tensor) -> Result<(Tensor, Option<Tensor>)> + Send + Sync + 'static,
+    G: ThenBackward,
 {
     let d = Dims::of(x.shape())?;
     let (gamma, beta, eps) = stacked_affine(x, bns)?;
@@ -525,7 +538,7 @@ mod tests {
         composed: impl Fn(&Tensor) -> Tensor,
     ) where
         F: FnOnce(&Tensor) -> Result<(Tensor, G)>,
-        G: Fn(&Tensor, &Tensor) -> Result<(Tensor, Option<Tensor>)> + Send + Sync + 'static,
+        G: ThenBackward,
     {
         let dev = Device::Cpu;
         let c = shape[1];

@@ -4,7 +4,7 @@ use candle_core::{Module, ModuleT, Result, Tensor, D};
 use candle_nn::{BatchNorm, BatchNormConfig, Linear, VarBuilder};
 
 use super::summary::{batch_norm_params, linear_params};
-use crate::kernels::batch_norm::{batch_norm_train_then, per_layer};
+use crate::kernels::batch_norm::{batch_norm_train_then, per_layer, ThenBackward};
 use crate::kernels::lif_linear::{lif_conv2d, lif_linear};
 use crate::kernels::maxpool::{max_pool2d, max_pool2d_grad};
 use crate::kernels::spikes::{SpikeBits, SpikeLayer};
@@ -236,7 +236,7 @@ impl LinearBn {
     ) -> Result<Tensor>
     where
         F: FnOnce(&Tensor) -> Result<(Tensor, G)>,
-        G: Fn(&Tensor, &Tensor) -> Result<(Tensor, Option<Tensor>)> + Send + Sync + 'static,
+        G: ThenBackward,
     {
         let y = Self::stacked_lif(layers, lif, x)?;
         let dims = y.dims().to_vec();

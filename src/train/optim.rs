@@ -56,7 +56,7 @@ fn host_values(t: &Tensor) -> candle_core::Result<Vec<f32>> {
 /// Elements per parallel task of an update.
 const UPDATE_CHUNK: usize = 1 << 15;
 
-/// One step's update of a parameter's elements, in f64 as PyTorch's reference computes it here.
+/// One step's update of a parameter's elements, each computed in f64.
 struct Update<'a> {
     cfg: &'a AdamConfig,
     step_size: f64,
