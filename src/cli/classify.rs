@@ -27,10 +27,10 @@ pub struct Args {
     /// How many labels to print per image.
     #[arg(long, default_value_t = 5)]
     top: usize,
-    /// Run the image encoder on the spike-driven path (bit-packed spikes, accumulate-only
-    /// layers): same predictions, faster at trained firing rates; SpikeCLIP checkpoints only.
+    /// Run a spiking image encoder on the dense path instead of the spike-driven one
+    /// (bit-packed spikes, accumulate-only layers), which gives the same predictions faster.
     #[arg(long)]
-    sparse: bool,
+    dense: bool,
 }
 
 /// Where the label set comes from.
@@ -118,7 +118,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let prompts = label_prompts(&loaded, &args.labels)?;
     let classes = loaded.class_embeddings(&prompts, &dev)?;
     let files = image_files(&args.image)?;
-    let inference = loaded.for_inference(args.sparse)?;
+    let inference = loaded.for_inference(args.dense)?;
     // Probabilities as CLIP reports them: softmax over cosine similarities times 100.
     for chunk in files.chunks(64) {
         let feats = inference

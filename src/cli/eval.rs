@@ -35,10 +35,10 @@ pub struct Args {
     /// world's analytic teacher needs none).
     #[arg(long)]
     teacher: Option<String>,
-    /// Run the image encoder on the spike-driven path (bit-packed spikes, accumulate-only
-    /// layers): same predictions, faster at trained firing rates; SpikeCLIP checkpoints only.
+    /// Run a spiking image encoder on the dense path instead of the spike-driven one
+    /// (bit-packed spikes, accumulate-only layers), which gives the same predictions faster.
     #[arg(long)]
-    sparse: bool,
+    dense: bool,
     /// Also write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -57,8 +57,9 @@ fn row(name: &str, acc: &TopK) -> serde_json::Value {
 pub fn run(args: Args) -> anyhow::Result<()> {
     let dev = Device::Cpu;
     let loaded = LoadedStudent::open(&args.checkpoint, &dev)?;
-    let inference = loaded.for_inference(args.sparse)?;
+    let inference = loaded.for_inference(args.dense)?;
     let student = inference.student();
+    println!("image encoder: {} path", inference.image_path());
     let mut rows = Vec::new();
     if args.data == "world" {
         let world = World::new(WorldConfig {

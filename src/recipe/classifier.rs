@@ -3,7 +3,6 @@
 
 use std::path::Path;
 
-use anyhow::Context;
 use candle_core::{Device, Tensor};
 
 use super::stages::student_class_embeddings;
@@ -22,6 +21,14 @@ pub struct Inference<'a> {
 impl Inference<'_> {
     pub fn student(&self) -> &dyn Student {
         self.view.as_deref().unwrap_or(self.base)
+    }
+
+    /// Which image path runs, for the user.
+    pub fn image_path(&self) -> &'static str {
+        match self.view {
+            Some(_) => "spike-driven",
+            None => "dense",
+        }
     }
 }
 
@@ -44,16 +51,13 @@ impl LoadedStudent {
         })
     }
 
-    /// The student to run inference with: as loaded, or with `sparse` its spike-driven view
-    /// (an error for a checkpoint without spikes).
-    pub fn for_inference(&self, sparse: bool) -> anyhow::Result<Inference<'_>> {
-        let view = match sparse {
-            false => None,
-            true => Some(
-                self.student
-                    .spike_driven()
-                    .context("--sparse needs a spiking checkpoint (SpikeCLIP)")??,
-            ),
+    /// The student to run inference with. A spiking checkpoint runs its image encoder
+    /// spike-driven (the dense path's predictions at several times its speed) unless `dense`
+    /// asks for the dense path; a checkpoint without spikes always runs as loaded.
+    pub fn for_inference(&self, dense: bool) -> anyhow::Result<Inference<'_>> {
+        let view = match dense {
+            true => None,
+            false => self.student.spike_driven().transpose()?,
         };
         Ok(Inference {
             view,

@@ -20,7 +20,7 @@ pub const CASES: &[Case] = &[
     ("img_train_b32", img_train_b32),
     ("img_train_b64", img_train_b64),
     ("img_infer_b64", img_infer_b64),
-    ("img_infer_b64_sparse", img_infer_b64_sparse),
+    ("img_infer_b64_dense", img_infer_b64_dense),
     ("sparse_sweep", sparse_sweep),
     ("txt_train_b256", txt_train_b256),
     ("txt_infer_b1024", txt_infer_b1024),
@@ -159,14 +159,15 @@ fn img_infer_b64_on(budget: Budget, path: ImagePath) -> anyhow::Result<BenchResu
     infer.time(budget, &x)
 }
 
-/// Eval-mode image features of 64 images (BatchNorm on running statistics).
+/// Eval-mode image features of 64 images on the path `eval` and `classify` take: spike-driven,
+/// BatchNorm folded from the running statistics.
 fn img_infer_b64(budget: Budget) -> anyhow::Result<BenchResult> {
-    img_infer_b64_on(budget, ImagePath::Dense)
+    img_infer_b64_on(budget, ImagePath::Sparse)
 }
 
-/// The same through the spike-driven path.
-fn img_infer_b64_sparse(budget: Budget) -> anyhow::Result<BenchResult> {
-    img_infer_b64_on(budget, ImagePath::Sparse)
+/// The same through the dense path (`--dense`).
+fn img_infer_b64_dense(budget: Budget) -> anyhow::Result<BenchResult> {
+    img_infer_b64_on(budget, ImagePath::Dense)
 }
 
 /// One point of the firing-rate sweep.
