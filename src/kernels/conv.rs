@@ -230,17 +230,38 @@ impl CustomOp2 for Conv2d {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (x, w, grad) = (x.detach(), w.detach(), grad.detach());
-        let plan = self.plan(x.dims(), w.dims())?;
+        let (grad_x, grad_w) = self.grads(x.dims(), Some(x), w, grad)?;
+        Ok((Some(grad_x), grad_w))
+    }
+}
+
+impl Conv2d {
+    /// The input gradient for an input of `x_dims` and, if the input `x` is given, the weight
+    /// gradient.
+    fn grads(
+        &self,
+        x_dims: &[usize],
+        x: Option<&Tensor>,
+        w: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let (w, grad) = (w.detach(), grad.detach());
+        let x = x.map(Tensor::detach);
+        let plan = self.plan(x_dims, w.dims())?;
         let wm = weight_matrix(&w)?;
         let (ho, wo) = plan.out_hw;
-        let mut grad_wm = Tensor::zeros(wm.shape(), DType::F32, x.device())?;
-        let mut grad_x = Vec::with_capacity(x.elem_count());
+        let mut grad_wm = match x {
+            Some(_) => Some(Tensor::zeros(wm.shape(), DType::F32, w.device())?),
+            None => None,
+        };
+        let mut grad_x = Vec::with_capacity(x_dims.iter().product());
         for (first, n) in Self::chunks(&plan) {
             let g = grad.narrow(0, first, n)?.reshape((n, plan.o, ho * wo))?;
             let g = g.transpose(1, 2)?.reshape((n * ho * wo, plan.o))?;
-            let cols = self.patches(&x, &plan, first, n)?;
-            grad_wm = (grad_wm + g.t()?.matmul(&cols)?)?;
+            if let (Some(x), Some(sum)) = (&x, grad_wm.as_mut()) {
+                let cols = self.patches(x, &plan, first, n)?;
+                *sum = (&*sum + g.t()?.matmul(&cols)?)?;
+            }
             let grad_cols = g.matmul(&wm)?;
             let d = Nhwc { b: n, ..plan.d };
             let grad_nhwc = if self.window.is_pointwise() {
@@ -248,7 +269,7 @@ impl CustomOp2 for Conv2d {
             } else {
                 let cols = grad_cols.flatten_all()?.to_vec1()?;
                 let image = col2im(&cols, d, self.window, plan.out_hw);
-                Tensor::from_vec(image, (n, d.h, d.w, d.c), x.device())?
+                Tensor::from_vec(image, (n, d.h, d.w, d.c), w.device())?
             };
             grad_x.extend(
                 grad_nhwc
@@ -259,11 +280,14 @@ impl CustomOp2 for Conv2d {
         }
         let Nhwc { c, .. } = plan.d;
         let grad_w = grad_wm
-            .reshape((plan.o, self.window.kh, self.window.kw, c))?
-            .permute((0, 3, 1, 2))?
-            .contiguous()?;
-        let grad_x = Tensor::from_vec(grad_x, x.shape(), x.device())?;
-        Ok((Some(grad_x), Some(grad_w)))
+            .map(|gw| {
+                gw.reshape((plan.o, self.window.kh, self.window.kw, c))?
+                    .permute((0, 3, 1, 2))?
+                    .contiguous()
+            })
+            .transpose()?;
+        let grad_x = Tensor::from_vec(grad_x, x_dims, w.device())?;
+        Ok((grad_x, grad_w))
     }
 }
 
@@ -284,10 +308,23 @@ pub fn conv2d_grads(
     stride: usize,
 ) -> Result<(Tensor, Tensor)> {
     let op = Conv2d::new(weight, padding, stride, CHUNK_FLOATS)?;
-    match op.bwd(x, weight, grad, grad)? {
-        (Some(gx), Some(gw)) => Ok((gx, gw)),
-        _ => candle_core::bail!("conv2d: backward gave no gradient"),
+    match op.grads(x.dims(), Some(x), weight, grad)? {
+        (gx, Some(gw)) => Ok((gx, gw)),
+        _ => candle_core::bail!("conv2d: backward gave no weight gradient"),
     }
+}
+
+/// The input gradient alone of [`conv2d`] on an input of `x_dims`: it needs only the weight,
+/// for layers that get their weight gradient another way.
+pub fn conv2d_input_grad(
+    x_dims: &[usize],
+    weight: &Tensor,
+    grad: &Tensor,
+    padding: usize,
+    stride: usize,
+) -> Result<Tensor> {
+    let op = Conv2d::new(weight, padding, stride, CHUNK_FLOATS)?;
+    Ok(op.grads(x_dims, None, weight, grad)?.0)
 }
 
 fn chunked_conv2d(

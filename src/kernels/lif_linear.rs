@@ -11,7 +11,8 @@
 
 use candle_core::{Device, Result, Tensor};
 
-use super::conv::{conv2d, conv2d_grads};
+use super::conv::{conv2d, conv2d_grads, conv2d_input_grad};
+use super::spike_grad::{spike_conv2d_weight_grad, spike_linear_weight_grad};
 use super::spikes::{SpikeBits, SpikeLayer};
 use super::{with_backward3, Grads3};
 use crate::neuron::MultiStepLif;
@@ -195,11 +196,27 @@ fn backward(
     (x, w, b): (&Tensor, &Tensor, Option<&Tensor>),
     grad: &Tensor,
 ) -> Result<Grads3> {
-    let input = layer.unpack(bits)?;
     let grad = grad.contiguous()?;
-    let (grad_input, grad_w) = match layer {
-        Layer::Linear => (grad.matmul(w)?, grad.t()?.matmul(&input)?),
-        Layer::Conv2d { padding } => conv2d_grads(&input, w, &grad, padding, 1)?,
+    // Below the forward's threshold the weight gradient sums gradient rows selected by the
+    // saved bits (`kernels::spike_grad`), like the forward; above it, dense products.
+    let sparse = (bits.count() as f64) < SPARSE_BELOW * (bits.rows() * bits.cols()) as f64;
+    let (grad_input, grad_w) = match (layer, sparse) {
+        (Layer::Linear, true) => (grad.matmul(w)?, spike_linear_weight_grad(bits, &grad)?),
+        (Layer::Conv2d { padding }, true) => {
+            let (kh, kw) = (w.dim(2)?, w.dim(3)?);
+            let (b, h, ww, c) = bits.dims4("lif_conv2d")?;
+            (
+                conv2d_input_grad(&[b, c, h, ww], w, &grad, padding, 1)?,
+                spike_conv2d_weight_grad(bits, &grad, (kh, kw), padding, 1)?,
+            )
+        }
+        (Layer::Linear, false) => {
+            let input = layer.unpack(bits)?;
+            (grad.matmul(w)?, grad.t()?.matmul(&input)?)
+        }
+        (Layer::Conv2d { padding }, false) => {
+            conv2d_grads(&layer.unpack(bits)?, w, &grad, padding, 1)?
+        }
     };
     // The bias gradient sums the output gradient over all but the channel axis: as rows
     // `[M, O]` (a conv's pixels summed first, along contiguous runs), then by a matmul with

@@ -7,6 +7,7 @@ pub mod batch_norm;
 pub mod conv;
 pub mod lif_linear;
 pub mod maxpool;
+pub mod spike_grad;
 pub mod spikes;
 
 use std::sync::Mutex;

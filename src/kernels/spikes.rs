@@ -13,7 +13,7 @@ use rayon::prelude::*;
 use super::conv::{weight_matrix, Window};
 use super::with_f32;
 
-const WORD_BITS: usize = u64::BITS as usize;
+pub(super) const WORD_BITS: usize = u64::BITS as usize;
 
 /// Binary spikes packed 64 to a `u64` along the last dimension (32x smaller than f32).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -186,12 +186,19 @@ impl SpikeBits {
         self.words.iter().map(|w| w.count_ones() as usize).sum()
     }
 
+    /// Spikes per row.
+    pub fn row_counts(&self) -> impl Iterator<Item = usize> + '_ {
+        self.words
+            .chunks(self.words_per_row.max(1))
+            .map(|row| row.iter().map(|w| w.count_ones() as usize).sum())
+    }
+
     fn row(&self, r: usize) -> &[u64] {
         &self.words[r * self.words_per_row..(r + 1) * self.words_per_row]
     }
 
     /// `(B, H, W, C)` of channels-last spikes, or an error naming `op`.
-    fn dims4(&self, op: &str) -> Result<(usize, usize, usize, usize)> {
+    pub(crate) fn dims4(&self, op: &str) -> Result<(usize, usize, usize, usize)> {
         match self.shape[..] {
             [b, h, w, c] => Ok((b, h, w, c)),
             _ => candle_core::bail!("{op}: expected spikes [B, H, W, C], got {:?}", self.shape),
@@ -251,7 +258,7 @@ fn for_each_silent(words: &[u64], cols: usize, mut f: impl FnMut(usize)) {
 
 /// Calls `f` with the index of every set bit of `words`, in increasing order.
 #[inline]
-fn for_each_active(words: &[u64], mut f: impl FnMut(usize)) {
+pub(super) fn for_each_active(words: &[u64], mut f: impl FnMut(usize)) {
     for (i, &word) in words.iter().enumerate() {
         let mut w = word;
         while w != 0 {
@@ -297,12 +304,13 @@ const ROWS_PER_TASK: usize = 64;
 /// spikes select within one block then lie in one contiguous, cache-sized region. The bias, if
 /// any, is padded the same way and starts every accumulator.
 #[derive(Debug, Clone)]
-struct BlockedWeights {
+pub(super) struct BlockedWeights {
     data: Vec<f32>,
     bias: Option<Vec<f32>>,
     /// Per padded output lane: the bias plus every input's weight, the output when all inputs
-    /// fire (summed in f64), from which a mostly active pixel subtracts its silent inputs.
-    full: Vec<f32>,
+    /// fire (summed in f64), from which a mostly active pixel subtracts its silent inputs; only
+    /// where some window may fire more than half of its inputs.
+    full: Option<Vec<f32>>,
     inputs: usize,
     outputs: usize,
 }
@@ -312,41 +320,72 @@ impl BlockedWeights {
     /// optional bias `[O]`.
     fn new(weight: &Tensor, bias: Option<&Tensor>) -> Result<Self> {
         let matrix = weight_matrix(&weight.to_dtype(DType::F32)?)?;
-        let (outputs, inputs) = matrix.dims2()?;
-        let blocks = outputs.div_ceil(BLOCK);
-        let pad = blocks * BLOCK - outputs;
-        let data = matrix
-            .pad_with_zeros(0, 0, pad)?
-            .reshape((blocks, BLOCK, inputs))?
-            .transpose(1, 2)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
+        let outputs = matrix.dim(0)?;
         let bias = bias
             .map(|b| {
                 if b.dims() != [outputs] {
                     candle_core::bail!("spike layer: bias {:?} for {outputs} outputs", b.dims())
                 }
-                b.to_dtype(DType::F32)?.pad_with_zeros(0, 0, pad)?.to_vec1()
+                b.to_dtype(DType::F32)?.to_vec1()
             })
             .transpose()?;
-        let mut full: Vec<f64> = match &bias {
-            Some(b) => b.iter().map(|&v| f64::from(v)).collect(),
-            None => vec![0.0; blocks * BLOCK],
-        };
-        for (b, block) in data.chunks_exact((inputs * BLOCK).max(1)).enumerate() {
-            for row in block.chunks_exact(BLOCK) {
-                for (f, &w) in full[b * BLOCK..(b + 1) * BLOCK].iter_mut().zip(row) {
-                    *f += f64::from(w);
-                }
-            }
+        let rows = matrix.t()?.flatten_all()?.to_vec1::<f32>()?;
+        Ok(Self::from_rows(&rows, outputs, bias, true))
+    }
+
+    /// From `rows [inputs, outputs]`, input `i`'s contribution to every output in row `i`,
+    /// and an optional bias of `outputs` values; `all_on` prepares the all-on sums that windows
+    /// firing over half of their inputs start from.
+    pub fn from_rows(rows: &[f32], outputs: usize, bias: Option<Vec<f32>>, all_on: bool) -> Self {
+        let inputs = rows.len().checked_div(outputs).unwrap_or(0);
+        let blocks = outputs.div_ceil(BLOCK);
+        let mut data = vec![0f32; blocks * inputs * BLOCK];
+        if inputs > 0 {
+            data.par_chunks_mut(inputs * BLOCK)
+                .enumerate()
+                .for_each(|(b, block)| {
+                    let lanes = b * BLOCK..((b + 1) * BLOCK).min(outputs);
+                    for (to, row) in block
+                        .chunks_exact_mut(BLOCK)
+                        .zip(rows.chunks_exact(outputs))
+                    {
+                        to[..lanes.len()].copy_from_slice(&row[lanes.clone()]);
+                    }
+                });
         }
-        Ok(Self {
+        let bias = bias.map(|mut b| {
+            b.resize(blocks * BLOCK, 0.0);
+            b
+        });
+        let full = all_on.then(|| {
+            let mut full = vec![0f32; blocks * BLOCK];
+            full.par_chunks_mut(BLOCK)
+                .enumerate()
+                .for_each(|(b, lanes)| {
+                    let mut sums: [f64; BLOCK] = match &bias {
+                        Some(bias) => std::array::from_fn(|l| f64::from(bias[b * BLOCK + l])),
+                        None => [0.0; BLOCK],
+                    };
+                    for row in
+                        data[b * inputs * BLOCK..(b + 1) * inputs * BLOCK].chunks_exact(BLOCK)
+                    {
+                        for (f, &w) in sums.iter_mut().zip(row) {
+                            *f += f64::from(w);
+                        }
+                    }
+                    for (lane, sum) in lanes.iter_mut().zip(sums) {
+                        *lane = sum as f32;
+                    }
+                });
+            full
+        });
+        Self {
             data,
             bias,
-            full: full.into_iter().map(|v| v as f32).collect(),
+            full,
             inputs,
             outputs,
-        })
+        }
     }
 
     fn block(&self, b: usize) -> &[f32] {
@@ -362,29 +401,29 @@ impl BlockedWeights {
                 .try_into()
                 .expect("padded to whole blocks")
         };
-        match (&self.bias, complement) {
-            (_, true) => lanes(&self.full),
-            (Some(bias), false) => lanes(bias),
-            (None, false) => [0f32; BLOCK],
+        match (&self.full, &self.bias) {
+            (Some(full), _) if complement => lanes(full),
+            (_, Some(bias)) => lanes(bias),
+            _ => [0f32; BLOCK],
         }
     }
 }
 
-/// An event-driven convolution over channels-last spikes `[B, H, W, C]`: every output pixel
-/// sums the weight rows its window's active inputs select.
-struct Gather<'a> {
-    spikes: &'a SpikeBits,
-    dims: (usize, usize, usize, usize),
-    weights: &'a BlockedWeights,
-    win: Window,
-    out_hw: (usize, usize),
+/// The windows a convolution reads from channels-last spikes `[B, H, W, C]`; a linear layer's
+/// `[M, K]` spikes are `[M, 1, 1, K]` under a 1x1 window.
+#[derive(Clone, Copy)]
+pub(super) struct Windows<'a> {
+    pub spikes: &'a SpikeBits,
+    pub dims: (usize, usize, usize, usize),
+    pub win: Window,
+    pub out_hw: (usize, usize),
 }
 
-impl Gather<'_> {
+impl Windows<'_> {
     /// Calls `f(first weight row, spike words)` for each in-image tap of output pixel `p`'s
     /// window; returns whether every tap was in the image.
     #[inline(always)]
-    fn for_each_tap(&self, p: usize, mut f: impl FnMut(usize, &[u64])) -> bool {
+    pub fn for_each_tap(&self, p: usize, mut f: impl FnMut(usize, &[u64])) -> bool {
         let (_, h, w, c) = self.dims;
         let (ho, wo) = self.out_hw;
         let win = self.win;
@@ -408,19 +447,53 @@ impl Gather<'_> {
         inside
     }
 
+    /// Output pixels, `B * Ho * Wo`.
+    pub fn pixels(&self) -> usize {
+        self.dims.0 * self.out_hw.0 * self.out_hw.1
+    }
+
+    /// Weight rows a window spans, `kh * kw * C`.
+    pub fn window_len(&self) -> usize {
+        self.win.kh * self.win.kw * self.dims.3
+    }
+}
+
+/// An event-driven convolution: every output pixel of `windows` sums the weight rows its
+/// window's active inputs select.
+pub(super) struct Gather<'a> {
+    pub windows: Windows<'a>,
+    pub weights: &'a BlockedWeights,
+    pub schedule: Schedule,
+}
+
+/// How a [`Gather`] cuts its work: inputs per weight tile, output rows per parallel task (each
+/// task streams every weight block once).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Schedule {
+    pub tile: usize,
+    pub rows_per_task: usize,
+}
+
+/// A layer's forward: up to a few thousand inputs per window, many output pixels.
+const LAYER: Schedule = Schedule {
+    tile: TILE,
+    rows_per_task: ROWS_PER_TASK,
+};
+
+impl Gather<'_> {
     /// Appends the weight rows output pixel `p` accumulates to `active`, in increasing order,
     /// and returns whether they are to be subtracted. Rows of active inputs are added; when
     /// more than half of a whole window's inputs fire, the rows of its silent inputs are
     /// subtracted from the all-on sum instead, so the work is that of the smaller set.
     #[inline(always)]
     fn select(&self, p: usize, active: &mut Vec<usize>) -> bool {
-        let c = self.dims.3;
+        let c = self.windows.dims.3;
         let mut firing = 0;
-        let whole = self.for_each_tap(p, |_, row| {
+        let whole = self.windows.for_each_tap(p, |_, row| {
             firing += row.iter().map(|w| w.count_ones() as usize).sum::<usize>()
         });
-        let complement = whole && 2 * firing > self.weights.inputs;
-        self.for_each_tap(p, |base, row| {
+        let complement = whole && self.weights.full.is_some() && 2 * firing > self.weights.inputs;
+        self.windows.for_each_tap(p, |base, row| {
             if complement {
                 for_each_silent(row, c, |ch| active.push(base + ch))
             } else {
@@ -447,7 +520,7 @@ impl Gather<'_> {
     ) {
         let (o, inputs) = (self.weights.outputs, self.weights.inputs);
         let pixels = rows.len() / o;
-        let tiles = inputs.div_ceil(TILE);
+        let tiles = inputs.div_ceil(self.schedule.tile);
         // `splits[p * (tiles + 1) + t]`: where pixel p's selected rows of tile t begin.
         let (mut active, mut splits) = (Vec::new(), Vec::with_capacity(pixels * (tiles + 1)));
         let mut subtract = Vec::with_capacity(pixels);
@@ -455,7 +528,10 @@ impl Gather<'_> {
             let start = active.len();
             subtract.push(self.select(p, &mut active));
             let selected = &active[start..];
-            splits.extend((0..tiles).map(|t| start + selected.partition_point(|&r| r < t * TILE)));
+            splits.extend(
+                (0..tiles)
+                    .map(|t| start + selected.partition_point(|&r| r < t * self.schedule.tile)),
+            );
             splits.push(active.len());
         }
         let mut accs = vec![[0f32; BLOCK]; pixels];
@@ -481,18 +557,17 @@ impl Gather<'_> {
     }
 
     /// `[B*Ho*Wo, O]`.
-    fn run(&self) -> Vec<f32> {
-        let (b, ..) = self.dims;
-        let (ho, wo) = self.out_hw;
+    pub fn run(&self) -> Vec<f32> {
         let o = self.weights.outputs;
-        let mut out = vec![0f32; b * ho * wo * o];
+        let mut out = vec![0f32; self.windows.pixels() * o];
         if o == 0 {
             return out;
         }
-        out.par_chunks_mut(o * ROWS_PER_TASK)
+        let per_task = self.schedule.rows_per_task.max(1);
+        out.par_chunks_mut(o * per_task)
             .enumerate()
             .for_each(|(task, rows)| {
-                let first = task * ROWS_PER_TASK;
+                let first = task * per_task;
                 #[cfg(target_arch = "x86_64")]
                 if simd::available() {
                     // SAFETY: the CPU supports the features `simd` is compiled for.
@@ -552,11 +627,14 @@ impl SpikeLayer {
             stride: 1,
         };
         let out = Gather {
-            spikes,
-            dims: (rows, 1, 1, k),
+            windows: Windows {
+                spikes,
+                dims: (rows, 1, 1, k),
+                win,
+                out_hw: (1, 1),
+            },
             weights: &self.weights,
-            win,
-            out_hw: (1, 1),
+            schedule: LAYER,
         }
         .run();
         let mut shape = spikes.shape[..spikes.shape.len() - 1].to_vec();
@@ -604,11 +682,14 @@ impl SpikeLayer {
         };
         let (ho, wo) = win.out_size(h, w)?;
         let out = Gather {
-            spikes,
-            dims: (b, h, w, c),
+            windows: Windows {
+                spikes,
+                dims: (b, h, w, c),
+                win,
+                out_hw: (ho, wo),
+            },
             weights: &self.weights,
-            win,
-            out_hw: (ho, wo),
+            schedule: LAYER,
         }
         .run();
         Tensor::from_vec(out, (b, ho, wo, o), device)

@@ -8,7 +8,7 @@ use candle_core::{Device, Tensor, Var};
 use super::Case;
 use crate::bench::{measure, BenchResult, Budget};
 use crate::kernels::spikes::{self, SpikeBits};
-use crate::kernels::{conv, lif_linear};
+use crate::kernels::{conv, lif_linear, spike_grad};
 use crate::neuron::{LifConfig, MultiStepLif};
 
 pub const CASES: &[Case] = &[
@@ -26,6 +26,16 @@ pub const CASES: &[Case] = &[
     ("spike_conv3x3_r10", spike_conv3x3_r10),
     ("spike_conv3x3_r20", spike_conv3x3_r20),
     ("spike_conv3x3_r40", spike_conv3x3_r40),
+    ("dense_weight_grad", dense_weight_grad),
+    ("spike_weight_grad_r05", spike_weight_grad_r05),
+    ("spike_weight_grad_r10", spike_weight_grad_r10),
+    ("spike_weight_grad_r20", spike_weight_grad_r20),
+    ("spike_weight_grad_r40", spike_weight_grad_r40),
+    ("dense_conv3x3_grads", dense_conv3x3_grads),
+    ("spike_conv3x3_grads_r05", spike_conv3x3_grads_r05),
+    ("spike_conv3x3_grads_r10", spike_conv3x3_grads_r10),
+    ("spike_conv3x3_grads_r20", spike_conv3x3_grads_r20),
+    ("spike_conv3x3_grads_r40", spike_conv3x3_grads_r40),
     ("dense_attention", dense_attention),
     ("spike_attention_r05", spike_attention_r05),
     ("spike_attention_r10", spike_attention_r10),
@@ -185,6 +195,56 @@ fn spike_conv3x3(budget: Budget, rate: f64) -> anyhow::Result<BenchResult> {
     })
 }
 
+/// An output gradient for `y`'s shape.
+fn output_grad(y: &[usize]) -> anyhow::Result<Tensor> {
+    Ok(Tensor::randn(0f32, 1.0, y, &Device::Cpu)?)
+}
+
+/// The projection's weight gradient `grad^T . spikes` as one dense matmul, as training computes
+/// it above the sparse threshold.
+fn dense_weight_grad(budget: Budget) -> anyhow::Result<BenchResult> {
+    let (s, _) = linear_spikes(DENSE_RATE)?;
+    let gt = output_grad(s.dims())?.t()?.contiguous()?;
+    measure(budget, || {
+        gt.matmul(&s)?;
+        Ok(())
+    })
+}
+
+/// The same gradient summing, for every input, the gradient rows of the tokens where it fired.
+fn spike_weight_grad(budget: Budget, rate: f64) -> anyhow::Result<BenchResult> {
+    let (s, _) = linear_spikes(rate)?;
+    let g = output_grad(s.dims())?;
+    let bits = SpikeBits::pack(&s)?;
+    measure(budget, || {
+        spike_grad::spike_linear_weight_grad(&bits, &g)?;
+        Ok(())
+    })
+}
+
+/// Both gradients of the 3x3 convolution above, dense (input re-read as f32 patches).
+fn dense_conv3x3_grads(budget: Budget) -> anyhow::Result<BenchResult> {
+    let (s, w) = conv_spikes(DENSE_RATE)?;
+    let g = output_grad(s.dims())?;
+    measure(budget, || {
+        conv::conv2d_grads(&s, &w, &g, 1, 1)?;
+        Ok(())
+    })
+}
+
+/// The same with the weight gradient from the spikes' bits, as a LIF-fed convolution's backward
+/// runs below the sparse threshold.
+fn spike_conv3x3_grads(budget: Budget, rate: f64) -> anyhow::Result<BenchResult> {
+    let (s, w) = conv_spikes(rate)?;
+    let g = output_grad(s.dims())?;
+    let bits = SpikeBits::pack_channels_last(&s)?;
+    measure(budget, || {
+        conv::conv2d_input_grad(s.dims(), &w, &g, 1, 1)?;
+        spike_grad::spike_conv2d_weight_grad(&bits, &g, (3, 3), 1, 1)?;
+        Ok(())
+    })
+}
+
 fn attention_spikes(rate: f64) -> anyhow::Result<[Tensor; 3]> {
     let shape = [T_B, HEADS, TOKENS * TOKENS, CHANNELS / HEADS];
     Ok([
@@ -268,4 +328,6 @@ macro_rules! at_rates {
 
 at_rates!(spike_linear: spike_linear_r05 = 0.05, spike_linear_r10 = 0.1, spike_linear_r20 = 0.2, spike_linear_r40 = 0.4);
 at_rates!(spike_conv3x3: spike_conv3x3_r05 = 0.05, spike_conv3x3_r10 = 0.1, spike_conv3x3_r20 = 0.2, spike_conv3x3_r40 = 0.4);
+at_rates!(spike_weight_grad: spike_weight_grad_r05 = 0.05, spike_weight_grad_r10 = 0.1, spike_weight_grad_r20 = 0.2, spike_weight_grad_r40 = 0.4);
+at_rates!(spike_conv3x3_grads: spike_conv3x3_grads_r05 = 0.05, spike_conv3x3_grads_r10 = 0.1, spike_conv3x3_grads_r20 = 0.2, spike_conv3x3_grads_r40 = 0.4);
 at_rates!(spike_attention: spike_attention_r05 = 0.05, spike_attention_r10 = 0.1, spike_attention_r20 = 0.2, spike_attention_r40 = 0.4);
