@@ -57,7 +57,11 @@ fn channel_sums(
     d: Dims,
     (ca, cb): (Option<&[f64]>, Option<&[f64]>),
 ) -> (Vec<f64>, Vec<f64>) {
-    let centre = |c: Option<&[f64]>, ch: usize| c.map_or(0.0, |c| c[ch] as f32);
+    // Per-channel centres as the f32 values subtracted, so that the channel loops vectorise.
+    let centres = |c: Option<&[f64]>| -> Vec<f32> {
+        (0..d.c).map(|ch| c.map_or(0.0, |c| c[ch] as f32)).collect()
+    };
+    let (ca, cb) = (centres(ca), centres(cb));
     let row = d.c * d.inner;
     let rows = rows_per_task(d);
     let partials: Vec<(Vec<f64>, Vec<f64>)> = a
@@ -67,17 +71,19 @@ fn channel_sums(
             let (mut sa, mut sab) = (vec![0f64; d.c], vec![0f64; d.c]);
             for (ra, rb) in a.chunks_exact(row).zip(b.chunks_exact(row)) {
                 if d.inner == 1 {
-                    for ch in 0..d.c {
-                        let x = (ra[ch] - centre(ca, ch)) as f64;
-                        sa[ch] += x;
-                        sab[ch] += x * (rb[ch] - centre(cb, ch)) as f64;
+                    let centred = ra.iter().zip(rb).zip(ca.iter().zip(&cb));
+                    for ((s, p), ((&a, &b), (&ca, &cb))) in
+                        sa.iter_mut().zip(sab.iter_mut()).zip(centred)
+                    {
+                        let x = (a - ca) as f64;
+                        *s += x;
+                        *p += x * (b - cb) as f64;
                     }
                     continue;
                 }
                 for ch in 0..d.c {
                     let run = ch * d.inner..(ch + 1) * d.inner;
-                    let (s, p) =
-                        run_sums(&ra[run.clone()], &rb[run], centre(ca, ch), centre(cb, ch));
+                    let (s, p) = run_sums(&ra[run.clone()], &rb[run], ca[ch], cb[ch]);
                     sa[ch] += s as f64;
                     sab[ch] += p as f64;
                 }
@@ -118,13 +124,16 @@ fn run_sums(a: &[f32], b: &[f32], ca: f32, cb: f32) -> (f32, f32) {
     (s, p)
 }
 
-/// `out = f(ch, x, g)` elementwise over `x` and `g` laid out as `d`, in parallel.
-fn per_channel_map(
-    x: &[f32],
-    g: &[f32],
-    d: Dims,
-    f: impl Fn(usize, f32, f32) -> f32 + Sync,
-) -> Vec<f32> {
+/// Per channel `ch`: `out = x * x[ch] + g * g[ch] + shift[ch]`.
+struct Affine {
+    x: Vec<f32>,
+    g: Vec<f32>,
+    shift: Vec<f32>,
+}
+
+/// [`Affine`] elementwise over `x` and `g` laid out as `d`, in parallel. The coefficients are
+/// slices zipped with the data, not looked up per element, so the loops vectorise.
+fn per_channel_affine(x: &[f32], g: &[f32], d: Dims, c: &Affine) -> Vec<f32> {
     let mut out = vec![0f32; x.len()];
     let row = d.c * d.inner;
     let task = rows_per_task(d) * row;
@@ -138,19 +147,23 @@ fn per_channel_map(
                 .zip(g.chunks_exact(row));
             for ((out, x), g) in rows {
                 if d.inner == 1 {
-                    for ch in 0..d.c {
-                        out[ch] = f(ch, x[ch], g[ch]);
+                    let coefs = c.x.iter().zip(&c.g).zip(&c.shift);
+                    for (((o, &x), &g), ((&cx, &cg), &c0)) in
+                        out.iter_mut().zip(x).zip(g).zip(coefs)
+                    {
+                        *o = x * cx + g * cg + c0;
                     }
                     continue;
                 }
                 for ch in 0..d.c {
                     let run = ch * d.inner..(ch + 1) * d.inner;
+                    let (cx, cg, c0) = (c.x[ch], c.g[ch], c.shift[ch]);
                     for ((o, &x), &g) in out[run.clone()]
                         .iter_mut()
                         .zip(&x[run.clone()])
                         .zip(&g[run])
                     {
-                        *o = f(ch, x, g);
+                        *o = x * cx + g * cg + c0;
                     }
                 }
             }
@@ -187,7 +200,12 @@ fn normalised(x: &[f32], d: Dims, stats: &Stats, gamma: &[f32], beta: &[f32]) ->
     let shift: Vec<f32> = (0..d.c)
         .map(|ch| (beta[ch] as f64 - stats.mean[ch] * scale[ch] as f64) as f32)
         .collect();
-    per_channel_map(x, x, d, |ch, x, _| x * scale[ch] + shift[ch])
+    let affine = Affine {
+        x: scale,
+        g: vec![0.0; d.c],
+        shift,
+    };
+    per_channel_affine(x, x, d, &affine)
 }
 
 /// Gradients of the input, `gamma` and `beta` of [`normalised`] given the output's, `grad`.
@@ -199,18 +217,23 @@ fn gradients(x: &Tensor, grad: &Tensor, stats: &Stats, gamma: &Tensor) -> Result
         with_f32(grad, "batch_norm", |g| {
             // sum(dy) and sum(dy * (x - mean)) per channel.
             let (sum_g, sum_gx) = channel_sums(g, x, d, (None, Some(&stats.mean)));
-            // dx = gamma invstd (dy - sum(dy) / n - (x - mean) invstd^2 sum(dy (x - mean)) / n)
-            let a: Vec<f32> = (0..d.c)
-                .map(|ch| (gamma[ch] as f64 * stats.invstd[ch]) as f32)
-                .collect();
-            let k: Vec<f32> = (0..d.c)
-                .map(|ch| (stats.invstd[ch] * stats.invstd[ch] * sum_gx[ch] / n) as f32)
-                .collect();
-            let mean_g: Vec<f32> = sum_g.iter().map(|s| (s / n) as f32).collect();
-            let mean: Vec<f32> = stats.mean.iter().map(|&m| m as f32).collect();
-            let gx = per_channel_map(x, g, d, |ch, x, g| {
-                a[ch] * (g - mean_g[ch] - (x - mean[ch]) * k[ch])
-            });
+            // dx = gamma invstd (dy - sum(dy) / n - (x - mean) invstd^2 sum(dy (x - mean)) / n),
+            // as `a dy - a k x + a (k mean - mean(dy))` with its coefficients in f64.
+            let mut affine = Affine {
+                x: Vec::with_capacity(d.c),
+                g: Vec::with_capacity(d.c),
+                shift: Vec::with_capacity(d.c),
+            };
+            for ch in 0..d.c {
+                let a = gamma[ch] as f64 * stats.invstd[ch];
+                let k = stats.invstd[ch] * stats.invstd[ch] * sum_gx[ch] / n;
+                affine.g.push(a as f32);
+                affine.x.push((-a * k) as f32);
+                affine
+                    .shift
+                    .push((a * (k * stats.mean[ch] - sum_g[ch] / n)) as f32);
+            }
+            let gx = per_channel_affine(x, g, d, &affine);
             Ok((gx, sum_g, sum_gx))
         })
     })?;
