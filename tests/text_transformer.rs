@@ -15,6 +15,7 @@ use spikeclip::recipe::energy::measure_energy;
 use spikeclip::recipe::student::trainable;
 use spikeclip::recipe::Student;
 use spikeclip::train::checkpoint::named_vars;
+use spikeclip::train::grads::Gradients;
 use spikeclip::train::loss::cosine_distillation;
 
 /// The tiny preset with a two-block transformer text tower.
@@ -63,7 +64,7 @@ fn features_have_the_output_shape_and_every_parameter_learns() {
     );
     let target = Tensor::randn(0f32, 1.0, (4, cfg.out_dim), &Device::Cpu).unwrap();
     let loss = cosine_distillation(&s.text_features(&x, true).unwrap(), &target).unwrap();
-    let grads = loss.backward().unwrap();
+    let grads = Gradients::backward(&loss, &s.grad_slots()).unwrap();
     let params = trainable(&s, "text.");
     assert!(
         params

@@ -7,10 +7,10 @@ use common::max_abs_diff;
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor, Var};
 use candle_nn::VarMap;
 use spikeclip::train::checkpoint::{self, write_atomic_with, TrainState};
+use spikeclip::train::grads::Gradients;
 use spikeclip::train::optim::{Adam, AdamConfig};
 use spikeclip::train::rng::Rng;
 use spikeclip::train::schedule::CosineAnnealing;
@@ -61,14 +61,14 @@ fn params(t: &TorchAdam) -> Vec<(String, Var)> {
         .collect()
 }
 
-fn grads_for(t: &TorchAdam, params: &[(String, Var)], step: usize) -> GradStore {
+fn grads_for(t: &TorchAdam, params: &[(String, Var)], step: usize) -> Gradients {
     // A GradStore can only be made by backward: d/dp sum(p * g) = g.
     let mut loss = Tensor::new(0f32, &Device::Cpu).unwrap();
     for (name, var) in params {
         let g = &t.tensors[&format!("grad.{step}.{name}")];
         loss = (loss + (var.as_tensor() * g).unwrap().sum_all().unwrap()).unwrap();
     }
-    loss.backward().unwrap()
+    Gradients::backward(&loss, &[]).unwrap()
 }
 
 #[test]
@@ -106,13 +106,11 @@ fn adam_first_step_matches_hand_computation() {
         ..Default::default()
     };
     let mut opt = Adam::new(vec![("p".into(), p.clone())], cfg);
-    let grads = (p.as_tensor() * &Tensor::new(&[0.5f32, -3.0], &Device::Cpu).unwrap())
+    let loss = (p.as_tensor() * &Tensor::new(&[0.5f32, -3.0], &Device::Cpu).unwrap())
         .unwrap()
         .sum_all()
-        .unwrap()
-        .backward()
         .unwrap();
-    opt.step(&grads).unwrap();
+    opt.step(&Gradients::backward(&loss, &[]).unwrap()).unwrap();
     let got: Vec<f32> = p.as_tensor().to_vec1().unwrap();
     let want = [
         1.0 - 0.1 * 0.5 / (0.5 + 1e-8),
@@ -242,7 +240,7 @@ fn train_steps(vm: &VarMap, opt: &mut Adam, steps: std::ops::Range<u64>) {
             .unwrap()
             .sum_all()
             .unwrap();
-        opt.step(&loss.backward().unwrap()).unwrap();
+        opt.step(&Gradients::backward(&loss, &[]).unwrap()).unwrap();
     }
 }
 
@@ -364,7 +362,7 @@ fn distill_run(
             let loss =
                 cosine_distillation(&candle_nn::Module::forward(&probe, &x)?, &batch.teacher)?;
             let value = guard::finite_loss(&loss, state.step)?;
-            let grads = loss.backward()?;
+            let grads = Gradients::backward(&loss, &[])?;
             guard::all_have_gradients(&grads, &params)?;
             opt.step(&grads)?;
             state.step += 1;

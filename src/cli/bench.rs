@@ -19,6 +19,7 @@ use crate::neuron::{LifConfig, MultiStepLif};
 use crate::teacher::clip::{ClipConfig, ClipModel};
 use crate::teacher::preprocess::Preprocessor;
 use crate::teacher::ImageTeacher;
+use crate::train::grads::Gradients;
 use crate::train::init::seeded_var_builder;
 use crate::train::optim::{Adam, AdamConfig};
 use crate::train::rng::Rng;
@@ -159,6 +160,7 @@ fn adam_step(budget: Budget) -> anyhow::Result<BenchResult> {
         ..Default::default()
     };
     let mut adam = Adam::new(params, amsgrad);
+    let grads = Gradients::from(grads);
     measure(budget, || Ok(adam.step(&grads)?))
 }
 

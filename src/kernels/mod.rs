@@ -4,16 +4,24 @@
 
 pub mod attention;
 pub mod batch_norm;
+mod columns;
 pub mod conv;
+pub mod embedding;
+pub mod grad_slot;
 pub mod lif_linear;
+mod linear_blocks;
 pub mod maxpool;
 pub mod spike_grad;
 pub mod spikes;
+pub mod text_mlp;
 
+use std::cell::Cell;
 use std::sync::Mutex;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp3, InplaceOp1, Layout, Result, Shape, Storage, Tensor,
+};
 
 /// The f32 data of a contiguous CPU tensor; our kernels index it directly.
 fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
@@ -34,6 +42,48 @@ pub(crate) fn with_f32<R>(t: &Tensor, op: &str, f: impl FnOnce(&[f32]) -> Result
         Storage::Cpu(s) => f(contiguous_f32(s, layout, op)?),
         _ => candle_core::bail!("{op}: expected a CPU tensor"),
     }
+}
+
+/// `f` on the f32 data of `t`, a contiguous CPU tensor, writable: `t`'s own storage, changed in
+/// place for every tensor that shares it (an optimiser updating a parameter without a copy).
+pub(crate) fn with_f32_mut(
+    t: &Tensor,
+    op: &'static str,
+    f: impl FnOnce(&mut [f32]) -> Result<()>,
+) -> Result<()> {
+    /// Hands candle's in-place op its closure, which runs once.
+    struct InPlace<F> {
+        op: &'static str,
+        f: Cell<Option<F>>,
+    }
+    impl<F: FnOnce(&mut [f32]) -> Result<()>> InplaceOp1 for InPlace<F> {
+        fn name(&self) -> &'static str {
+            self.op
+        }
+        fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
+            let CpuStorage::F32(data) = storage else {
+                candle_core::bail!(
+                    "{}: expected an f32 tensor, got {:?}",
+                    self.op,
+                    storage.dtype()
+                )
+            };
+            let Some((lo, hi)) = layout.contiguous_offsets() else {
+                candle_core::bail!("{}: expected a contiguous tensor", self.op)
+            };
+            match self.f.take() {
+                Some(f) => f(&mut data[lo..hi]),
+                None => candle_core::bail!("{}: run twice", self.op),
+            }
+        }
+    }
+    if !t.device().is_cpu() {
+        candle_core::bail!("{op}: expected a CPU tensor")
+    }
+    t.inplace_op1(&InPlace {
+        op,
+        f: Cell::new(Some(f)),
+    })
 }
 
 /// An op whose result was computed before it ran, with candle's own ops on detached tensors, and

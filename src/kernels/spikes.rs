@@ -13,7 +13,8 @@ use rayon::prelude::*;
 use super::conv::{weight_matrix, Window};
 use super::with_f32;
 
-pub(super) const WORD_BITS: usize = u64::BITS as usize;
+/// Spikes per packed word.
+pub(crate) const WORD_BITS: usize = u64::BITS as usize;
 
 /// Binary spikes packed 64 to a `u64` along the last dimension (32x smaller than f32).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -157,12 +158,31 @@ impl SpikeBits {
 
     /// The 0/1 f32 tensor these bits came from.
     pub fn unpack(&self, device: &Device) -> Result<Tensor> {
-        let cols = self.cols();
-        let mut values = vec![0f32; self.rows() * cols];
-        for (r, row) in values.chunks_exact_mut(cols.max(1)).enumerate() {
-            for_each_active(self.row(r), |k| row[k] = 1.0);
+        self.unpack_columns(0..self.cols(), device)?
+            .reshape(self.shape.as_slice())
+    }
+
+    /// The columns `cols` of the last axis, unpacked as [`Self::unpack`] does, `[rows,
+    /// cols.len()]`; `cols` starts at a multiple of 64.
+    pub fn unpack_columns(&self, cols: Range<usize>, device: &Device) -> Result<Tensor> {
+        if !cols.start.is_multiple_of(WORD_BITS) || cols.start > cols.end || cols.end > self.cols()
+        {
+            candle_core::bail!(
+                "SpikeBits: columns {cols:?} of {} (from a multiple of {WORD_BITS})",
+                self.cols()
+            )
         }
-        Tensor::from_vec(values, self.shape.as_slice(), device)
+        let width = cols.len();
+        let words = cols.start / WORD_BITS..cols.end.div_ceil(WORD_BITS);
+        let mut values = vec![0f32; self.rows() * width];
+        for (r, row) in values.chunks_exact_mut(width.max(1)).enumerate() {
+            for_each_active(&self.row(r)[words.clone()], |k| {
+                if k < width {
+                    row[k] = 1.0
+                }
+            });
+        }
+        Tensor::from_vec(values, (self.rows(), width), device)
     }
 
     pub fn shape(&self) -> &[usize] {
@@ -269,7 +289,7 @@ pub(super) fn for_each_active(words: &[u64], mut f: impl FnMut(usize)) {
 }
 
 /// Output lanes kept in registers while the active weight rows stream past: 8 AVX registers.
-const BLOCK: usize = 64;
+pub(crate) const BLOCK: usize = 64;
 
 /// Inputs per weight tile: `TILE` rows of `BLOCK` lanes, 16 KB, half of an L1 data cache.
 const TILE: usize = 96;
@@ -320,7 +340,7 @@ impl BlockedWeights {
     /// optional bias `[O]`.
     fn new(weight: &Tensor, bias: Option<&Tensor>) -> Result<Self> {
         let matrix = weight_matrix(&weight.to_dtype(DType::F32)?)?;
-        let outputs = matrix.dim(0)?;
+        let (outputs, inputs) = matrix.dims2()?;
         let bias = bias
             .map(|b| {
                 if b.dims() != [outputs] {
@@ -329,8 +349,10 @@ impl BlockedWeights {
                 b.to_dtype(DType::F32)?.to_vec1()
             })
             .transpose()?;
-        let rows = matrix.t()?.flatten_all()?.to_vec1::<f32>()?;
-        Ok(Self::from_rows(&rows, outputs, bias, true))
+        let data = with_f32(&matrix, "spike layer", |m| {
+            Ok(block_major(m, outputs, inputs))
+        })?;
+        Ok(Self::from_blocks(data, (inputs, outputs), bias, true))
     }
 
     /// From `rows [inputs, outputs]`, input `i`'s contribution to every output in row `i`,
@@ -338,8 +360,7 @@ impl BlockedWeights {
     /// firing over half of their inputs start from.
     pub fn from_rows(rows: &[f32], outputs: usize, bias: Option<Vec<f32>>, all_on: bool) -> Self {
         let inputs = rows.len().checked_div(outputs).unwrap_or(0);
-        let blocks = outputs.div_ceil(BLOCK);
-        let mut data = vec![0f32; blocks * inputs * BLOCK];
+        let mut data = vec![0f32; outputs.div_ceil(BLOCK) * inputs * BLOCK];
         if inputs > 0 {
             data.par_chunks_mut(inputs * BLOCK)
                 .enumerate()
@@ -353,6 +374,17 @@ impl BlockedWeights {
                     }
                 });
         }
+        Self::from_blocks(data, (inputs, outputs), bias, all_on)
+    }
+
+    /// From data already laid out block-major; see [`Self::from_rows`] for `bias` and `all_on`.
+    fn from_blocks(
+        data: Vec<f32>,
+        (inputs, outputs): (usize, usize),
+        bias: Option<Vec<f32>>,
+        all_on: bool,
+    ) -> Self {
+        let blocks = outputs.div_ceil(BLOCK);
         let bias = bias.map(|mut b| {
             b.resize(blocks * BLOCK, 0.0);
             b
@@ -407,6 +439,28 @@ impl BlockedWeights {
             _ => [0f32; BLOCK],
         }
     }
+}
+
+/// The matrix `m [outputs, inputs]` laid out as [`BlockedWeights::data`], written straight from
+/// the weight's storage: through candle's transposing copies the text encoder's widest weight
+/// (80 MiB) would be held twice more. Tiles of [`TILE`] inputs keep the writes within L1.
+fn block_major(m: &[f32], outputs: usize, inputs: usize) -> Vec<f32> {
+    let mut data = vec![0f32; outputs.div_ceil(BLOCK) * inputs * BLOCK];
+    data.par_chunks_mut((inputs * BLOCK).max(1))
+        .enumerate()
+        .for_each(|(b, block)| {
+            let lanes = BLOCK.min(outputs - b * BLOCK);
+            for first in (0..inputs).step_by(TILE) {
+                let tile = first..(first + TILE).min(inputs);
+                for lane in 0..lanes {
+                    let row = &m[(b * BLOCK + lane) * inputs..][tile.clone()];
+                    for (i, &w) in tile.clone().zip(row) {
+                        block[i * BLOCK + lane] = w;
+                    }
+                }
+            }
+        });
+    data
 }
 
 /// The windows a convolution reads from channels-last spikes `[B, H, W, C]`; a linear layer's

@@ -18,6 +18,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 
 use crate::energy::{EncoderOps, MonitorSet};
+use crate::kernels::grad_slot::GradSlot;
 use crate::recipe::Student;
 use crate::train::init::seeded_var_builder;
 use config::SpikeClipConfig;
@@ -102,6 +103,9 @@ impl Student for SpikeClip {
     fn varmap(&self) -> &VarMap {
         &self.varmap
     }
+    fn grad_slots(&self) -> Vec<GradSlot> {
+        self.text.grad_slots()
+    }
     fn energy_ops(&self) -> Option<Vec<EncoderOps>> {
         let (snn, ann) = self.image.ops(INPUT_SIDE);
         let (tsnn, tann) = self.text.ops();
@@ -156,6 +160,9 @@ impl Student for SpikeDriven<'_> {
     fn varmap(&self) -> &VarMap {
         self.model.varmap()
     }
+    fn grad_slots(&self) -> Vec<GradSlot> {
+        self.model.grad_slots()
+    }
     fn energy_ops(&self) -> Option<Vec<EncoderOps>> {
         self.model.energy_ops()
     }
@@ -202,5 +209,8 @@ impl Student for ScratchClip {
     }
     fn varmap(&self) -> &VarMap {
         &self.varmap
+    }
+    fn grad_slots(&self) -> Vec<GradSlot> {
+        self.text.grad_slots()
     }
 }

@@ -11,6 +11,7 @@ use super::layers::{max_pool_3x3_s2, ConvBn, LayerNorm};
 use super::readout::Readout;
 use super::spikingformer::tokenizer_convs;
 use super::text::TokenEmbedding;
+use crate::kernels::grad_slot::GradSlot;
 
 /// `x * sigmoid(1.702 x)`, CLIP's activation.
 fn quick_gelu(x: &Tensor) -> Result<Tensor> {
@@ -139,6 +140,11 @@ impl ScratchTextEncoder {
             fc2: candle_nn::linear(c.hidden, cfg.out_dim, vb.pp("fc2"))?,
             readout: Readout::new(cfg.readout, 1, vb.clone())?,
         })
+    }
+
+    /// Where backward writes the token table's gradient.
+    pub fn grad_slots(&self) -> Vec<GradSlot> {
+        self.embedding.grad_slots()
     }
 
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {

@@ -1,29 +1,33 @@
 //! The spiking text encoder: CLIP's token and position embeddings for 20 tokens, flattened and
-//! repeated over T steps, then LIF -> Linear -> LIF -> Linear and a TDW readout. A plain MLP on
-//! purpose: the paper found it distils CLIP's text space as well as a spiking transformer
-//! ([`TextTower`] selects that one instead, for the ablation).
+//! held as the input of all T steps (direct encoding, the authors' repeat over T without the
+//! copy), then LIF -> Linear -> LIF -> Linear and a TDW readout. A plain MLP on purpose: the
+//! paper found it distils CLIP's text space as well as a spiking transformer ([`TextTower`]
+//! selects that one instead, for the ablation).
 
 use anyhow::{bail, Context};
-use candle_core::{Module, Result, Tensor};
-use candle_nn::{Embedding, Linear, VarBuilder, VarMap};
+use candle_core::{Result, Tensor};
+use candle_nn::{VarBuilder, VarMap};
 
 use super::config::{SpikeClipConfig, TextEncoderKind};
 use super::readout::Readout;
 use super::spikingformer::NamedLif;
-use super::summary::{linear_params, Layer};
+use super::summary::Layer;
 use super::text_transformer::TextTransformer;
 use crate::energy::{Op, OpInput};
-use crate::kernels::lif_linear::lif_linear;
+use crate::kernels::embedding::token_embedding;
+use crate::kernels::grad_slot::{GradSlot, SlotParam};
+use crate::kernels::text_mlp::{text_mlp, SlotLinear};
 use crate::neuron::{LifConfig, MultiStepLif};
 
 /// CLIP's token and position embeddings of a fixed-length token sequence, flattened.
 ///
 /// The tables live at `clip_embedding.{token,position}_embedding.weight`, the authors' names, so
-/// CLIP's can be copied in before training.
+/// CLIP's can be copied in before training. Their gradients go to [`Self::grad_slots`], the
+/// token table's as the rows a batch used (see [`token_embedding`]).
 #[derive(Debug, Clone)]
 pub struct TokenEmbedding {
-    token: Embedding,
-    position: Tensor,
+    token: SlotParam,
+    position: SlotParam,
     context_length: usize,
 }
 
@@ -38,18 +42,32 @@ impl TokenEmbedding {
             )
         }
         let emb = vb.pp("clip_embedding");
+        let token = candle_nn::embedding(c.vocab_size, c.width, emb.pp("token_embedding"))?;
+        let position = emb.pp("position_embedding").get_with_hints(
+            (c.max_positions, c.width),
+            "weight",
+            candle_nn::Init::Randn {
+                mean: 0.0,
+                stdev: 0.01,
+            },
+        )?;
         Ok(Self {
-            token: candle_nn::embedding(c.vocab_size, c.width, emb.pp("token_embedding"))?,
-            position: emb.pp("position_embedding").get_with_hints(
-                (c.max_positions, c.width),
-                "weight",
-                candle_nn::Init::Randn {
-                    mean: 0.0,
-                    stdev: 0.01,
-                },
-            )?,
+            token: SlotParam::new(token.embeddings().clone()),
+            position: SlotParam::new(position),
             context_length: c.context_length,
         })
+    }
+
+    /// `ids` unless they are not `[B, context_length]`.
+    fn check<'a>(&self, ids: &'a Tensor) -> Result<&'a Tensor> {
+        let l = self.context_length;
+        if ids.rank() != 2 || ids.dim(1)? != l {
+            candle_core::bail!(
+                "text encoder: token ids must be [B, {l}], got {:?}",
+                ids.shape()
+            )
+        }
+        Ok(ids)
     }
 
     /// Token ids `[B, L]` to `[B, L * width]`.
@@ -59,21 +77,17 @@ impl TokenEmbedding {
 
     /// Token ids `[B, L]` to embedded tokens `[B, L, width]`.
     pub fn tokens(&self, ids: &Tensor) -> Result<Tensor> {
-        let l = self.context_length;
-        if ids.rank() != 2 || ids.dim(1)? != l {
-            candle_core::bail!(
-                "text encoder: token ids must be [B, {l}], got {:?}",
-                ids.shape()
-            )
-        }
-        self.token
-            .forward(ids)?
-            .broadcast_add(&self.position.narrow(0, 0, l)?)
+        token_embedding(self.check(ids)?, &self.token, &self.position)
+    }
+
+    /// Where backward writes the tables' gradients.
+    pub fn grad_slots(&self) -> Vec<GradSlot> {
+        vec![self.token.grad().clone(), self.position.grad().clone()]
     }
 
     /// The layer-table row of the embeddings, whose output is `shape`.
     pub fn layer(&self, shape: Vec<usize>) -> Layer {
-        let params = self.token.embeddings().elem_count() + self.position.elem_count();
+        let params = self.token.value().elem_count() + self.position.value().elem_count();
         Layer::new(
             "clip_embedding",
             "token + position embedding",
@@ -129,15 +143,26 @@ pub fn copy_clip_embeddings(
     Ok(())
 }
 
+/// The encoder up to its readout runs as one op, [`text_mlp`], which writes every gradient of
+/// its parameters to their slots.
 #[derive(Debug, Clone)]
 pub struct TextEncoder {
     embedding: TokenEmbedding,
     lif1: NamedLif,
-    fc1: Linear,
+    fc1: SlotLinear,
     lif2: NamedLif,
-    fc2: Linear,
+    fc2: SlotLinear,
     readout: Readout,
     cfg: SpikeClipConfig,
+}
+
+/// candle-nn's linear layer under `vb` (its names and initialisation) with slot-fed gradients.
+fn slot_linear(inputs: usize, outputs: usize, vb: VarBuilder) -> Result<SlotLinear> {
+    let linear = candle_nn::linear(inputs, outputs, vb)?;
+    match linear.bias() {
+        Some(bias) => Ok(SlotLinear::new(linear.weight().clone(), bias.clone())),
+        None => candle_core::bail!("text encoder: a linear layer without bias"),
+    }
 }
 
 impl TextEncoder {
@@ -150,12 +175,12 @@ impl TextEncoder {
                 name: "lif1".into(),
                 lif: MultiStepLif::new(LifConfig::default()),
             },
-            fc1: candle_nn::linear(flat, c.hidden, vb.pp("fc1"))?,
+            fc1: slot_linear(flat, c.hidden, vb.pp("fc1"))?,
             lif2: NamedLif {
                 name: "lif2".into(),
                 lif: MultiStepLif::new(LifConfig::default()),
             },
-            fc2: candle_nn::linear(c.hidden, cfg.out_dim, vb.pp("fc2"))?,
+            fc2: slot_linear(c.hidden, cfg.out_dim, vb.pp("fc2"))?,
             readout: Readout::new(cfg.readout, cfg.time_steps, vb.clone())?,
             cfg: cfg.clone(),
         })
@@ -163,17 +188,19 @@ impl TextEncoder {
 
     /// Text features `[B, out_dim]` of token ids `[B, L]`.
     pub fn forward(&self, ids: &Tensor, _train: bool) -> Result<Tensor> {
-        let e = self.embedding.forward(ids)?;
-        let (b, f) = e.dims2()?;
-        let t = self.cfg.time_steps;
-        let x = e.unsqueeze(0)?.broadcast_as((t, b, f))?.contiguous()?;
-        // Each LIF fused into the layer it feeds: spikes kept as bits, sparse forward.
-        let fed = |lif: &NamedLif, fc: &Linear, x: &Tensor| {
-            lif_linear(&lif.lif, x, fc.weight(), fc.bias())
-        };
-        let h = fed(&self.lif1, &self.fc1, &x)?;
-        let o = fed(&self.lif2, &self.fc2, &h)?;
+        let e = &self.embedding;
+        let layers = [(&self.lif1.lif, &self.fc1), (&self.lif2.lif, &self.fc2)];
+        let steps = self.cfg.time_steps;
+        let o = text_mlp(e.check(ids)?, (&e.token, &e.position), layers, steps)?;
         self.readout.forward(&o)
+    }
+
+    /// Where backward writes the gradients of every parameter but the readout's.
+    pub fn grad_slots(&self) -> Vec<GradSlot> {
+        let mut slots = self.embedding.grad_slots();
+        slots.extend(self.fc1.grad_slots());
+        slots.extend(self.fc2.grad_slots());
+        slots
     }
 
     pub fn lif_layers(&self) -> Vec<&NamedLif> {
@@ -185,17 +212,12 @@ impl TextEncoder {
         let (t, c) = (self.cfg.time_steps, &self.cfg.text);
         vec![
             self.embedding.layer(vec![t, c.context_length * c.width]),
-            Layer::new(
-                "fc1",
-                "LIF + linear",
-                vec![t, c.hidden],
-                linear_params(&self.fc1),
-            ),
+            Layer::new("fc1", "LIF + linear", vec![t, c.hidden], self.fc1.params()),
             Layer::new(
                 "fc2",
                 "LIF + linear",
                 vec![t, self.cfg.out_dim],
-                linear_params(&self.fc2),
+                self.fc2.params(),
             ),
             self.readout.layer(self.cfg.out_dim),
         ]
@@ -250,6 +272,14 @@ impl TextTower {
         match self {
             Self::Mlp(e) => e.lif_layers(),
             Self::Transformer(e) => e.lif_layers(),
+        }
+    }
+
+    /// Where backward writes the gradients that bypass candle's `GradStore`.
+    pub fn grad_slots(&self) -> Vec<GradSlot> {
+        match self {
+            Self::Mlp(e) => e.grad_slots(),
+            Self::Transformer(e) => e.grad_slots(),
         }
     }
 

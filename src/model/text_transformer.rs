@@ -21,6 +21,7 @@ use super::spikingformer::{Block, NamedLif};
 use super::summary::{linear_params, Layer};
 use super::text::TokenEmbedding;
 use crate::energy::{Op, OpInput};
+use crate::kernels::grad_slot::GradSlot;
 
 /// `[B, L]` with 1 for real tokens and 0 for padding (the module doc's rule), as f32.
 pub fn token_mask(ids: &Tensor) -> Result<Tensor> {
@@ -83,6 +84,11 @@ impl TextTransformer {
         let m = mask.reshape((1, b, l, 1))?;
         let pooled = x.broadcast_mul(&m)?.sum(2)?.broadcast_div(&m.sum(2)?)?; // [T, B, W]
         self.readout.forward(&self.head.forward(&pooled)?)
+    }
+
+    /// Where backward writes the token table's gradient.
+    pub fn grad_slots(&self) -> Vec<GradSlot> {
+        self.embedding.grad_slots()
     }
 
     /// Every LIF layer, in forward order.

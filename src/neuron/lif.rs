@@ -11,7 +11,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Module, Result, Shape, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::lif_kernel;
+use super::lif_kernel::{self, Steps};
 use super::monitor::SpikeMonitor;
 use super::surrogate::Surrogate;
 use crate::kernels::spikes::SpikeBits;
@@ -112,9 +112,22 @@ impl MultiStepLif {
     /// through the CPU (the op has no GPU kernel yet), gradients included.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.check_input(x)?;
+        self.run(x, Steps::PerStep)
+    }
+
+    /// The spikes `[steps, ...]` of `x [...]` held as the input of every step (direct
+    /// encoding): `forward` of `x` repeated over a new leading axis, without the repeat in
+    /// memory. Its gradient is the repeat's, summed over the steps.
+    pub fn forward_held(&self, x: &Tensor, steps: usize) -> Result<Tensor> {
+        self.check_held(x, steps)?;
+        self.run(x, Steps::Held(steps))
+    }
+
+    fn run(&self, x: &Tensor, steps: Steps) -> Result<Tensor> {
         let op = LifForward {
             cfg: self.cfg,
             monitor: self.monitor.is_enabled().then(|| self.monitor.clone()),
+            steps,
         };
         if x.device().is_cpu() {
             x.contiguous()?.apply_op1(op)
@@ -132,23 +145,41 @@ impl MultiStepLif {
                 x.shape()
             )
         }
-        if x.dtype() != DType::F32 {
-            candle_core::bail!("LIF: input must be f32, got {:?}", x.dtype())
+        check_f32(x)
+    }
+
+    fn check_held(&self, x: &Tensor, steps: usize) -> Result<()> {
+        self.cfg.validate()?;
+        if steps == 0 || x.rank() == 0 {
+            candle_core::bail!(
+                "LIF: a held input needs at least one axis and one step, got {:?} for {steps}",
+                x.shape()
+            )
         }
-        Ok(())
+        check_f32(x)
     }
 
     /// The spikes of [`Self::forward`] packed along the last axis, for the spike-driven
-    /// inference kernels: the f32 spike tensor between them would be 32 times the bits, written
-    /// once and read once. Counted by the monitor like `forward`; no gradient flows.
+    /// kernels: the f32 spike tensor between them would be 32 times the bits, written once and
+    /// read once. Counted by the monitor like `forward`; no gradient flows.
     pub fn forward_bits(&self, x: &Tensor) -> Result<SpikeBits> {
         self.check_input(x)?;
+        self.bits(x, Steps::PerStep)
+    }
+
+    /// [`Self::forward_held`]'s spikes as bits, as [`Self::forward_bits`] gives them.
+    pub fn forward_bits_held(&self, x: &Tensor, steps: usize) -> Result<SpikeBits> {
+        self.check_held(x, steps)?;
+        self.bits(x, Steps::Held(steps))
+    }
+
+    fn bits(&self, x: &Tensor, steps: Steps) -> Result<SpikeBits> {
         let x = x.to_device(&candle_core::Device::Cpu)?;
-        let (n, cols) = (neurons(x.shape()), x.dims()[x.rank() - 1]);
+        let (n, cols) = (neurons(x.shape(), steps), x.dims()[x.rank() - 1]);
         let words = with_f32(&x, "LIF", |x| {
-            Ok(lif_kernel::forward_bits(&self.cfg, x, n, cols))
+            Ok(lif_kernel::forward_bits(&self.cfg, x, (n, cols), steps))
         })?;
-        let bits = SpikeBits::from_words(words, x.dims().to_vec())?;
+        let bits = SpikeBits::from_words(words, spikes_shape(x.shape(), steps).dims().to_vec())?;
         if self.monitor.is_enabled() {
             self.monitor.record(&bits.counts_per_leading(), n as u64);
         }
@@ -159,12 +190,33 @@ impl MultiStepLif {
     /// autograd: for fused ops that keep their spikes in a compact form of their own instead of
     /// the f32 tensor autograd would hold.
     pub fn input_gradient(&self, x: &Tensor, grad_spikes: &Tensor) -> Result<Tensor> {
+        self.gradient(x, grad_spikes, Steps::PerStep)
+    }
+
+    /// [`Self::input_gradient`] for an input `x [...]` held over the steps of `grad_spikes
+    /// [steps, ...]` ([`Self::forward_held`]): `[...]`, summed over the steps.
+    pub fn input_gradient_held(&self, x: &Tensor, grad_spikes: &Tensor) -> Result<Tensor> {
+        self.gradient(x, grad_spikes, Steps::Held(grad_spikes.dim(0)?))
+    }
+
+    fn gradient(&self, x: &Tensor, grad_spikes: &Tensor, steps: Steps) -> Result<Tensor> {
         let cpu = candle_core::Device::Cpu;
         let x = x.to_device(&cpu)?.contiguous()?;
         let grad = grad_spikes.to_device(&cpu)?.contiguous()?;
-        x.apply_op2_no_bwd(&grad, &LifBackward { cfg: self.cfg })?
+        let op = LifBackward {
+            cfg: self.cfg,
+            steps,
+        };
+        x.apply_op2_no_bwd(&grad, &op)?
             .to_device(grad_spikes.device())
     }
+}
+
+fn check_f32(x: &Tensor) -> Result<()> {
+    if x.dtype() != DType::F32 {
+        candle_core::bail!("LIF: input must be f32, got {:?}", x.dtype())
+    }
+    Ok(())
 }
 
 impl Module for MultiStepLif {
@@ -184,14 +236,26 @@ fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> 
     }
 }
 
-/// Neurons per time step of a `[T, ...]` shape.
-fn neurons(shape: &Shape) -> usize {
-    shape.elem_count() / shape.dims()[0]
+/// Neurons per time step of an input of `shape` read as `steps` says.
+fn neurons(shape: &Shape, steps: Steps) -> usize {
+    match steps {
+        Steps::PerStep => shape.elem_count() / shape.dims()[0],
+        Steps::Held(_) => shape.elem_count(),
+    }
+}
+
+/// The spikes' shape for an input of `shape` read as `steps` says: `[T, ...]`.
+fn spikes_shape(shape: &Shape, steps: Steps) -> Shape {
+    match steps {
+        Steps::PerStep => shape.clone(),
+        Steps::Held(steps) => [&[steps], shape.dims()].concat().into(),
+    }
 }
 
 struct LifForward {
     cfg: LifConfig,
     monitor: Option<SpikeMonitor>,
+    steps: Steps,
 }
 
 impl CustomOp1 for LifForward {
@@ -201,26 +265,33 @@ impl CustomOp1 for LifForward {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(storage, layout)?;
-        let n = neurons(layout.shape());
-        let (spikes, per_step) = lif_kernel::forward(&self.cfg, x, n, self.monitor.is_some());
+        let n = neurons(layout.shape(), self.steps);
+        let (spikes, per_step) =
+            lif_kernel::forward(&self.cfg, x, n, self.steps, self.monitor.is_some());
         if let Some(m) = &self.monitor {
             m.record(&per_step, n as u64);
         }
-        Ok((CpuStorage::F32(spikes), layout.shape().clone()))
+        Ok((
+            CpuStorage::F32(spikes),
+            spikes_shape(layout.shape(), self.steps),
+        ))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
         let grad = grad_res.contiguous()?;
         let x = arg.contiguous()?;
-        Ok(Some(
-            x.apply_op2_no_bwd(&grad, &LifBackward { cfg: self.cfg })?,
-        ))
+        let op = LifBackward {
+            cfg: self.cfg,
+            steps: self.steps,
+        };
+        Ok(Some(x.apply_op2_no_bwd(&grad, &op)?))
     }
 }
 
 /// Gradient of the input from the input and the gradient of the spikes.
 struct LifBackward {
     cfg: LifConfig,
+    steps: Steps,
 }
 
 impl CustomOp2 for LifBackward {
@@ -235,15 +306,16 @@ impl CustomOp2 for LifBackward {
         gs: &CpuStorage,
         gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        if xl.shape() != gl.shape() {
+        if spikes_shape(xl.shape(), self.steps) != *gl.shape() {
             candle_core::bail!(
-                "LIF backward: shape mismatch {:?} vs {:?}",
-                xl.shape(),
-                gl.shape()
+                "LIF backward: gradient {:?} for the spikes of input {:?}",
+                gl.shape(),
+                xl.shape()
             )
         }
         let (x, g) = (f32_slice(xs, xl)?, f32_slice(gs, gl)?);
-        let gx = lif_kernel::backward(&self.cfg, x, g, neurons(xl.shape()));
+        let n = neurons(xl.shape(), self.steps);
+        let gx = lif_kernel::backward(&self.cfg, x, g, n, self.steps);
         Ok((CpuStorage::F32(gx), xl.shape().clone()))
     }
 }
@@ -252,6 +324,52 @@ impl CustomOp2 for LifBackward {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// A held input fires, is counted and gets its gradient as its repeat over the steps does,
+    /// exactly: the same loops, and the steps' gradients summed in candle's order.
+    #[test]
+    fn a_held_input_is_its_repeat_over_the_steps() -> Result<()> {
+        let dev = Device::Cpu;
+        let x =
+            candle_core::Var::from_tensor(&(Tensor::randn(0.6f32, 1.0, (3, 1100), &dev)? * 1.5)?)?;
+        let lif = MultiStepLif::new(LifConfig::default());
+        lif.monitor().enable();
+        let held = lif.forward_held(x.as_tensor(), 4)?;
+        let held_counts = lif.monitor().counts();
+        lif.monitor().reset();
+        let repeated = x.as_tensor().unsqueeze(0)?.broadcast_as((4, 3, 1100))?;
+        let spikes = lif.forward(&repeated)?;
+        assert_eq!(held.dims(), &[4, 3, 1100]);
+        assert_eq!(held.to_vec3::<f32>()?, spikes.to_vec3::<f32>()?);
+        assert_eq!(lif.monitor().counts(), held_counts);
+        lif.monitor().reset();
+        assert_eq!(
+            lif.forward_bits_held(x.as_tensor(), 4)?,
+            SpikeBits::pack(&held)?
+        );
+        assert_eq!(lif.monitor().counts(), held_counts);
+        let g = Tensor::randn(0f32, 1.0, (4, 3, 1100), &dev)?;
+        let gradient = |s: Tensor| -> Result<Vec<Vec<f32>>> {
+            (s * &g)?
+                .sum_all()?
+                .backward()?
+                .get(x.as_tensor())
+                .unwrap()
+                .to_vec2()
+        };
+        let want = gradient(spikes)?;
+        assert_eq!(gradient(held)?, want);
+        assert_eq!(
+            lif.input_gradient_held(x.as_tensor(), &g)?
+                .to_vec2::<f32>()?,
+            want
+        );
+        assert!(lif.forward_held(x.as_tensor(), 0).is_err());
+        assert!(lif
+            .input_gradient_held(x.as_tensor(), &g.narrow(2, 0, 5)?)
+            .is_err());
+        Ok(())
+    }
 
     /// Rows longer and shorter than a word, more neurons than one work item, and both charge
     /// rules the models use.

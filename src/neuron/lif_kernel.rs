@@ -154,18 +154,62 @@ struct DisjointOut(*mut f32);
 unsafe impl Send for DisjointOut {}
 unsafe impl Sync for DisjointOut {}
 
-/// One call's buffers: `[T, n]` input, upstream gradient (backward only) and output.
+/// How a pass reads its input.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(super) enum Steps {
+    /// `[T, n]`: an input per step.
+    PerStep,
+    /// `[n]`, the input of every one of this many steps (direct encoding). Backward gives its
+    /// gradient `[n]`, summed over the steps.
+    Held(usize),
+}
+
+/// The input of `n` neurons over `steps` steps: `[T, n]`, or `[n]` held.
+#[derive(Clone, Copy)]
+struct Input<'a> {
+    x: &'a [f32],
+    n: usize,
+    steps: usize,
+    held: bool,
+}
+
+impl<'a> Input<'a> {
+    fn new(x: &'a [f32], n: usize, steps: Steps) -> Self {
+        let (steps, held) = match steps {
+            Steps::PerStep => (x.len() / n.max(1), false),
+            Steps::Held(steps) => (steps, true),
+        };
+        Self { x, n, steps, held }
+    }
+
+    /// The input of neurons `lo..hi` at step `t`.
+    #[inline(always)]
+    fn at(self, t: usize, lo: usize, hi: usize) -> &'a [f32] {
+        let start = if self.held { 0 } else { t * self.n };
+        &self.x[start + lo..start + hi]
+    }
+}
+
+/// One call's buffers: input, upstream gradient `[T, n]` (backward only) and output.
 #[derive(Clone, Copy)]
 struct Pass<'a> {
-    x: &'a [f32],
+    input: Input<'a>,
     grad_out: &'a [f32],
     out: DisjointOut,
-    n: usize,
     /// Forward only: count spikes per step (for monitors; skipped when none listens).
     count_spikes: bool,
 }
 
-impl Pass<'_> {
+impl<'a> Pass<'a> {
+    fn new(input: Input<'a>, grad_out: &'a [f32], out: &mut [f32]) -> Self {
+        Self {
+            input,
+            grad_out,
+            out: DisjointOut(out.as_mut_ptr()),
+            count_spikes: false,
+        }
+    }
+
     /// The output of neurons `lo..hi` at step `t`.
     ///
     /// # Safety
@@ -173,7 +217,7 @@ impl Pass<'_> {
     /// the output buffer lives.
     #[inline(always)]
     unsafe fn out_slice<'o>(self, t: usize, lo: usize, hi: usize) -> &'o mut [f32] {
-        std::slice::from_raw_parts_mut(self.out.0.add(t * self.n + lo), hi - lo)
+        std::slice::from_raw_parts_mut(self.out.0.add(t * self.input.n + lo), hi - lo)
     }
 }
 
@@ -225,11 +269,10 @@ fn step<C: Charge>(c: C, k: Common, o: &mut f32, v: &mut f32, x: f32) {
 
 #[inline(always)]
 fn forward_chunk<C: Charge>(c: C, k: Common, pass: Pass, lo: usize, hi: usize) -> Vec<u64> {
-    let steps = pass.x.len() / pass.n;
     let mut v = [k.v_rest; CHUNK];
-    let mut spikes = vec![0u64; steps];
+    let mut spikes = vec![0u64; pass.input.steps];
     for (t, fired_at_t) in spikes.iter_mut().enumerate() {
-        let xs = &pass.x[t * pass.n + lo..t * pass.n + hi];
+        let xs = pass.input.at(t, lo, hi);
         // SAFETY: this work item owns lo..hi.
         let out = unsafe { pass.out_slice(t, lo, hi) };
         for_each_lane(out, &mut v, xs, |o, v, x| step(c, k, o, v, x));
@@ -240,31 +283,27 @@ fn forward_chunk<C: Charge>(c: C, k: Common, pass: Pass, lo: usize, hi: usize) -
     spikes
 }
 
-/// Rows `rows` (of `cols` neurons) of a `[T, n]` input: their spikes packed 64 to a word,
+/// Rows `rows` (of `cols` neurons) of the input: their spikes packed 64 to a word,
 /// `[T, rows, words_per_row]`, the same spikes as [`forward_chunk`]'s.
 #[inline(always)]
 fn bits_chunk<C: Charge>(
     c: C,
     k: Common,
-    (x, n): (&[f32], usize),
+    input: Input,
     (cols, words_per_row): (usize, usize),
     rows: Range<usize>,
 ) -> Vec<u64> {
-    let steps = x.len() / n;
     let (lo, hi) = (rows.start * cols, rows.end * cols);
     let mut v = vec![k.v_rest; hi - lo];
     let mut spikes = vec![0f32; hi - lo];
-    let mut words = vec![0u64; steps * rows.len() * words_per_row];
+    let mut words = vec![0u64; input.steps * rows.len() * words_per_row];
     for (t, words) in words
         .chunks_exact_mut(rows.len() * words_per_row)
         .enumerate()
     {
-        for_each_lane(
-            &mut spikes,
-            &mut v,
-            &x[t * n + lo..t * n + hi],
-            |o, v, x| step(c, k, o, v, x),
-        );
+        for_each_lane(&mut spikes, &mut v, input.at(t, lo, hi), |o, v, x| {
+            step(c, k, o, v, x)
+        });
         for (row, row_words) in spikes
             .chunks_exact(cols)
             .zip(words.chunks_exact_mut(words_per_row))
@@ -277,13 +316,12 @@ fn bits_chunk<C: Charge>(
 
 #[inline(always)]
 fn backward_chunk<C: Charge, S: Slope>(c: C, sl: S, k: Common, pass: Pass, lo: usize, hi: usize) {
-    let (n, width) = (pass.n, hi - lo);
-    let steps = pass.x.len() / n;
+    let (n, width, steps) = (pass.input.n, hi - lo, pass.input.steps);
     // The chunk's membrane trajectory H[t], recomputed rather than stored by forward.
     let mut h = vec![0f32; steps * width];
     let mut v = [k.v_rest; CHUNK];
     for t in 0..steps {
-        let xs = &pass.x[t * n + lo..t * n + hi];
+        let xs = pass.input.at(t, lo, hi);
         for_each_lane(&mut h[t * width..(t + 1) * width], &mut v, xs, |h, v, x| {
             *h = c.charge(*v, x);
             *v = k.reset(*h, *h >= k.v_th);
@@ -302,8 +340,21 @@ fn backward_chunk<C: Charge, S: Slope>(c: C, sl: S, k: Common, pass: Pass, lo: u
             *h = gh * k.input_slope;
             *gv = gh * k.keep;
         });
+        if !pass.input.held {
+            // SAFETY: this work item owns lo..hi.
+            unsafe { pass.out_slice(t, lo, hi) }.copy_from_slice(hs);
+        }
+    }
+    if pass.input.held {
+        // Summed in step order from zero, as candle sums the gradient of a repeated input.
         // SAFETY: this work item owns lo..hi.
-        unsafe { pass.out_slice(t, lo, hi) }.copy_from_slice(hs);
+        let out = unsafe { pass.out_slice(0, lo, hi) };
+        out.fill(0.0);
+        for gx in h.chunks_exact(width) {
+            for (o, g) in out.iter_mut().zip(gx) {
+                *o += g;
+            }
+        }
     }
 }
 
@@ -352,7 +403,7 @@ mod avx2 {
     pub(super) fn bits_chunk<C: Charge>(
         c: C,
         k: Common,
-        input: (&[f32], usize),
+        input: Input,
         row_shape: (usize, usize),
         rows: Range<usize>,
     ) -> Vec<u64> {
@@ -402,27 +453,26 @@ impl WithCharge for Forward<'_> {
         #[cfg(target_arch = "x86_64")]
         if has_avx2() {
             // SAFETY: the CPU has the features `avx2::forward_chunk` is compiled for.
-            return par_forward(pass.n, |lo, hi| unsafe {
+            return par_forward(pass.input.n, |lo, hi| unsafe {
                 avx2::forward_chunk(c, k, pass, lo, hi)
             });
         }
-        par_forward(pass.n, |lo, hi| forward_chunk(c, k, pass, lo, hi))
+        par_forward(pass.input.n, |lo, hi| forward_chunk(c, k, pass, lo, hi))
     }
 }
 
 struct ForwardBits<'a> {
     cfg: &'a LifConfig,
-    x: &'a [f32],
-    n: usize,
+    input: Input<'a>,
     cols: usize,
 }
 
 impl WithCharge for ForwardBits<'_> {
     type Out = Vec<u64>;
     fn run<C: Charge>(self, c: C) -> Vec<u64> {
-        let (k, input) = (Common::new(self.cfg), (self.x, self.n));
+        let (k, input) = (Common::new(self.cfg), self.input);
         let row_shape = (self.cols, self.cols.div_ceil(u64::BITS as usize));
-        let rows = self.n / self.cols;
+        let rows = input.n / self.cols;
         // Whole rows per work item, about CHUNK neurons.
         let per_item = (CHUNK / self.cols).max(1);
         let items: Vec<Vec<u64>> = (0..rows.div_ceil(per_item))
@@ -438,7 +488,7 @@ impl WithCharge for ForwardBits<'_> {
             })
             .collect();
         // Items hold [T, their rows, words]; the result is [T, all rows, words].
-        let steps = self.x.len() / self.n.max(1);
+        let steps = input.steps;
         let mut words = Vec::with_capacity(steps * rows * row_shape.1);
         for t in 0..steps {
             for item in &items {
@@ -461,11 +511,11 @@ impl Backward<'_> {
         #[cfg(target_arch = "x86_64")]
         if has_avx2() {
             // SAFETY: the CPU has the features `avx2::backward_chunk` is compiled for.
-            chunks(pass.n)
+            chunks(pass.input.n)
                 .for_each(|(lo, hi)| unsafe { avx2::backward_chunk(c, sl, k, pass, lo, hi) });
             return;
         }
-        chunks(pass.n).for_each(|(lo, hi)| backward_chunk(c, sl, k, pass, lo, hi));
+        chunks(pass.input.n).for_each(|(lo, hi)| backward_chunk(c, sl, k, pass, lo, hi));
     }
 }
 
@@ -479,45 +529,55 @@ impl WithCharge for Backward<'_> {
     }
 }
 
-/// Spikes of `[T, n]` input `x`, and the number of spikes at each step (zeros unless counted).
+/// Spikes `[T, n]` of input `x` of `n` neurons read as `steps` says, and the number of spikes at
+/// each step (zeros unless counted).
 pub(super) fn forward(
     cfg: &LifConfig,
     x: &[f32],
     n: usize,
+    steps: Steps,
     count_spikes: bool,
 ) -> (Vec<f32>, Vec<u64>) {
-    let mut out = vec![0f32; x.len()];
+    let len = match steps {
+        Steps::PerStep => x.len(),
+        Steps::Held(steps) => steps * x.len(),
+    };
+    let mut out = vec![0f32; len];
     let pass = Pass {
-        x,
-        grad_out: &[],
-        out: DisjointOut(out.as_mut_ptr()),
-        n,
         count_spikes,
+        ..Pass::new(Input::new(x, n, steps), &[], &mut out)
     };
     let per_step = with_charge(cfg, Forward { cfg, pass });
     (out, per_step)
 }
 
-/// Spikes of `[T, n]` input `x`, whose neurons form rows of `cols`, packed 64 to a word per
-/// row: `[T, n / cols, cols.div_ceil(64)]` words, bit `j % 64` of word `j / 64` for column `j`.
-/// Eval only: nothing is kept for backward.
-pub(super) fn forward_bits(cfg: &LifConfig, x: &[f32], n: usize, cols: usize) -> Vec<u64> {
+/// Spikes of input `x` of `n` neurons read as `steps` says, the neurons forming rows of `cols`,
+/// packed 64 to a word per row: `[T, n / cols, cols.div_ceil(64)]` words, bit `j % 64` of word
+/// `j / 64` for column `j`.
+pub(super) fn forward_bits(
+    cfg: &LifConfig,
+    x: &[f32],
+    (n, cols): (usize, usize),
+    steps: Steps,
+) -> Vec<u64> {
     if n == 0 || cols == 0 {
         return Vec::new();
     }
-    with_charge(cfg, ForwardBits { cfg, x, n, cols })
+    let input = Input::new(x, n, steps);
+    with_charge(cfg, ForwardBits { cfg, input, cols })
 }
 
-/// dL/dX of `[T, n]` input `x` given dL/dS.
-pub(super) fn backward(cfg: &LifConfig, x: &[f32], grad_out: &[f32], n: usize) -> Vec<f32> {
+/// dL/dX of input `x` of `n` neurons read as `steps` says, given dL/dS `[T, n]`; the shape of
+/// `x`.
+pub(super) fn backward(
+    cfg: &LifConfig,
+    x: &[f32],
+    grad_out: &[f32],
+    n: usize,
+    steps: Steps,
+) -> Vec<f32> {
     let mut gx = vec![0f32; x.len()];
-    let pass = Pass {
-        x,
-        grad_out,
-        out: DisjointOut(gx.as_mut_ptr()),
-        n,
-        count_spikes: false,
-    };
+    let pass = Pass::new(Input::new(x, n, steps), grad_out, &mut gx);
     with_charge(cfg, Backward { cfg, pass });
     gx
 }
@@ -551,11 +611,8 @@ mod tests {
         let run = |avx: bool, backward: bool| {
             let mut out = vec![0f32; x.len()];
             let pass = Pass {
-                x: &x,
-                grad_out: &g,
-                out: DisjointOut(out.as_mut_ptr()),
-                n,
                 count_spikes: true,
+                ..Pass::new(Input::new(&x, n, Steps::PerStep), &g, &mut out)
             };
             chunks(n).for_each(|(lo, hi)| match (avx, backward) {
                 // SAFETY: has_avx2() was checked above.

@@ -24,6 +24,7 @@ pub fn distill_text(
 ) -> anyhow::Result<StageOutcome> {
     run.run(
         trainable(student, "text."),
+        &student.grad_slots(),
         data.len(),
         |idx| {
             let batch = data.batch(idx, device)?;
@@ -44,6 +45,7 @@ pub fn distill_image(
 ) -> anyhow::Result<StageOutcome> {
     run.run(
         trainable(student, "image."),
+        &student.grad_slots(),
         data.len(),
         |idx| {
             let batch = data.batch(idx, device)?;
@@ -94,6 +96,7 @@ pub fn finetune(
     let student_classes = targets.student_classes.detach();
     run.run(
         trainable(student, "image."),
+        &student.grad_slots(),
         data.len(),
         |idx| {
             let batch = data.batch(idx, device)?;

@@ -5,6 +5,7 @@ use candle_core::{Result, Tensor, Var};
 use candle_nn::VarMap;
 
 use crate::energy::EncoderOps;
+use crate::kernels::grad_slot::GradSlot;
 use crate::train::checkpoint::named_vars;
 
 /// A dual-encoder student whose weights live in one [`VarMap`] under the prefixes `image.` and
@@ -15,6 +16,12 @@ pub trait Student {
     /// Text features `[B, D]` of token ids `[B, L]`.
     fn text_features(&self, ids: &Tensor, train: bool) -> Result<Tensor>;
     fn varmap(&self) -> &VarMap;
+    /// Where the student's ops write the gradients of the parameters that bypass candle's
+    /// `GradStore` (see [`GradSlot`]); a training step collects them with
+    /// [`crate::train::grads::Gradients::backward`]. None by default.
+    fn grad_slots(&self) -> Vec<GradSlot> {
+        Vec::new()
+    }
     /// The compute of each encoder for energy accounting, with monitors on its LIF layers;
     /// `None` for a network without spikes.
     fn energy_ops(&self) -> Option<Vec<EncoderOps>> {

@@ -3,8 +3,9 @@
 //! otherwise just never learn).
 
 use anyhow::bail;
-use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
+
+use super::grads::Gradients;
 
 /// The loss as an `f32`, or an error if it is NaN or infinite.
 pub fn finite_loss(loss: &Tensor, step: u64) -> anyhow::Result<f32> {
@@ -16,7 +17,7 @@ pub fn finite_loss(loss: &Tensor, step: u64) -> anyhow::Result<f32> {
 }
 
 /// Fails, naming the parameters, unless every one of `params` has a gradient in `grads`.
-pub fn all_have_gradients(grads: &GradStore, params: &[(String, Var)]) -> anyhow::Result<()> {
+pub fn all_have_gradients(grads: &Gradients, params: &[(String, Var)]) -> anyhow::Result<()> {
     let missing: Vec<&str> = params
         .iter()
         .filter(|(_, var)| grads.get(var.as_tensor()).is_none())
@@ -54,14 +55,8 @@ mod tests {
         let dev = Device::Cpu;
         let used = Var::new(&[1f32, 2.], &dev).unwrap();
         let unused = Var::new(&[3f32], &dev).unwrap();
-        let grads = used
-            .as_tensor()
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let loss = used.as_tensor().sqr().unwrap().sum_all().unwrap();
+        let grads = Gradients::backward(&loss, &[]).unwrap();
         let params = vec![("enc.w".to_string(), used), ("head.b".to_string(), unused)];
         let err = all_have_gradients(&grads, &params).unwrap_err().to_string();
         assert!(err.contains("head.b") && !err.contains("enc.w"), "{err}");

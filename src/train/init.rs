@@ -74,7 +74,13 @@ impl SimpleBackend for SeededBackend {
             return Ok(var.as_tensor().clone());
         }
         let values = draw(init, &shape, &mut self.rng.fork(name_key(name)));
-        let var = Var::from_tensor(&Tensor::from_vec(values, shape, dev)?.to_dtype(dtype)?)?;
+        // An f32 parameter takes the drawn values as they are: `Var::from_tensor` would copy
+        // them, and the freed copy of a table like CLIP's token embedding (97 MiB) would stay
+        // resident under an allocator that keeps freed memory.
+        let var = match dtype {
+            DType::F32 => Var::from_vec(values, shape, dev)?,
+            _ => Var::from_tensor(&Tensor::from_vec(values, shape, dev)?.to_dtype(dtype)?)?,
+        };
         vars.insert(name.to_string(), var.clone());
         Ok(var.as_tensor().clone())
     }

@@ -4,6 +4,7 @@
 
 pub mod checkpoint;
 pub mod epoch;
+pub mod grads;
 pub mod guard;
 pub mod init;
 pub mod loss;

@@ -3,14 +3,17 @@
 //! bit-identical `--resume` needs the moments saved by parameter name.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::path::Path;
 
 use anyhow::{bail, Context};
-use candle_core::backprop::GradStore;
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Result, Tensor, Var};
 use rayon::prelude::*;
 
 use super::checkpoint::write_atomic_with;
+use super::grads::{Grad, Gradients};
+use crate::kernels::grad_slot::{OuterGrad, RowGrad};
+use crate::kernels::{with_f32, with_f32_mut};
 
 /// Hyper-parameters as in `torch.optim.Adam`.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -63,9 +66,113 @@ struct Update<'a> {
     bias2_sqrt: f64,
 }
 
-impl Update<'_> {
+impl<'a> Update<'a> {
+    /// The update of a parameter's `step`-th step.
+    fn new(cfg: &'a AdamConfig, step: u64) -> Self {
+        Self {
+            cfg,
+            step_size: cfg.lr / (1.0 - cfg.beta1.powi(step as i32)),
+            bias2_sqrt: (1.0 - cfg.beta2.powi(step as i32)).sqrt(),
+        }
+    }
+
+    /// Updates the parameter `name`'s values `p` and its moments `st` from its gradient, in
+    /// whichever form that came. A row gradient updates every row as the dense gradient would,
+    /// its missing rows as zeros: their moments decay and they keep moving with their momentum.
+    fn apply(&self, name: &str, (p, st): (&mut [f32], &mut Moments), grad: Grad) -> Result<()> {
+        match grad {
+            Grad::Tensor(g) => with_f32(g, "Adam", |g| self.dense(name, (p, st), g)),
+            Grad::Values(g) => self.dense(name, (p, st), g),
+            Grad::Rows(rows) => self.rows(name, (p, st), rows),
+            Grad::Product(product) => self.product(name, (p, st), product),
+        }
+    }
+
+    fn dense(&self, name: &str, (p, st): (&mut [f32], &mut Moments), g: &[f32]) -> Result<()> {
+        if g.len() != p.len() {
+            candle_core::bail!(
+                "Adam: {name} has {} values, its gradient {}",
+                p.len(),
+                g.len()
+            )
+        }
+        self.chunks(p, st, UPDATE_CHUNK, |lo, hi, f| f(0..hi - lo, &g[lo..hi]));
+        Ok(())
+    }
+
+    fn rows(&self, name: &str, (p, st): (&mut [f32], &mut Moments), rows: &RowGrad) -> Result<()> {
+        let width = rows.width().max(1);
+        let beyond = |&r: &u32| (r as usize + 1) * width > p.len();
+        if p.len() % width != 0 || rows.rows().iter().any(beyond) {
+            candle_core::bail!(
+                "Adam: {name} has {} values, not the rows of its gradient",
+                p.len()
+            )
+        }
+        let zeros = vec![0f32; width];
+        let chunk = UPDATE_CHUNK.div_ceil(width) * width;
+        self.chunks(p, st, chunk, |lo, hi, f| {
+            for (i, row) in (lo / width..hi / width).enumerate() {
+                f(i * width..(i + 1) * width, rows.row(row).unwrap_or(&zeros));
+            }
+        });
+        Ok(())
+    }
+
+    /// A block of the product's columns at a time: each row's run of them, a row per task.
+    fn product(
+        &self,
+        name: &str,
+        (p, st): (&mut [f32], &mut Moments),
+        product: &OuterGrad,
+    ) -> Result<()> {
+        let (rows, cols) = product.dims();
+        if rows * cols != p.len() {
+            candle_core::bail!(
+                "Adam: {name} has {} values, its gradient {rows} x {cols}",
+                p.len()
+            )
+        }
+        product.for_each_block(|block, g| {
+            let n = block.len();
+            self.chunks(p, st, cols, |lo, _, f| {
+                f(block.clone(), &g[lo / cols * n..(lo / cols + 1) * n])
+            });
+            Ok(())
+        })
+    }
+
+    /// Updates all of `p` and the moments `st` in parallel chunks of `chunk` elements.
+    /// `segments(lo, hi, f)` calls `f(range, g)` for consecutive runs of the chunk `lo..hi`
+    /// (`range` relative to the chunk) with their gradient `g`. Elements are independent, so
+    /// the chunking changes nothing but speed.
+    fn chunks(
+        &self,
+        p: &mut [f32],
+        st: &mut Moments,
+        chunk: usize,
+        segments: impl Fn(usize, usize, &mut dyn FnMut(Range<usize>, &[f32])) + Sync,
+    ) {
+        let vmax: Vec<Option<&mut [f32]>> = match &mut st.vmax {
+            Some(vmax) => vmax.chunks_mut(chunk).map(Some).collect(),
+            None => p.chunks(chunk).map(|_| None).collect(),
+        };
+        p.par_chunks_mut(chunk)
+            .zip(st.m.par_chunks_mut(chunk))
+            .zip(st.v.par_chunks_mut(chunk))
+            .zip(vmax)
+            .enumerate()
+            .for_each(|(i, (((p, m), v), mut vmax))| {
+                let lo = i * chunk;
+                segments(lo, lo + p.len(), &mut |r, g| {
+                    let vmax = vmax.as_deref_mut().map(|vmax| &mut vmax[r.clone()]);
+                    self.run(&mut p[r.clone()], g, (&mut m[r.clone()], &mut v[r]), vmax)
+                });
+            });
+    }
+
     /// Updates `p` and its moments in place from the gradient `g`. The AMSGrad branch is
-    /// taken once per chunk, not per element, so the loop stays branch-free.
+    /// taken once per run of elements, not per element, so the loop stays branch-free.
     fn run(
         &self,
         p: &mut [f32],
@@ -114,12 +221,14 @@ impl Adam {
         let moments = params
             .iter()
             .map(|(_, var)| {
-                let zeros = vec![0f32; var.elem_count()];
+                // Each moment zeroed on its own: fresh zeroed memory is not touched until the
+                // first update writes it, where copies of one zero buffer would be at once.
+                let zeros = || vec![0f32; var.elem_count()];
                 Moments {
                     step: 0,
-                    m: zeros.clone(),
-                    v: zeros.clone(),
-                    vmax: cfg.amsgrad.then_some(zeros),
+                    m: zeros(),
+                    v: zeros(),
+                    vmax: cfg.amsgrad.then(zeros),
                 }
             })
             .collect();
@@ -143,35 +252,22 @@ impl Adam {
         &self.params
     }
 
-    /// One update; parameters without a gradient are left untouched, as PyTorch does.
-    pub fn step(&mut self, grads: &GradStore) -> candle_core::Result<()> {
-        let c = &self.cfg;
-        for ((_, var), st) in self.params.iter().zip(self.moments.iter_mut()) {
+    /// One update; parameters without a gradient are left untouched, as PyTorch does. Each
+    /// parameter is updated in its own storage, the gradient read where it lies: no copies of
+    /// either, which for the text encoder's token table would be hundreds of megabytes. A row
+    /// gradient updates every row as the dense gradient would, its missing rows as zeros: their
+    /// moments decay and they keep moving with their momentum.
+    pub fn step(&mut self, grads: &Gradients) -> Result<()> {
+        for ((name, var), st) in self.params.iter().zip(self.moments.iter_mut()) {
             let Some(grad) = grads.get(var.as_tensor()) else {
                 continue;
             };
-            let mut p = host_values(var.as_tensor())?;
-            let g = host_values(grad)?;
-            st.step += 1;
-            let update = Update {
-                cfg: c,
-                step_size: c.lr / (1.0 - c.beta1.powi(st.step as i32)),
-                bias2_sqrt: (1.0 - c.beta2.powi(st.step as i32)).sqrt(),
-            };
-            // Elements are independent: chunks run in parallel, each element computed as before.
-            let chunks = p
-                .par_chunks_mut(UPDATE_CHUNK)
-                .zip(g.par_chunks(UPDATE_CHUNK))
-                .zip(st.m.par_chunks_mut(UPDATE_CHUNK))
-                .zip(st.v.par_chunks_mut(UPDATE_CHUNK));
-            match &mut st.vmax {
-                None => chunks.for_each(|(((p, g), m), v)| update.run(p, g, (m, v), None)),
-                Some(vmax) => chunks
-                    .zip(vmax.par_chunks_mut(UPDATE_CHUNK))
-                    .for_each(|((((p, g), m), v), vmax)| update.run(p, g, (m, v), Some(vmax))),
-            }
-            let updated = Tensor::from_vec(p, var.shape(), var.device())?;
-            var.set(&updated.to_dtype(var.dtype())?)?;
+            let step = st.step + 1;
+            let update = Update::new(&self.cfg, step);
+            with_f32_mut(var.as_tensor(), "Adam", |p| {
+                update.apply(name, (p, st), grad)
+            })?;
+            st.step = step;
         }
         Ok(())
     }
@@ -255,5 +351,77 @@ impl Adam {
         let state = candle_core::safetensors::load(path, &Device::Cpu)
             .with_context(|| format!("reading optimiser state {}", path.display()))?;
         self.load_state_tensors(state, &path.display().to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// PyTorch's Adam for one element, as the update computes it: in f64, stored as f32.
+    struct Reference {
+        p: f32,
+        m: f32,
+        v: f32,
+        vmax: f32,
+    }
+
+    impl Reference {
+        fn step(&mut self, c: &AdamConfig, step: i32, g: f32) {
+            let gi = g as f64 + c.weight_decay * self.p as f64;
+            self.m = (c.beta1 * self.m as f64 + (1.0 - c.beta1) * gi) as f32;
+            self.v = (c.beta2 * self.v as f64 + (1.0 - c.beta2) * gi * gi) as f32;
+            self.vmax = self.vmax.max(self.v);
+            let second = if c.amsgrad { self.vmax } else { self.v };
+            let denom = (second as f64).sqrt() / (1.0 - c.beta2.powi(step)).sqrt() + c.eps;
+            let step_size = c.lr / (1.0 - c.beta1.powi(step));
+            self.p = (self.p as f64 - step_size * self.m as f64 / denom) as f32;
+        }
+    }
+
+    /// The in-place update gives every element, over chunks and steps, exactly the values of
+    /// the element-wise reference, with and without AMSGrad and weight decay.
+    #[test]
+    fn updates_in_place_as_the_reference_does() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let n = UPDATE_CHUNK + 300;
+        for (amsgrad, weight_decay) in [(false, 0.0), (true, 0.01)] {
+            let cfg = AdamConfig {
+                lr: 0.01,
+                amsgrad,
+                weight_decay,
+                ..AdamConfig::default()
+            };
+            let p = Var::randn(0f32, 1.0, n, &dev)?;
+            let mut reference: Vec<Reference> = p
+                .as_tensor()
+                .to_vec1::<f32>()?
+                .into_iter()
+                .map(|p| Reference {
+                    p,
+                    m: 0.0,
+                    v: 0.0,
+                    vmax: 0.0,
+                })
+                .collect();
+            let mut adam = Adam::new(vec![("p".into(), p.clone())], cfg.clone());
+            for step in 1..=3 {
+                let g = Tensor::randn(0f32, 1.0, n, &dev)?;
+                let loss = (p.as_tensor() * &g)?.sum_all()?;
+                adam.step(&Gradients::backward(&loss, &[])?)?;
+                for (r, g) in reference.iter_mut().zip(g.to_vec1::<f32>()?) {
+                    r.step(&cfg, step, g);
+                }
+                let field = |f: fn(&Reference) -> f32| reference.iter().map(f).collect::<Vec<_>>();
+                let state = adam.state_tensors()?;
+                assert_eq!(p.as_tensor().to_vec1::<f32>()?, field(|r| r.p));
+                assert_eq!(state["p.m"].to_vec1::<f32>()?, field(|r| r.m));
+                assert_eq!(state["p.v"].to_vec1::<f32>()?, field(|r| r.v));
+                if amsgrad {
+                    assert_eq!(state["p.vmax"].to_vec1::<f32>()?, field(|r| r.vmax));
+                }
+            }
+        }
+        Ok(())
     }
 }

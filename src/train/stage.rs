@@ -13,8 +13,11 @@ use candle_core::{Tensor, Var};
 use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
 
+use crate::kernels::grad_slot::GradSlot;
+
 use super::checkpoint::{self, TrainState};
 use super::epoch::run_epoch;
+use super::grads::Gradients;
 use super::guard;
 use super::metrics::JsonlWriter;
 use super::optim::{Adam, AdamConfig};
@@ -109,12 +112,14 @@ impl StageRun<'_> {
     }
 
     /// Trains `trainable` (each must receive a gradient at every step) for the configured
-    /// epochs over `len` items. `loss` maps a batch of item indices to a scalar loss tensor;
+    /// epochs over `len` items; `slots` are where the model's ops write the gradients of the
+    /// parameters that bypass candle's `GradStore` ([`crate::recipe::Student::grad_slots`]). `loss` maps a batch of item indices to a scalar loss tensor;
     /// `metric`, when given, scores the model after each epoch (higher is better) to select the
     /// best checkpoint.
     pub fn run(
         self,
         trainable: Vec<(String, Var)>,
+        slots: &[GradSlot],
         len: usize,
         mut loss: impl FnMut(&[usize]) -> anyhow::Result<Tensor>,
         mut metric: Option<&mut dyn FnMut() -> anyhow::Result<f64>>,
@@ -176,7 +181,7 @@ impl StageRun<'_> {
                             last.display()
                         )
                     })?;
-                    let grads = l.backward()?;
+                    let grads = Gradients::backward(&l, slots)?;
                     guard::all_have_gradients(&grads, &trainable)?;
                     optim.step(&grads)?;
                     step += 1;

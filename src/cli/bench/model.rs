@@ -12,6 +12,7 @@ use crate::model::config::SpikeClipConfig;
 use crate::model::spikingformer::SparseWeights;
 use crate::model::SpikeClip;
 use crate::recipe::student::{trainable, Student};
+use crate::train::grads::Gradients;
 use crate::train::loss::cosine_distillation;
 use crate::train::optim::{Adam, AdamConfig};
 use crate::train::rng::Rng;
@@ -65,9 +66,10 @@ fn train_step(
     let b = input.dim(0)?;
     let targets = Tensor::randn(0f32, 1.0, (b, model.config.out_dim), &Device::Cpu)?;
     let mut adam = Adam::new(trainable(model, prefix), AdamConfig::default());
+    let slots = model.grad_slots();
     let result = measure(budget, || {
         let loss = cosine_distillation(&features(input)?, &targets)?;
-        adam.step(&loss.backward()?)?;
+        adam.step(&Gradients::backward(&loss, &slots)?)?;
         Ok(())
     })?;
     Ok(result.per_step(b))
