@@ -190,10 +190,12 @@ mod tests {
         // The composition's layers give their gradients to candle; its embedding op writes the
         // tables' to the same slots as ours.
         let grads = (theirs * &g)?.sum_all()?.backward()?;
+        // The composition's small layers may take the spike-driven weight gradient, which sums
+        // in another order than the blocked product: equal up to rounding.
         for (p, ours) in linears.iter().zip(&our_linears) {
             let theirs = grads.get(p.value()).expect("a candle gradient");
-            let dims = p.value().dims();
-            assert_eq!(ours, &theirs.flatten_all()?.to_vec1::<f32>()?, "{dims:?}");
+            let diff = max_rel_diff(&Tensor::new(ours.as_slice(), &dev)?, &theirs.flatten_all()?);
+            assert!(diff < 1e-5, "{:?} differs by {diff}", p.value().dims());
         }
         let [our_token, our_position] = [&our_tables[0], &our_tables[1]];
         let their_tables = ours(&tables)?;
