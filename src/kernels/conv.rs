@@ -23,6 +23,14 @@ pub struct Window {
 }
 
 impl Window {
+    /// The 1x1 window of a linear layer seen as a convolution.
+    pub const POINTWISE: Window = Window {
+        kh: 1,
+        kw: 1,
+        padding: 0,
+        stride: 1,
+    };
+
     pub(super) fn out_size(&self, h: usize, w: usize) -> Result<(usize, usize)> {
         let (ph, pw) = (h + 2 * self.padding, w + 2 * self.padding);
         if self.stride == 0 || ph < self.kh || pw < self.kw {

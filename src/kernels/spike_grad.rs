@@ -70,19 +70,8 @@ fn weight_grad_rows(windows: &Windows, grad_rows: &[f32], outputs: usize) -> Res
     let pixels = columns.cols();
     let over_half = columns.row_counts().any(|n| 2 * n > pixels);
     let grads = BlockedWeights::from_rows(grad_rows, outputs, None, over_half);
-    let pointwise = Window {
-        kh: 1,
-        kw: 1,
-        padding: 0,
-        stride: 1,
-    };
     Ok(Gather {
-        windows: Windows {
-            spikes: &columns,
-            dims: (columns.rows(), 1, 1, columns.cols()),
-            win: pointwise,
-            out_hw: (1, 1),
-        },
+        windows: Windows::rows(&columns),
         weights: &grads,
         // The gradient is the weight here, thousands of rows long and read once per task: as
         // few tasks as threads, so that it streams from memory as few times as possible.
@@ -97,19 +86,9 @@ fn weight_grad_rows(windows: &Windows, grad_rows: &[f32], outputs: usize) -> Res
 /// Weight gradient `[O, K]` of a linear layer from its input spikes `[..., K]` and its output
 /// gradient `[..., O]`: equal to `grad^T . spikes` over the flattened leading axes.
 pub fn spike_linear_weight_grad(spikes: &SpikeBits, grad: &Tensor) -> Result<Tensor> {
-    let (k, m) = (spikes.cols(), spikes.rows());
+    let k = spikes.cols();
     let o = grad.dims().last().copied().unwrap_or(0);
-    let windows = Windows {
-        spikes,
-        dims: (m, 1, 1, k),
-        win: Window {
-            kh: 1,
-            kw: 1,
-            padding: 0,
-            stride: 1,
-        },
-        out_hw: (1, 1),
-    };
+    let windows = Windows::rows(spikes);
     let rows = with_f32(grad, "spike_linear_weight_grad", |g| {
         weight_grad_rows(&windows, g, o)
     })?;

@@ -473,7 +473,17 @@ pub(super) struct Windows<'a> {
     pub out_hw: (usize, usize),
 }
 
-impl Windows<'_> {
+impl<'a> Windows<'a> {
+    /// A linear layer's `[M, K]` spikes: one 1x1 window per row.
+    pub fn rows(spikes: &'a SpikeBits) -> Self {
+        Self {
+            spikes,
+            dims: (spikes.rows(), 1, 1, spikes.cols()),
+            win: Window::POINTWISE,
+            out_hw: (1, 1),
+        }
+    }
+
     /// Calls `f(first weight row, spike words)` for each in-image tap of output pixel `p`'s
     /// window; returns whether every tap was in the image.
     #[inline(always)]
@@ -673,20 +683,8 @@ impl SpikeLayer {
                 self.kernel
             )
         }
-        let rows = spikes.rows();
-        let win = Window {
-            kh: 1,
-            kw: 1,
-            padding: 0,
-            stride: 1,
-        };
         let out = Gather {
-            windows: Windows {
-                spikes,
-                dims: (rows, 1, 1, k),
-                win,
-                out_hw: (1, 1),
-            },
+            windows: Windows::rows(spikes),
             weights: &self.weights,
             schedule: LAYER,
         }
