@@ -9,8 +9,10 @@ use candle_core::{Device, Tensor, D};
 use super::prompt_args::PromptFileArgs;
 use crate::data::prompts::DatasetPrompts;
 use crate::data::world::World;
+use crate::eval::zeroshot::ranked_classes;
 use crate::model::checkpoint::TokenizerSpec;
 use crate::recipe::classifier::LoadedStudent;
+use crate::recipe::dead_features::warn_each;
 use crate::teacher::preprocess::{batch, student_input, Preprocessor};
 use crate::train::loss::cosine_logits;
 
@@ -120,21 +122,69 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let files = image_files(&args.image)?;
     let inference = loaded.for_inference(args.dense)?;
     // Probabilities as CLIP reports them: softmax over cosine similarities times 100.
-    for chunk in files.chunks(64) {
-        let feats = inference
-            .student()
-            .image_features(&student_images(chunk, &dev)?, false)?;
+    for (i, chunk) in files.chunks(64).enumerate() {
+        let images = student_images(chunk, &dev)?;
+        if i == 0 {
+            let student = inference.student();
+            warn_each(&loaded.feature_warnings(student, &images, &prompts, &classes, &dev)?);
+        }
+        let feats = inference.student().image_features(&images, false)?;
         let probs =
             candle_nn::ops::softmax(&cosine_logits(&feats, &classes, Some(100.0))?, D::Minus1)?
                 .to_vec2::<f32>()?;
         for (file, row) in chunk.iter().zip(probs) {
-            let mut ranked: Vec<(usize, f32)> = row.into_iter().enumerate().collect();
-            ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
             println!("{}", file.display());
-            for (c, p) in ranked.into_iter().take(args.top) {
-                println!("  {:6.2}%  {}", 100.0 * p, prompts.classes[c][0]);
-            }
+            print!("{}", ranked_lines(&row, &prompts, args.top));
         }
     }
     Ok(())
+}
+
+/// The `top` most probable labels, one line each, in the order argmax ranks them (ties in label
+/// order), and a note when several labels share the top probability, since then the first
+/// listed is a prediction only by the tie-break.
+fn ranked_lines(probs: &[f32], prompts: &DatasetPrompts, top: usize) -> String {
+    let order = ranked_classes(probs);
+    let mut out = String::new();
+    for &c in order.iter().take(top) {
+        out += &format!("  {:6.2}%  {}\n", 100.0 * probs[c], prompts.classes[c][0]);
+    }
+    let tied = probs.iter().filter(|&&p| p == probs[order[0]]).count();
+    if tied > 1 {
+        out += &format!(
+            "  ({tied} of {} labels tie for the top probability; the first listed wins only \
+             by label order)\n",
+            probs.len()
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ties_are_listed_in_label_order_and_flagged() {
+        let prompts = DatasetPrompts {
+            classes: ["a", "b", "c"]
+                .iter()
+                .map(|c| vec![c.to_string()])
+                .collect(),
+            templates: vec!["{}".into()],
+        };
+        let third = 1.0f32 / 3.0;
+        let lines = ranked_lines(&[third; 3], &prompts, 2);
+        assert_eq!(
+            lines,
+            "   33.33%  a\n   33.33%  b\n  (3 of 3 labels tie for the top probability; the \
+             first listed wins only by label order)\n"
+        );
+        let lines = ranked_lines(&[0.2, 0.4, 0.4], &prompts, 3);
+        assert!(lines.starts_with("   40.00%  b\n   40.00%  c\n   20.00%  a\n  (2 of 3"));
+        assert_eq!(
+            ranked_lines(&[0.1, 0.2, 0.7], &prompts, 5),
+            "   70.00%  c\n   20.00%  b\n   10.00%  a\n"
+        );
+    }
 }

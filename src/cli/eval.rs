@@ -4,15 +4,18 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
-use candle_core::Device;
+use candle_core::{Device, Tensor};
 use serde_json::json;
 
 use super::prompt_args::PromptFileArgs;
 use crate::data::cache::Cache;
+use crate::data::prompts::DatasetPrompts;
 use crate::data::world::{Split, World, WorldConfig};
+use crate::data::ImageFeatureSet;
 use crate::eval::zeroshot::{class_embeddings, TopK};
 use crate::recipe::classifier::LoadedStudent;
-use crate::recipe::{teacher_zero_shot, zero_shot};
+use crate::recipe::dead_features::{warn_each, PROBE_SIZE};
+use crate::recipe::{teacher_zero_shot, zero_shot, Student};
 use crate::teacher::clip::ClipTeacher;
 use crate::teacher::{ModelSpec, TextTeacher};
 
@@ -44,6 +47,22 @@ pub struct Args {
     json: Option<PathBuf>,
 }
 
+/// Warns, before any score is printed, when the student's features do not depend on the
+/// input: such a student scores what argmax's class 0 gets.
+fn warn_if_dead(
+    loaded: &LoadedStudent,
+    student: &dyn Student,
+    set: &dyn ImageFeatureSet,
+    prompts: &DatasetPrompts,
+    classes: &Tensor,
+) -> anyhow::Result<()> {
+    let dev = Device::Cpu;
+    let first: Vec<usize> = (0..set.len().min(PROBE_SIZE)).collect();
+    let images = set.batch(&first, &dev)?.inputs;
+    warn_each(&loaded.feature_warnings(student, &images, prompts, classes, &dev)?);
+    Ok(())
+}
+
 fn row(name: &str, acc: &TopK) -> serde_json::Value {
     println!(
         "{name:<28} top-1 {:6.2}%  top-5 {:6.2}%  ({} images)",
@@ -68,6 +87,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         });
         let prompts = &World::prompts().datasets[crate::data::world::DATASET];
         let classes = loaded.class_embeddings(prompts, &dev)?;
+        warn_if_dead(
+            &loaded,
+            student,
+            &world.images(Split::TestSeen),
+            prompts,
+            &classes,
+        )?;
         let teacher = class_embeddings(prompts, |t| world.teacher().text_features(t))?;
         for (name, split) in [("seen", Split::TestSeen), ("unseen", Split::TestUnseen)] {
             let set = world.images(split);
@@ -84,6 +110,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let set = Cache::open_images(&PathBuf::from(dir))?;
         let prompts = args.prompts.for_images(&set, "evaluating")?;
         let classes = loaded.class_embeddings(&prompts, &dev)?;
+        warn_if_dead(&loaded, student, &set, &prompts, &classes)?;
         rows.push(row("student", &zero_shot(student, &set, &classes, &dev)?));
         if let Some(spec) = &args.teacher {
             let ModelSpec::Clip(tdir) = ModelSpec::parse(spec)?;

@@ -9,12 +9,13 @@ use candle_core::Device;
 use super::prompt_args::PromptFileArgs;
 use crate::data::cache::Cache;
 use crate::data::world::{Split, World, WorldConfig};
-use crate::data::TextFeatureSet;
+use crate::data::{ImageFeatureSet, TextFeatureSet};
 use crate::eval::zeroshot::class_embeddings;
 use crate::model::checkpoint::{self, ModelCard, ModelKind, TokenizerSpec};
 use crate::model::config::SpikeClipConfig;
 use crate::model::text::copy_clip_embeddings;
 use crate::recipe::classifier::LoadedStudent;
+use crate::recipe::dead_features::Probe;
 use crate::recipe::{distill_image, distill_text, finetune, FinetuneTargets};
 use crate::teacher::clip::{ClipModel, ClipTeacher};
 use crate::teacher::{ModelSpec, TextTeacher, Tokenize};
@@ -196,6 +197,25 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Stage::DistillImage => "distill_image",
         Stage::Finetune => "finetune",
     };
+    let probe = match (&world, &cache_dir) {
+        (Some(w), _) => Probe::from_sets(Some(&w.images(Split::TestSeen)), Some(&w.dtext()), &dev)?,
+        (None, Some(d)) => {
+            let images = Cache::open_images(d).ok();
+            let texts = Cache::open(&d.join("texts")).ok();
+            Probe::from_sets(
+                images.as_ref().map(|c| c as &dyn ImageFeatureSet),
+                texts.as_ref().map(|c| c as &dyn TextFeatureSet),
+                &dev,
+            )?
+        }
+        (None, None) => unreachable!("data is world or a cache"),
+    };
+    let warn_if_dead = |epoch: usize| -> anyhow::Result<()> {
+        for w in probe.silent_encoders(loaded.student.as_ref())? {
+            tracing::warn!("{stage_name} epoch {epoch}: {w}");
+        }
+        Ok(())
+    };
     let run = StageRun {
         name: stage_name,
         out_dir: &args.out,
@@ -203,6 +223,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         config: &cfg,
         resume: args.resume,
         show_progress: true,
+        after_epoch: Some(&warn_if_dead),
     };
     let s = loaded.student.as_ref();
     let outcome = match (args.stage, &world, &cache_dir) {

@@ -62,8 +62,7 @@ impl TopK {
                 "label {label} out of {} classes",
                 row.len()
             );
-            // Rank = number of classes scoring strictly higher than the true one.
-            let rank = row.iter().filter(|&&s| s > row[label]).count();
+            let rank = rank_of(row, label);
             acc.correct1 += (rank == 0) as usize;
             acc.correct5 += (rank < 5) as usize;
             acc.total += 1;
@@ -86,6 +85,35 @@ impl TopK {
     pub fn top5(&self) -> f64 {
         self.correct5 as f64 / self.total.max(1) as f64
     }
+}
+
+/// Where class `label` lands when `scores` are ranked as `torch.topk` and `argmax` rank them:
+/// every higher score and every equal score of a lower class index comes first, and NaN
+/// counts as the highest score. A tie is therefore a hit for one class only, so a model
+/// whose logits do not depend on the image scores what argmax gives (1/C on balanced
+/// labels), never 100 %.
+pub fn rank_of(scores: &[f32], label: usize) -> usize {
+    let key = |s: f32| (s.is_nan(), if s.is_nan() { 0.0 } else { s });
+    let own = key(scores[label]);
+    scores
+        .iter()
+        .enumerate()
+        .filter(|&(j, &s)| {
+            let other = key(s);
+            other > own || (other == own && j < label)
+        })
+        .count()
+}
+
+/// Class indices from the highest score to the lowest, ties in class order: the order
+/// [`rank_of`] gives, so the first is argmax's class.
+pub fn ranked_classes(scores: &[f32]) -> Vec<usize> {
+    // The ranks are a permutation: ties are broken by class index.
+    let mut order = vec![0; scores.len()];
+    for c in 0..scores.len() {
+        order[rank_of(scores, c)] = c;
+    }
+    order
 }
 
 /// Class probabilities from cosine logits, as CLIP's softmax over classes: `[B, C]`.
@@ -112,6 +140,35 @@ mod tests {
         let acc = TopK::from_logits(&logits, &[0, 0, 4])?;
         assert_eq!((acc.correct1, acc.correct5, acc.total), (1, 2, 3));
         assert!(TopK::from_logits(&logits, &[0, 9, 1]).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn constant_logits_score_what_argmax_gives() -> anyhow::Result<()> {
+        // Ten classes, every logit equal, labels balanced: argmax says class 0 for every row.
+        let labels: Vec<u32> = (0..100).map(|i| i % 10).collect();
+        let logits = Tensor::full(0.25f32, (100, 10), &Device::Cpu)?;
+        let acc = TopK::from_logits(&logits, &labels)?;
+        assert_eq!((acc.correct1, acc.correct5, acc.total), (10, 50, 100));
+        let nan = Tensor::full(f32::NAN, (100, 10), &Device::Cpu)?;
+        assert_eq!(TopK::from_logits(&nan, &labels)?, acc);
+        Ok(())
+    }
+
+    #[test]
+    fn partial_ties_go_to_the_lower_class_index() -> anyhow::Result<()> {
+        let row = [0.1f32, 0.5, 0.5, 0.2, 0.5, 0.0, 0.0];
+        assert_eq!(
+            (0..7).map(|c| rank_of(&row, c)).collect::<Vec<_>>(),
+            [4, 0, 1, 3, 2, 5, 6]
+        );
+        assert_eq!(ranked_classes(&row), [1, 2, 4, 3, 0, 5, 6]);
+        // A NaN outranks every number, as in torch.argmax.
+        assert_eq!(rank_of(&[1.0, f32::NAN, 2.0], 1), 0);
+        assert_eq!(rank_of(&[1.0, f32::NAN, 2.0], 2), 1);
+        let logits = Tensor::new(&[row, row], &Device::Cpu)?;
+        let acc = TopK::from_logits(&logits, &[1, 2])?;
+        assert_eq!((acc.correct1, acc.correct5), (1, 2));
         Ok(())
     }
 

@@ -5,6 +5,8 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 
+use super::dead_features::{Probe, PROBE_SIZE};
+use super::energy::prompt_token_ids;
 use super::stages::student_class_embeddings;
 use super::student::Student;
 use crate::data::prompts::DatasetPrompts;
@@ -87,5 +89,31 @@ impl LoadedStudent {
             self.card.config.text.context_length,
             device,
         )
+    }
+
+    /// Warnings when the features of `student` (this checkpoint or its inference view) do
+    /// not depend on the input (see [`super::dead_features`]): both encoders probed with the
+    /// first [`PROBE_SIZE`] of `images` `[B, 3, 32, 32]` and sentences of `prompts`, and the
+    /// class embeddings `classes` checked for ties.
+    pub fn feature_warnings(
+        &self,
+        student: &dyn Student,
+        images: &Tensor,
+        prompts: &DatasetPrompts,
+        classes: &Tensor,
+        device: &Device,
+    ) -> anyhow::Result<Vec<String>> {
+        let ids = prompt_token_ids(
+            prompts,
+            self.tokenizer.as_ref(),
+            self.card.config.text.context_length,
+            4 * PROBE_SIZE,
+            device,
+        )?;
+        let probe = Probe {
+            images: Some(images.narrow(0, 0, images.dim(0)?.min(PROBE_SIZE))?),
+            ids: Some(ids),
+        };
+        probe.warnings(student, Some(classes))
     }
 }

@@ -5,6 +5,7 @@
 //! spiking SpikeCLIP and its ANN twin ScratchCLIP run the same code.
 
 pub mod classifier;
+pub mod dead_features;
 pub mod demo;
 pub mod energy;
 pub mod stages;

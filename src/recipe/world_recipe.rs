@@ -95,6 +95,7 @@ impl WorldRecipe {
             config,
             resume: false,
             show_progress: self.progress,
+            after_epoch: None,
         }
     }
 

@@ -78,6 +78,9 @@ pub struct StageRun<'a> {
     /// Continue from `{name}_last.safetensors` instead of starting afresh.
     pub resume: bool,
     pub show_progress: bool,
+    /// Called with the epoch number after each epoch's checkpoint and log line, e.g. to warn
+    /// about a model gone dead.
+    pub after_epoch: Option<&'a dyn Fn(usize) -> anyhow::Result<()>>,
 }
 
 /// One line of `metrics.jsonl`.
@@ -222,6 +225,9 @@ impl StageRun<'_> {
                 summary.items_per_s
             );
             records.push(record);
+            if let Some(after) = self.after_epoch {
+                after(epoch + 1)?;
+            }
         }
         Ok(StageOutcome {
             epochs: records,
