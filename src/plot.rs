@@ -2,9 +2,15 @@
 //! bitmap so that a report needs no browser or Python. The font ships inside the binary, since
 //! plotters' ab_glyph backend has no system fonts to fall back on.
 
+mod panels;
+mod raster;
+
 use plotters::prelude::*;
 use std::path::Path;
 use std::sync::OnceLock;
+
+pub use panels::{panel_plot, Panel};
+pub use raster::{raster_plot, Raster, RasterLayout, SILENT, SPIKE};
 
 const FONT: &str = "sans-serif";
 static DEJAVU_SANS: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
@@ -26,13 +32,8 @@ pub struct Labels<'a> {
     pub y: &'a str,
 }
 
-/// Spikes of a sample of one layer's neurons for one input: `spikes[i][t]` is neuron
-/// `neurons[i]` at step t.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Raster {
-    pub neurons: Vec<usize>,
-    pub spikes: Vec<Vec<bool>>,
-}
+/// A pixel rectangle of a drawn image: columns `x0..x1`, rows `y0..y1`.
+pub type PixelRect = (u32, u32, u32, u32);
 
 fn register_font() -> anyhow::Result<()> {
     static REGISTERED: OnceLock<bool> = OnceLock::new();
@@ -84,47 +85,15 @@ fn segment_label(v: &SegmentValue<usize>, n: usize, label: impl Fn(usize) -> Str
 
 /// Curves such as loss or accuracy against step, one colour and legend entry per series.
 pub fn line_plot(path: &Path, labels: Labels, series: &[Series]) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        series.iter().any(|s| !s.points.is_empty()),
-        "line plot {}: no points to draw",
-        path.display()
-    );
-    let all = || series.iter().flat_map(|s| s.points.iter());
-    let xs = padded_range(all().map(|p| p.0));
-    let ys = padded_range(all().map(|p| p.1));
-    draw_png(path, (900, 560), |root| {
-        let mut chart = ChartBuilder::on(root)
-            .caption(labels.title, (FONT, 22))
-            .margin(12)
-            .x_label_area_size(44)
-            .y_label_area_size(64)
-            .build_cartesian_2d(xs, ys)?;
-        chart
-            .configure_mesh()
-            .x_desc(labels.x)
-            .y_desc(labels.y)
-            .label_style((FONT, 14))
-            .draw()?;
-        for (i, s) in series.iter().enumerate() {
-            let colour = Palette99::pick(i).to_rgba();
-            chart
-                .draw_series(LineSeries::new(
-                    s.points.iter().copied(),
-                    colour.stroke_width(2),
-                ))?
-                .label(s.name.as_str())
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2))
-                });
-        }
-        chart
-            .configure_series_labels()
-            .label_font((FONT, 14))
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()?;
-        Ok(())
-    })
+    let panel = Panel {
+        labels: Labels {
+            title: "",
+            ..labels
+        },
+        series: series.to_vec(),
+    };
+    panel_plot(path, labels.title, &[panel])?;
+    Ok(())
 }
 
 /// One horizontal bar per named value in [0, 1] (e.g. firing rate per layer), top to bottom in
@@ -164,54 +133,6 @@ pub fn bar_plot(path: &Path, labels: Labels, bars: &[(String, f64)]) -> anyhow::
             bar.set_margin(3, 3, 0, 0);
             bar
         }))?;
-        Ok(())
-    })
-}
-
-/// A spike raster: a dot for every spike of every sampled neuron at every time step.
-pub fn raster_plot(path: &Path, title: &str, raster: &Raster) -> anyhow::Result<()> {
-    let steps = raster.spikes.iter().map(Vec::len).max().unwrap_or(0);
-    anyhow::ensure!(
-        steps > 0 && !raster.neurons.is_empty(),
-        "raster plot {}: no neurons or no time steps",
-        path.display()
-    );
-    let n = raster.neurons.len();
-    draw_png(path, (900, 600), |root| {
-        let mut chart = ChartBuilder::on(root)
-            .caption(title, (FONT, 22))
-            .margin(12)
-            .x_label_area_size(44)
-            .y_label_area_size(64)
-            .build_cartesian_2d((0..steps - 1).into_segmented(), (0..n - 1).into_segmented())?;
-        chart
-            .configure_mesh()
-            .disable_mesh()
-            .x_labels(steps.min(16))
-            .x_label_formatter(&|v| segment_label(v, steps, |t| t.to_string()))
-            .y_labels(n.min(16))
-            .y_label_formatter(&|v| segment_label(v, n, |i| raster.neurons[i].to_string()))
-            .x_desc("time step")
-            .y_desc("sampled neuron")
-            .label_style((FONT, 14))
-            .draw()?;
-        let dots = raster.spikes.iter().enumerate().flat_map(|(i, row)| {
-            row.iter()
-                .enumerate()
-                .filter(|(_, &s)| s)
-                .map(move |(t, _)| {
-                    let mut dot = Rectangle::new(
-                        [
-                            (SegmentValue::Exact(t), SegmentValue::Exact(i)),
-                            (SegmentValue::Exact(t + 1), SegmentValue::Exact(i + 1)),
-                        ],
-                        BLACK.filled(),
-                    );
-                    dot.set_margin(1, 1, 2, 2);
-                    dot
-                })
-        });
-        chart.draw_series(dots)?;
         Ok(())
     })
 }

@@ -104,7 +104,7 @@ fn report_inputs(ops: &[EncoderOps]) -> ReportInputs<'_> {
         time_steps: 2,
         samples: 1,
         constants: EnergyConstants::fp32(),
-        raster: None,
+        rasters: Vec::new(),
     }
 }
 
@@ -238,14 +238,15 @@ fn plots_are_valid_pngs() {
         .lif1
         .forward(&currents(&[[4., 4., 0., 0.], [4., 0., 0., 0.]]))
         .unwrap();
-    let raster = sample_raster(&spikes, 3).unwrap();
+    let raster = sample_raster("lif1", &spikes, 3).unwrap();
     assert_eq!(raster.neurons, [0, 2]);
     assert_eq!(raster.spikes, [[true, true], [false, false]]);
+    assert_eq!(raster.firing_rate, 3.0 / 8.0);
 
     let ops = [net.ops()];
     let dir = tempfile::tempdir().unwrap();
     let mut inputs = report_inputs(&ops);
-    inputs.raster = Some(("lif1".into(), raster));
+    inputs.rasters = vec![raster];
     write_report(&inputs, dir.path()).unwrap();
     assert_real_png(&dir.path().join("firing_rates.png"), 5_000);
     assert_real_png(&dir.path().join("spike_raster.png"), 5_000);

@@ -30,7 +30,7 @@
 //!     time_steps: 4,
 //!     samples: 2,
 //!     constants: EnergyConstants::fp32(),
-//!     raster: None,
+//!     rasters: Vec::new(),
 //! };
 //! let out = tempfile::tempdir()?;
 //! let report = write_report(&inputs, out.path())?;

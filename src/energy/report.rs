@@ -59,8 +59,8 @@ pub struct ReportInputs<'a> {
     pub time_steps: usize,
     pub samples: usize,
     pub constants: EnergyConstants,
-    /// A named layer's spikes for one input, for the raster plot.
-    pub raster: Option<(String, Raster)>,
+    /// Layers' spikes for one input, for the raster plot (none: no raster).
+    pub rasters: Vec<Raster>,
 }
 
 /// The counting rules, stated in the report so a reader can check the numbers.
@@ -184,7 +184,7 @@ fn account_encoder(
 }
 
 /// Builds the report and writes `energy.json`, `energy.txt`, `firing_rates.png` and, when a
-/// raster is given, `spike_raster.png` into `out_dir`; returns the report for printing.
+/// rasters are given, `spike_raster.png` into `out_dir`; returns the report for printing.
 pub fn write_report(inputs: &ReportInputs, out_dir: &Path) -> anyhow::Result<EnergyReport> {
     let report = EnergyReport::build(inputs)?;
     std::fs::create_dir_all(out_dir)
@@ -215,19 +215,19 @@ pub fn write_report(inputs: &ReportInputs, out_dir: &Path) -> anyhow::Result<Ene
             &bars,
         )?;
     }
-    if let Some((layer, raster)) = &inputs.raster {
+    if !inputs.rasters.is_empty() {
         plot::raster_plot(
             &out_dir.join("spike_raster.png"),
-            &format!("Spikes of {layer} for one input"),
-            raster,
+            "Spikes per LIF layer for one input",
+            &inputs.rasters,
         )?;
     }
     Ok(report)
 }
 
-/// Samples up to `max_neurons` evenly spaced neurons of a layer's spikes `[T, ...]` for one
-/// input (a batch of one is part of the neuron axis).
-pub fn sample_raster(spikes: &Tensor, max_neurons: usize) -> anyhow::Result<Raster> {
+/// Samples up to `max_neurons` evenly spaced neurons of the spikes `[T, ...]` of `layer` for
+/// one input (a batch of one is part of the neuron axis); the firing rate is over them all.
+pub fn sample_raster(layer: &str, spikes: &Tensor, max_neurons: usize) -> anyhow::Result<Raster> {
     anyhow::ensure!(
         spikes.rank() >= 2 && max_neurons > 0,
         "spike raster: need spikes [T, neurons...] and at least one neuron, got {:?}",
@@ -244,5 +244,11 @@ pub fn sample_raster(spikes: &Tensor, max_neurons: usize) -> anyhow::Result<Rast
         .iter()
         .map(|&i| grid[i].iter().map(|&s| s > 0.5).collect())
         .collect();
-    Ok(Raster { neurons, spikes })
+    let fired = grid.iter().flatten().filter(|&&s| s > 0.5).count();
+    Ok(Raster {
+        layer: layer.to_string(),
+        firing_rate: fired as f64 / grid.iter().map(Vec::len).sum::<usize>().max(1) as f64,
+        neurons,
+        spikes,
+    })
 }

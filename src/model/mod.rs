@@ -124,8 +124,8 @@ impl Student for SpikeClip {
             },
         ])
     }
-    fn first_layer_spikes(&self, image: &Tensor) -> Option<Result<(String, Tensor)>> {
-        Some(self.image.first_layer_spikes(image))
+    fn layer_spikes(&self, image: &Tensor) -> Option<Result<Vec<(String, Tensor)>>> {
+        Some(self.image.tokenizer_spikes(image))
     }
     fn time_steps(&self) -> usize {
         self.config.time_steps
@@ -166,8 +166,8 @@ impl Student for SpikeDriven<'_> {
     fn energy_ops(&self) -> Option<Vec<EncoderOps>> {
         self.model.energy_ops()
     }
-    fn first_layer_spikes(&self, image: &Tensor) -> Option<Result<(String, Tensor)>> {
-        self.model.first_layer_spikes(image)
+    fn layer_spikes(&self, image: &Tensor) -> Option<Result<Vec<(String, Tensor)>>> {
+        self.model.layer_spikes(image)
     }
     fn time_steps(&self) -> usize {
         self.model.time_steps()

@@ -560,10 +560,31 @@ impl ImageEncoder {
         y.unsqueeze(0)?.broadcast_as(dims)?.contiguous()
     }
 
-    /// The first LIF layer's name and spikes `[T, B, C, H, W]` (eval mode).
-    pub fn first_layer_spikes(&self, x: &Tensor) -> Result<(String, Tensor)> {
-        let lif = &self.conv_lifs[0];
-        Ok((lif.name.clone(), lif.forward(&self.first_conv(x, false)?)?))
+    /// The tokenizer's LIF layers, each named, with its spikes `[T, B, C, H, W]` (eval mode).
+    pub fn tokenizer_spikes(&self, x: &Tensor) -> Result<Vec<(String, Tensor)>> {
+        let mut y = self.first_conv(x, false)?.detach();
+        let mut layers = Vec::new();
+        for i in 1..self.convs.len() {
+            let lif = &self.conv_lifs[i - 1];
+            layers.push((lif.name.clone(), lif.forward(&y)?.detach()));
+            y = self.tokenizer_stage(i, &y, false)?.detach();
+        }
+        Ok(layers)
+    }
+
+    /// Tokenizer stage `i` (from 1): the spikes of LIF `i - 1` on `y` `[T, B, C, H, W]`
+    /// through conv `i`, pooled where the tokenizer pools, `[T, B, C', H', W']`. All time
+    /// steps at once, `[T * B, ...]`, as SpikingJelly's `SeqToANNContainer`.
+    fn tokenizer_stage(&self, i: usize, y: &Tensor, train: bool) -> Result<Tensor> {
+        let (conv, lif) = (&self.convs[i], &self.conv_lifs[i - 1].lif);
+        let z = if POOLED.contains(&i) {
+            conv.forward_lif_pooled(lif, y, train)?
+        } else {
+            conv.forward_lif(lif, y, train)?
+        };
+        let mut dims = y.dims()[..2].to_vec();
+        dims.extend_from_slice(&z.dims()[1..]);
+        z.reshape(dims)
     }
 
     /// Spike tokens `[T, B, N, C]` of images `[B, 3, H, W]`.
@@ -573,17 +594,8 @@ impl ImageEncoder {
             Pass::Sparse(w) => return self.sparse_tokens(x, w),
         };
         let mut y = pass.cut(self.first_conv(x, train)?);
-        for (i, conv) in self.convs.iter().enumerate().skip(1) {
-            // All time steps at once, `[T * B, ...]`, as SpikingJelly's `SeqToANNContainer`.
-            let lif = &self.conv_lifs[i - 1].lif;
-            let z = if POOLED.contains(&i) {
-                conv.forward_lif_pooled(lif, &y, train)?
-            } else {
-                conv.forward_lif(lif, &y, train)?
-            };
-            let mut dims = y.dims()[..2].to_vec();
-            dims.extend_from_slice(&z.dims()[1..]);
-            y = pass.cut(z.reshape(dims)?);
+        for i in 1..self.convs.len() {
+            y = pass.cut(self.tokenizer_stage(i, &y, train)?);
         }
         // [T, B, C, H, W] -> [T, B, N, C]
         y.flatten_from(3)?.transpose(2, 3)?.contiguous()

@@ -19,7 +19,7 @@ use crate::energy::{EnergyConstants, EnergyReport};
 use crate::eval::zeroshot::{class_embeddings, TopK};
 use crate::model::checkpoint::{self, ModelCard, ModelKind, TokenizerSpec};
 use crate::model::config::SpikeClipConfig;
-use crate::plot::{line_plot, Labels, Series};
+use crate::plot::{panel_plot, Labels, Panel, Series};
 use crate::teacher::{TextTeacher, Tokenize};
 use crate::train::loss::DualLossConfig;
 use crate::train::stage::{EpochRecord, StageConfig};
@@ -252,33 +252,36 @@ fn write_files(report: &DemoReport, out: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("writing {}", out.join("report.json").display()))?;
     std::fs::write(out.join("report.md"), markdown(report))
         .with_context(|| format!("writing {}", out.join("report.md").display()))?;
-    let mut series = Vec::new();
-    for (model, r) in [
-        ("SpikeCLIP", &report.spikeclip),
-        ("ScratchCLIP", &report.scratchclip),
-    ] {
-        for stage in ["distill_text", "distill_image", "finetune"] {
-            let points: Vec<(f64, f64)> = r
-                .curves
-                .iter()
-                .filter(|e| e.stage == stage)
-                .map(|e| (e.epoch as f64, e.loss))
-                .collect();
-            series.push(Series {
-                name: format!("{model} {stage}"),
-                points,
-            });
-        }
-    }
-    line_plot(
-        &out.join("curves.png"),
-        Labels {
-            title: "Training loss per epoch",
-            x: "epoch",
-            y: "mean loss",
-        },
-        &series,
-    )
+    let stages = ["distill_text", "distill_image", "finetune"];
+    let panels: Vec<Panel> = stages
+        .iter()
+        .map(|&stage| Panel {
+            labels: Labels {
+                title: stage,
+                x: "epoch",
+                y: "mean loss",
+            },
+            series: [
+                ("SpikeCLIP", &report.spikeclip),
+                ("ScratchCLIP", &report.scratchclip),
+            ]
+            .into_iter()
+            .map(|(model, r)| Series {
+                name: model.to_string(),
+                points: r
+                    .curves
+                    .iter()
+                    .filter(|e| e.stage == stage)
+                    .map(|e| (e.epoch as f64, e.loss))
+                    .collect(),
+            })
+            .collect(),
+        })
+        .collect();
+    // One panel per stage: the fine-tuning loss (~4.6) would squash the distillation losses
+    // (0.02-0.6) on a shared axis.
+    panel_plot(&out.join("curves.png"), "Training loss per epoch", &panels)?;
+    Ok(())
 }
 
 /// The demo's summary table and energy totals as Markdown.

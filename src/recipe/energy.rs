@@ -10,8 +10,8 @@ use crate::data::prompts::DatasetPrompts;
 use crate::energy::{sample_raster, write_report, EnergyConstants, EnergyReport, ReportInputs};
 use crate::teacher::Tokenize;
 
-/// Neurons shown in the spike raster.
-const RASTER_NEURONS: usize = 64;
+/// Neurons shown per layer in the spike raster.
+const RASTER_NEURONS: usize = 256;
 
 /// Runs the student on `images` `[B, 3, 32, 32]` and token ids `texts` `[N, L]` with its
 /// monitors on, then writes the energy report (table, `energy.json`, plots) to `dir`. `None`
@@ -34,12 +34,12 @@ pub fn measure_energy(
             Ok(())
         })?;
     }
-    let raster = match student.first_layer_spikes(&images.narrow(0, 0, 1)?) {
-        Some(spikes) => {
-            let (name, spikes) = spikes?;
-            Some((name, sample_raster(&spikes, RASTER_NEURONS)?))
-        }
-        None => None,
+    let rasters = match student.layer_spikes(&images.narrow(0, 0, 1)?) {
+        Some(layers) => layers?
+            .iter()
+            .map(|(name, spikes)| sample_raster(name, spikes, RASTER_NEURONS))
+            .collect::<anyhow::Result<_>>()?,
+        None => Vec::new(),
     };
     let report = write_report(
         &ReportInputs {
@@ -47,7 +47,7 @@ pub fn measure_energy(
             time_steps: student.time_steps(),
             samples: images.dim(0)?,
             constants,
-            raster,
+            rasters,
         },
         dir,
     )?;

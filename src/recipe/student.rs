@@ -27,9 +27,9 @@ pub trait Student {
     fn energy_ops(&self) -> Option<Vec<EncoderOps>> {
         None
     }
-    /// The spikes `[T, 1, ...]` of the first LIF layer for one image, named, for the spike
-    /// raster; `None` for a network without spikes.
-    fn first_layer_spikes(&self, _image: &Tensor) -> Option<Result<(String, Tensor)>> {
+    /// The spikes `[T, 1, ...]` of the image encoder's first LIF layers for one image, each
+    /// with its layer's name, for the spike raster; `None` for a network without spikes.
+    fn layer_spikes(&self, _image: &Tensor) -> Option<Result<Vec<(String, Tensor)>>> {
         None
     }
     /// Time steps of a spiking student (1 for an ANN).
