@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use candle_nn::VarMap;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy)]
 pub struct Budget {
@@ -12,7 +12,7 @@ pub struct Budget {
     pub iters: usize,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BenchResult {
     pub median_s: f64,
     pub min_s: f64,

@@ -24,15 +24,7 @@ fn clip_dir(root: &Path) -> PathBuf {
     ] {
         std::fs::copy(fixture_dir().join(f), dir.join(f)).unwrap();
     }
-    let repo = PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../shared/data/bpe_simple_vocab_16e6.txt.gz"
-    ));
-    let gz = if repo.exists() {
-        repo
-    } else {
-        "/work/shared/data/bpe_simple_vocab_16e6.txt.gz".into()
-    };
+    let gz = common::shared_data("bpe_simple_vocab_16e6.txt.gz");
     std::fs::copy(gz, dir.join("bpe_simple_vocab_16e6.txt.gz")).unwrap();
     dir
 }

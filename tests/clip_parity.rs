@@ -16,15 +16,6 @@ fn fixture_dir() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/clip"))
 }
 
-fn shared_file(name: &str) -> PathBuf {
-    let in_repo = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data")).join(name);
-    if in_repo.exists() {
-        in_repo
-    } else {
-        PathBuf::from("/work/shared/data").join(name)
-    }
-}
-
 fn reference() -> HashMap<String, Tensor> {
     candle_core::safetensors::load(fixture_dir().join("reference.safetensors"), &Device::Cpu)
         .unwrap()
@@ -54,7 +45,8 @@ fn ids(t: &Tensor) -> Vec<Vec<u32>> {
 
 #[test]
 fn tokenizer_from_bpe_gz_matches_transformers_at_77_and_20() {
-    let tok = ClipTokenizer::from_bpe_gz(&shared_file("bpe_simple_vocab_16e6.txt.gz")).unwrap();
+    let tok =
+        ClipTokenizer::from_bpe_gz(&common::shared_data("bpe_simple_vocab_16e6.txt.gz")).unwrap();
     assert_eq!(tok.vocab_size(), 49408);
     let r = reference();
     let texts = texts();
@@ -64,7 +56,8 @@ fn tokenizer_from_bpe_gz_matches_transformers_at_77_and_20() {
 
 #[test]
 fn tokenizer_mask_marks_real_tokens() {
-    let tok = ClipTokenizer::from_bpe_gz(&shared_file("bpe_simple_vocab_16e6.txt.gz")).unwrap();
+    let tok =
+        ClipTokenizer::from_bpe_gz(&common::shared_data("bpe_simple_vocab_16e6.txt.gz")).unwrap();
     let enc = tok.encode_with_mask(&["a cat".to_string()], 6).unwrap();
     assert_eq!(enc.mask, vec![vec![1, 1, 1, 1, 0, 0]]);
     assert_eq!(enc.ids[0][3], tok.end_id());
@@ -87,7 +80,7 @@ fn tokenizer_missing_files_are_named() {
 fn teacher() -> ClipTeacher {
     ClipTeacher {
         model: ClipModel::load(&fixture_dir(), &Device::Cpu).unwrap(),
-        tokenizer: ClipTokenizer::from_bpe_gz(&shared_file("bpe_simple_vocab_16e6.txt.gz"))
+        tokenizer: ClipTokenizer::from_bpe_gz(&common::shared_data("bpe_simple_vocab_16e6.txt.gz"))
             .unwrap(),
     }
 }

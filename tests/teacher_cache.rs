@@ -19,15 +19,7 @@ fn fixture_dir() -> PathBuf {
 }
 
 fn teacher() -> ClipTeacher {
-    let repo = PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../shared/data/bpe_simple_vocab_16e6.txt.gz"
-    ));
-    let gz = if repo.exists() {
-        repo
-    } else {
-        "/work/shared/data/bpe_simple_vocab_16e6.txt.gz".into()
-    };
+    let gz = common::shared_data("bpe_simple_vocab_16e6.txt.gz");
     ClipTeacher {
         model: ClipModel::load(&fixture_dir(), &Device::Cpu).unwrap(),
         tokenizer: ClipTokenizer::from_bpe_gz(&gz).unwrap(),

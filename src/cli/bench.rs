@@ -1,5 +1,6 @@
 //! `spikeclip bench`: the benchmark cases, timed by [`crate::bench`].
 
+mod child;
 mod kernels;
 mod model;
 
@@ -26,11 +27,13 @@ use crate::train::rng::Rng;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Run only this case (default: all). Cases: lif_fwd_bwd, world_batch, adam_step,
-    /// clip_b16_images, clip_b16_texts, cache_read, the kernels' (conv_*, spike_*, dense_*)
-    /// and the full paper model's (img_*, txt_*, sparse_sweep); an unknown name lists them all.
-    #[arg(long)]
-    case: Option<String>,
+    /// Run only these cases, comma-separated (default: all; several run each in a child
+    /// process, so each one's peak RSS is its own). Cases: lif_fwd_bwd, world_batch,
+    /// adam_step, clip_b16_images, clip_b16_texts, cache_read, the kernels' (conv_*, spike_*,
+    /// dense_*) and the full paper model's (img_*, txt_*, sparse_sweep); an unknown name lists
+    /// them all.
+    #[arg(long, value_delimiter = ',')]
+    case: Vec<String>,
     /// Also write the results as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -71,18 +74,22 @@ fn all_cases() -> impl Iterator<Item = (&'static Case, Budget)> {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let selected: Vec<_> = match &args.case {
-        Some(name) => match all_cases().find(|((n, _), _)| n == name) {
-            Some(case) => vec![case],
-            None => bail!(
-                "unknown bench case {name:?}; cases: {}",
-                all_cases()
-                    .map(|((n, _), _)| *n)
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        },
-        None => all_cases().collect(),
+    let selected: Vec<_> = if args.case.is_empty() {
+        all_cases().collect()
+    } else {
+        args.case
+            .iter()
+            .map(|name| match all_cases().find(|((n, _), _)| n == name) {
+                Some(case) => Ok(case),
+                None => bail!(
+                    "unknown bench case {name:?}; cases: {}",
+                    all_cases()
+                        .map(|((n, _), _)| *n)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            })
+            .collect::<anyhow::Result<_>>()?
     };
     println!(
         "{:<20} {:>11} {:>11} {:>11} {:>12} {:>12}  (threads: {})",
@@ -94,13 +101,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "items_per_s",
         rayon::current_num_threads()
     );
+    let in_children = selected.len() > 1;
     let mut results = serde_json::Map::new();
     for ((name, case), default) in selected {
-        let budget = Budget {
-            warmup: args.warmup.unwrap_or(default.warmup),
-            iters: args.iters.unwrap_or(default.iters).max(1),
+        let r = if in_children {
+            child::run_case(name, args.iters, args.warmup)?
+        } else {
+            let budget = Budget {
+                warmup: args.warmup.unwrap_or(default.warmup),
+                iters: args.iters.unwrap_or(default.iters).max(1),
+            };
+            case(budget).with_context(|| format!("bench case {name}"))?
         };
-        let r = case(budget).with_context(|| format!("bench case {name}"))?;
         let throughput = r
             .throughput_per_s
             .map_or(String::new(), |t| format!("{t:.1}"));

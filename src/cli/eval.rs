@@ -13,9 +13,11 @@ use crate::data::prompts::DatasetPrompts;
 use crate::data::world::{Split, World, WorldConfig};
 use crate::data::ImageFeatureSet;
 use crate::eval::zeroshot::{class_embeddings, TopK};
+use crate::progress::Progress;
 use crate::recipe::classifier::LoadedStudent;
 use crate::recipe::dead_features::{warn_each, PROBE_SIZE};
-use crate::recipe::{teacher_zero_shot, zero_shot, Student};
+use crate::recipe::stages::zero_shot_with_progress;
+use crate::recipe::{teacher_zero_shot, Student};
 use crate::teacher::clip::ClipTeacher;
 use crate::teacher::{ModelSpec, TextTeacher};
 
@@ -63,6 +65,19 @@ fn warn_if_dead(
     Ok(())
 }
 
+/// The student's zero-shot scores on `set`, with progress shown.
+fn student_zero_shot(
+    student: &dyn Student,
+    set: &dyn ImageFeatureSet,
+    classes: &Tensor,
+    name: &str,
+) -> anyhow::Result<TopK> {
+    let mut progress = Progress::new(format!("eval {name}"), set.len(), true);
+    let acc = zero_shot_with_progress(student, set, classes, &Device::Cpu, &mut progress)?;
+    progress.finish();
+    Ok(acc)
+}
+
 fn row(name: &str, acc: &TopK) -> serde_json::Value {
     println!(
         "{name:<28} top-1 {:6.2}%  top-5 {:6.2}%  ({} images)",
@@ -99,7 +114,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             let set = world.images(split);
             rows.push(row(
                 &format!("student {name}"),
-                &zero_shot(student, &set, &classes, &dev)?,
+                &student_zero_shot(student, &set, &classes, name)?,
             ));
             rows.push(row(
                 &format!("teacher {name}"),
@@ -111,7 +126,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let prompts = args.prompts.for_images(&set, "evaluating")?;
         let classes = loaded.class_embeddings(&prompts, &dev)?;
         warn_if_dead(&loaded, student, &set, &prompts, &classes)?;
-        rows.push(row("student", &zero_shot(student, &set, &classes, &dev)?));
+        let acc = student_zero_shot(student, &set, &classes, "images")?;
+        rows.push(row("student", &acc));
         if let Some(spec) = &args.teacher {
             let ModelSpec::Clip(tdir) = ModelSpec::parse(spec)?;
             let clip = ClipTeacher::load(&tdir, &dev)?;

@@ -24,13 +24,10 @@ impl PromptFileArgs {
             return Ok(None);
         };
         let set = PromptSet::from_file(file)?;
-        let prompts = set.datasets.get(name).cloned().with_context(|| {
-            format!(
-                "{}: no dataset {name:?} in the prompts file",
-                file.display()
-            )
-        })?;
-        Ok(Some(prompts))
+        let (_, prompts) = set
+            .find(name)
+            .with_context(|| format!("{}: --prompt-set {name:?}", file.display()))?;
+        Ok(Some(prompts.clone()))
     }
 
     /// The prompts labelling a cached image set: required, with one class per label.

@@ -12,13 +12,13 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use half::f16;
-use indicatif::{ProgressBar, ProgressStyle};
 use memmap2::Mmap;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::sources::ImageSource;
 use super::{ImageBatch, ImageFeatureSet, TextBatch, TextFeatureSet};
+use crate::progress::Progress;
 use crate::teacher::preprocess::{self, Preprocessor, STUDENT_SIZE};
 use crate::teacher::{ImageTeacher, TextTeacher, Tokenize};
 use crate::train::checkpoint::write_atomic_with;
@@ -89,25 +89,17 @@ fn run_shards(
         })?;
     }
     let n_shards = total.div_ceil(opts.shard_rows);
-    let bar = if opts.progress {
-        ProgressBar::new(total as u64)
-    } else {
-        ProgressBar::hidden()
-    };
-    bar.set_style(ProgressStyle::with_template(
-        "{prefix} [{bar:30}] {pos}/{len} {per_sec} ETA {eta}",
-    )?);
-    bar.set_prefix(out.display().to_string());
+    let mut bar = Progress::new(out.display().to_string(), total, opts.progress);
     let mut shards = Vec::with_capacity(n_shards);
     for s in 0..n_shards {
         let range = s * opts.shard_rows..((s + 1) * opts.shard_rows).min(total);
         let file = format!("shard-{s:05}.safetensors");
         let path = out.join(&file);
         let rows = if path.exists() {
-            bar.inc(range.len() as u64);
+            bar.inc(range.len());
             shard_rows(&path)?
         } else {
-            let len = range.len() as u64;
+            let len = range.len();
             let tensors = make(range)?;
             let rows = tensors
                 .get("teacher")

@@ -89,16 +89,39 @@ impl PromptSet {
         Ok(Self { datasets })
     }
 
-    /// Keeps the named datasets; an unknown name is an error listing the known ones.
+    /// The dataset called `name`, with its name as the file spells it: the exact name, or
+    /// else the one name equal to it ignoring case (a file may say `CIFAR10` where a dataset's
+    /// kind is `cifar10`). No match, or several, is an error listing the candidates.
+    pub fn find(&self, name: &str) -> Result<(&str, &DatasetPrompts)> {
+        if let Some((k, d)) = self.datasets.get_key_value(name) {
+            return Ok((k, d));
+        }
+        let matches: Vec<(&String, &DatasetPrompts)> = self
+            .datasets
+            .iter()
+            .filter(|(k, _)| k.to_lowercase() == name.to_lowercase())
+            .collect();
+        match matches[..] {
+            [(k, d)] => Ok((k, d)),
+            [] => bail!(
+                "no prompts for dataset {name:?}; known: {:?}",
+                self.datasets.keys().collect::<Vec<_>>()
+            ),
+            _ => bail!(
+                "dataset {name:?} is ambiguous: the prompts file has {:?}, which differ only in \
+                 case; give one of them exactly",
+                matches.iter().map(|(k, _)| k).collect::<Vec<_>>()
+            ),
+        }
+    }
+
+    /// Keeps the named datasets (found as [`Self::find`] finds them).
     pub fn select(&self, names: &[String]) -> Result<Self> {
         let datasets = names
             .iter()
-            .map(|n| match self.datasets.get(n) {
-                Some(d) => Ok((n.clone(), d.clone())),
-                None => bail!(
-                    "no prompts for dataset {n:?}; known: {:?}",
-                    self.datasets.keys().collect::<Vec<_>>()
-                ),
+            .map(|n| {
+                let (name, d) = self.find(n)?;
+                Ok((name.to_string(), d.clone()))
             })
             .collect::<Result<_>>()?;
         Ok(Self { datasets })
@@ -153,6 +176,29 @@ mod tests {
     }
 
     #[test]
+    fn names_match_ignoring_case_unless_ambiguous() {
+        let (_d, path) = write(
+            r#"{"datasets": {"CIFAR10": {"classes": ["cat"], "templates": ["{}"]},
+                             "stl10": {"classes": ["dog"], "templates": ["{}"]},
+                             "Stl10": {"classes": ["ship"], "templates": ["{}"]}}}"#,
+        );
+        let set = PromptSet::from_file(&path).unwrap();
+        assert_eq!(set.find("cifar10").unwrap().0, "CIFAR10");
+        assert_eq!(set.find("Cifar10").unwrap().1.classes, [["cat"]]);
+        // An exact name is never ambiguous; a name matching two only ignoring case is.
+        assert_eq!(set.find("Stl10").unwrap().1.classes, [["ship"]]);
+        let err = set.find("STL10").unwrap_err().to_string();
+        assert!(
+            err.contains("ambiguous") && err.contains("\"Stl10\"") && err.contains("\"stl10\""),
+            "{err}"
+        );
+        let err = set.find("mnist").unwrap_err().to_string();
+        assert!(err.contains("known") && err.contains("CIFAR10"), "{err}");
+        let picked = set.select(&["cifar10".into()]).unwrap();
+        assert_eq!(picked.datasets.keys().collect::<Vec<_>>(), ["CIFAR10"]);
+    }
+
+    #[test]
     fn malformed_files_are_named() {
         let (_d, path) =
             write(r#"{"datasets": {"a": {"classes": ["cat"], "templates": ["no slot"]}}}"#);
@@ -168,16 +214,7 @@ mod tests {
 
     #[test]
     fn shared_prompt_file_dtext_size() {
-        let repo = std::path::PathBuf::from(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../shared/data/clip_prompts.json"
-        ));
-        let path = if repo.exists() {
-            repo
-        } else {
-            "/work/shared/data/clip_prompts.json".into()
-        };
-        let set = PromptSet::from_file(&path).unwrap();
+        let set = PromptSet::from_file(&crate::shared_test_data("clip_prompts.json")).unwrap();
         assert_eq!(set.datasets.len(), 27);
         // The paper reports 115,708; this file deduplicated across datasets gives 114,341.
         assert_eq!(set.dtext().len(), 114_341);

@@ -25,6 +25,7 @@ use crate::eval::zeroshot::class_embeddings;
 use crate::model::checkpoint::{self, ModelCard, ModelKind, TokenizerSpec};
 use crate::model::config::SpikeClipConfig;
 use crate::model::text::copy_clip_embeddings;
+use crate::progress::Progress;
 use crate::recipe::{
     distill_image, distill_text, finetune, student_class_embeddings, teacher_zero_shot, zero_shot,
     FinetuneTargets, Student,
@@ -100,10 +101,9 @@ fn open_set(
     (name, dir): &(String, PathBuf),
 ) -> anyhow::Result<EvalSet> {
     let prompts = file
-        .datasets
-        .get(name)
-        .cloned()
-        .with_context(|| format!("{}: no dataset {name:?}", cfg.prompts.display()))?;
+        .find(name)
+        .map(|(_, d)| d.clone())
+        .with_context(|| format!("{}: dataset {name:?}", cfg.prompts.display()))?;
     let images = Cache::open_images(dir)?;
     let classes = images.class_names().len();
     if classes != prompts.classes.len() {
@@ -268,6 +268,7 @@ pub fn run_real_data(
     };
     let mut tables = Vec::new();
     let mut chosen = Vec::new();
+    let mut steps = Progress::steps("reproduce", only.len(), progress);
     for &e in only {
         tables.push(match (e, ablations.as_mut()) {
             (Experiment::Table8, _) => scorer.table8(&evals)?,
@@ -276,7 +277,10 @@ pub fn run_real_data(
             (Experiment::Table4, Some(a)) => a.table4()?,
             _ => unreachable!("checked above: {} needs --finetune", e.id()),
         });
+        steps.set_message(format!("{} done", e.id()));
+        steps.inc(1);
     }
+    steps.finish();
     let report = Report {
         data: format!(
             "CLIP {} as teacher; pre-training cache {}; evaluation on {}",

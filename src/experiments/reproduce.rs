@@ -18,6 +18,7 @@ use crate::data::world::{Split, World, WorldConfig};
 use crate::data::ImageFeatureSet;
 use crate::model::config::{ReadoutKind, TextEncoderKind};
 use crate::plot::{line_plot, Labels, Series};
+use crate::progress::Progress;
 use crate::recipe::demo::DemoConfig;
 
 /// The experiments, named as `--only` takes them.
@@ -518,6 +519,7 @@ pub fn run_reproduce(
     };
     let mut tables = Vec::new();
     let mut chosen = Vec::new();
+    let mut steps = Progress::steps("reproduce", only.len(), progress);
     for &e in only {
         let table = match e {
             Experiment::Table2 => suite.table2(&mut chosen)?,
@@ -529,7 +531,10 @@ pub fn run_reproduce(
             Experiment::Figure6 => suite.figure6()?,
         };
         tables.push(table);
+        steps.set_message(format!("{} done", e.id()));
+        steps.inc(1);
     }
+    steps.finish();
     let report = Report {
         data: "the built-in world (6 colours x 4 shapes, analytic teacher)".into(),
         claims: super::claims::judge(&tables),

@@ -106,6 +106,12 @@ pub fn save(dir: &Path, student: &dyn Student, card: &ModelCard) -> anyhow::Resu
 /// Loads a checkpoint: a directory holding `model.safetensors`, or any safetensors file whose
 /// directory holds `model.json`.
 pub fn load(path: &Path, device: &Device) -> anyhow::Result<(Box<dyn Student>, ModelCard)> {
+    if !path.exists() {
+        bail!(
+            "checkpoint {}: no such directory or weights file (it does not exist)",
+            path.display()
+        );
+    }
     let weights = if path.is_dir() {
         path.join(WEIGHTS)
     } else {

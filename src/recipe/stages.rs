@@ -6,6 +6,7 @@ use super::student::{trainable, Student};
 use crate::data::prompts::DatasetPrompts;
 use crate::data::{ImageFeatureSet, TextFeatureSet};
 use crate::eval::zeroshot::{class_embeddings, TopK};
+use crate::progress::Progress;
 use crate::teacher::Tokenize;
 use crate::train::loss::{cosine_distillation, cosine_logits, dual_loss, DualLossConfig};
 use crate::train::stage::{StageOutcome, StageRun};
@@ -139,7 +140,18 @@ pub fn zero_shot(
     classes: &Tensor,
     device: &Device,
 ) -> anyhow::Result<TopK> {
-    score_batches(data, device, |batch| {
+    zero_shot_with_progress(student, data, classes, device, &mut Progress::hidden())
+}
+
+/// [`zero_shot`], counting the images scored on `progress`.
+pub fn zero_shot_with_progress(
+    student: &dyn Student,
+    data: &dyn ImageFeatureSet,
+    classes: &Tensor,
+    device: &Device,
+    progress: &mut Progress,
+) -> anyhow::Result<TopK> {
+    score_batches(data, device, progress, |batch| {
         let feats = student.image_features(&batch.inputs, false)?;
         Ok(cosine_logits(&feats, classes, None)?)
     })
@@ -152,7 +164,7 @@ pub fn teacher_zero_shot(
     classes: &Tensor,
     device: &Device,
 ) -> anyhow::Result<TopK> {
-    score_batches(data, device, |batch| {
+    score_batches(data, device, &mut Progress::hidden(), |batch| {
         Ok(cosine_logits(&batch.teacher, classes, None)?)
     })
 }
@@ -160,6 +172,7 @@ pub fn teacher_zero_shot(
 fn score_batches(
     data: &dyn ImageFeatureSet,
     device: &Device,
+    progress: &mut Progress,
     mut logits: impl FnMut(&crate::data::ImageBatch) -> anyhow::Result<Tensor>,
 ) -> anyhow::Result<TopK> {
     let mut acc = TopK::default();
@@ -167,6 +180,7 @@ fn score_batches(
     for idx in all.chunks(EVAL_BATCH) {
         let batch = data.batch(idx, device)?;
         acc = acc.merge(TopK::from_logits(&logits(&batch)?, &batch.labels)?);
+        progress.inc(idx.len());
     }
     Ok(acc)
 }

@@ -256,13 +256,7 @@ mod tests {
     use super::*;
 
     fn openai_gz() -> std::path::PathBuf {
-        let repo =
-            Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data")).join(OPENAI_BPE_FILE);
-        if repo.exists() {
-            repo
-        } else {
-            Path::new("/work/shared/data").join(OPENAI_BPE_FILE)
-        }
+        crate::shared_test_data(OPENAI_BPE_FILE)
     }
 
     /// The Hugging Face file layouts load to the same tokenizer as OpenAI's merges file

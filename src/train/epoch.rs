@@ -3,9 +3,8 @@
 
 use std::time::Instant;
 
-use indicatif::{ProgressBar, ProgressStyle};
-
 use super::rng::Rng;
+use crate::progress::Progress;
 
 /// What an epoch did, for logs and metrics.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -17,8 +16,8 @@ pub struct EpochSummary {
 }
 
 /// Shuffles `0..len` with `rng` and calls `step` on consecutive batches of at most
-/// `batch_size` indices (the last one may be shorter), showing loss and throughput on a
-/// progress bar labelled `label` (hidden when `show` is false, as in tests).
+/// `batch_size` indices (the last one may be shorter), showing loss, rate and ETA as
+/// [`Progress`] labelled `label` (hidden when `show` is false, as in tests).
 pub fn run_epoch(
     len: usize,
     batch_size: usize,
@@ -30,27 +29,17 @@ pub fn run_epoch(
     anyhow::ensure!(batch_size > 0, "batch size must be positive");
     let mut order: Vec<usize> = (0..len).collect();
     rng.shuffle(&mut order);
-    let bar = if show {
-        ProgressBar::new(len as u64)
-    } else {
-        ProgressBar::hidden()
-    };
-    bar.set_style(
-        ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg}")?
-            .progress_chars("=> "),
-    );
-    bar.set_prefix(label.to_string());
+    let mut bar = Progress::new(label, len, show);
     let start = Instant::now();
     let (mut total, mut batches) = (0.0f64, 0usize);
     for chunk in order.chunks(batch_size) {
         let loss = step(chunk)?;
         total += loss as f64;
         batches += 1;
-        bar.inc(chunk.len() as u64);
-        let rate = bar.position() as f64 / start.elapsed().as_secs_f64().max(1e-9);
-        bar.set_message(format!("loss {loss:.4} | {rate:.0} items/s"));
+        bar.set_message(format!("loss {loss:.4}"));
+        bar.inc(chunk.len());
     }
-    bar.finish_and_clear();
+    bar.finish();
     Ok(EpochSummary {
         mean_loss: if batches == 0 {
             f64::NAN

@@ -3,7 +3,24 @@
 // Every test binary compiles this module and uses only part of it.
 #![allow(dead_code)]
 
+use std::path::PathBuf;
+
 use candle_core::Tensor;
+
+/// A file of the shared read-only data, `../shared/data/NAME` beside the repository root (the
+/// manifest's directory); a missing file fails the test with a message naming it.
+#[track_caller]
+pub fn shared_data(name: &str) -> PathBuf {
+    let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data"));
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "missing shared test data {}: the tests need ../shared/data/{name} beside the \
+         repository root (CLIP's bpe_simple_vocab_16e6.txt.gz and clip_prompts.json)",
+        path.display()
+    );
+    path
+}
 
 /// Fails the test with the command's stderr unless it exited successfully.
 #[track_caller]
