@@ -6,6 +6,11 @@ MultiStepLIFNode (backend torch), at a small size, randomises the BatchNorm stat
 writes, under tests/fixtures/encoders/:
   image.pth       plain state_dict with a DDP `module.` prefix
   text.pth.tar    {"state_dict": ..., "epoch": 3}
+  the same weights as the other forms a checkpoint of theirs takes, for `spikeclip import`:
+  image_plain.pth          plain state_dict, no prefix
+  image_wrapped.pth.tar    {"state_dict": `module.`-prefixed, "epoch": 3}
+  text_transformers.pth    plain state_dict with the `clip_embedding.position_ids` buffer that
+                           transformers 4.30's CLIPTextEmbeddings registers (an expanded arange)
   config.json     the matching SpikeClipConfig
   io.safetensors  inputs, eval-mode features and per-layer, per-step spike counts
   maxpool.safetensors  nn.MaxPool2d(3, 2, 1) output and input gradient
@@ -24,7 +29,7 @@ CFG = {
     "time_steps": 4,
     "embed_dim": 16,
     "readout": "tdw",
-    "image": {"in_channels": 3, "image_size": 16, "embed_dim": 32, "heads": 4,
+    "image": {"in_channels": 3, "image_size": 32, "embed_dim": 32, "heads": 4,
               "mlp_ratio": 4, "depth": 1, "attn_scale": 0.125},
     "text": {"kind": "mlp", "vocab_size": 30, "context_length": 20, "position_slots": 24,
              "width": 4, "hidden": 32},
@@ -194,7 +199,8 @@ def main():
         text.weights_tensor.add_(0.1)
         text.fc1.weight.mul_(6.0)
         image.weights_tensor.add_(-0.1)
-        px = torch.randn(2, 3, 16, 16, generator=gen) * 2.0
+        side = CFG["image"]["image_size"]
+        px = torch.randn(2, 3, side, side, generator=gen) * 2.0
         ids = torch.randint(0, CFG["text"]["vocab_size"], (2, 20), generator=gen)
         COUNTS.clear()
         img = image(px)
@@ -204,6 +210,13 @@ def main():
         text_counts = {f"text_spikes.{k}": v.clone() for k, v in COUNTS.items()}
     torch.save({f"module.{k}": v for k, v in image.state_dict().items()}, OUT / "image.pth")
     torch.save({"state_dict": text.state_dict(), "epoch": 3}, OUT / "text.pth.tar")
+    torch.save(image.state_dict(), OUT / "image_plain.pth")
+    torch.save({"state_dict": {f"module.{k}": v for k, v in image.state_dict().items()},
+                "epoch": 3}, OUT / "image_wrapped.pth.tar")
+    slots = CFG["text"]["position_slots"]
+    torch.save({**text.state_dict(),
+                "clip_embedding.position_ids": torch.arange(slots).expand((1, -1))},
+               OUT / "text_transformers.pth")
     (OUT / "config.json").write_text(json.dumps(CFG, indent=1))
     tensors = {"pixels": px, "ids": ids.to(torch.int64), "image_features": img,
                "text_features": txt, **image_counts, **text_counts}

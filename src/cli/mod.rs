@@ -7,6 +7,7 @@ mod demo;
 mod embed;
 mod energy;
 mod eval;
+mod import;
 mod info;
 mod prompt_args;
 mod reproduce;
@@ -49,6 +50,8 @@ enum Command {
     Cache(cache::Args),
     /// Write a model's text and image features to a safetensors file.
     Embed(embed::Args),
+    /// Turn the SpikeCLIP authors' PyTorch checkpoints into a checkpoint directory.
+    Import(import::Args),
     /// Write sample images of the built-in world with their captions.
     World(world::Args),
     /// Print a preset's configuration (with overrides) and both encoders' layer tables.
@@ -77,6 +80,7 @@ pub fn main() -> ExitCode {
         Command::Reproduce(args) => reproduce::run(args),
         Command::Cache(args) => cache::run(args),
         Command::Embed(args) => embed::run(args),
+        Command::Import(args) => import::run(args),
         Command::World(args) => world::run(args),
         Command::Info(args) => info::run(args),
     };

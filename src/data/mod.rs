@@ -7,6 +7,7 @@
 pub mod cache;
 pub mod prompts;
 pub mod sources;
+pub mod student_inputs;
 pub mod world;
 
 use candle_core::{Device, Tensor};

@@ -1,17 +1,25 @@
 //! Import of the SpikeCLIP authors' PyTorch checkpoints (`.pth` / `.pth.tar`, a plain
 //! state_dict or one under `state_dict`, with or without DDP's `module.` prefix). Their names
 //! are ours; only the 1x1 convolutions (stored `[Cout, Cin, 1(, 1)]`, ours are matmuls
-//! `[Cout, Cin]`) and BatchNorm's `num_batches_tracked` (unused here) differ.
+//! `[Cout, Cin]`) and two buffers differ: BatchNorm's `num_batches_tracked` and the
+//! `clip_embedding.position_ids` that transformers 4.30's CLIP embeddings carry, both unused here.
 
 use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::Context;
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
 
 use super::checkpoint::assign;
+use super::config::SpikeClipConfig;
+use super::SpikeClip;
+use crate::recipe::Student;
 use crate::train::checkpoint::named_vars;
+
+/// Buffers of the authors' modules that hold no learnt value: BatchNorm's step counter and the
+/// `arange` of position ids that transformers' CLIP embeddings register.
+const IGNORED_BUFFERS: [&str; 2] = ["num_batches_tracked", "position_ids"];
 
 /// Reads every tensor of a PyTorch zip checkpoint, looking under `state_dict` when the top
 /// level holds no tensors.
@@ -39,7 +47,10 @@ pub fn load_pth(path: &Path, varmap: &VarMap, prefix: &str) -> anyhow::Result<()
     let mut tensors = HashMap::new();
     for (name, t) in read_state_dict(path)? {
         let name = name.strip_prefix("module.").unwrap_or(&name);
-        if name.ends_with(".num_batches_tracked") {
+        if IGNORED_BUFFERS
+            .iter()
+            .any(|b| name.rsplit('.').next() == Some(b))
+        {
             continue;
         }
         let ours = format!("{prefix}{name}");
@@ -59,5 +70,24 @@ fn pointwise_squeeze(dims: &[usize]) -> &[usize] {
     match dims {
         [_, _, rest @ ..] if !rest.is_empty() && rest.iter().all(|&d| d == 1) => &dims[..2],
         _ => dims,
+    }
+}
+
+/// SpikeCLIP with the authors' image encoder from `image` and, when given, their text encoder
+/// from `text`; without it the text encoder keeps the fresh weights `seed` draws. When both files
+/// have problems, the one error lists those of both.
+pub fn import_spikeclip(
+    config: &SpikeClipConfig,
+    image: &Path,
+    text: Option<&Path>,
+    seed: u64,
+) -> anyhow::Result<SpikeClip> {
+    let model = SpikeClip::new(config, seed, &Device::Cpu)?;
+    let image = load_pth(image, model.varmap(), "image.");
+    let text = text.map_or(Ok(()), |t| load_pth(t, model.varmap(), "text."));
+    match (image, text) {
+        (Ok(()), Ok(())) => Ok(model),
+        (Err(e), Ok(())) | (Ok(()), Err(e)) => Err(e),
+        (Err(i), Err(t)) => anyhow::bail!("{i:#}\n{t:#}"),
     }
 }
