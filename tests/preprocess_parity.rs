@@ -97,18 +97,11 @@ fn our_pixel_values(pre: &Preprocessor) -> Tensor {
 #[test]
 fn pixel_values_within_one_8_bit_step() {
     let pre = clip_preprocessor();
-    let diff = (our_pixel_values(&pre) - reference_pixel_values(&pre)).unwrap();
+    let (ours, theirs) = (our_pixel_values(&pre), reference_pixel_values(&pre));
     for c in 0..3 {
         let step = 1.0 / 255.0 / pre.image_std[c];
-        let worst: f32 = diff
-            .get_on_dim(1, c)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let channel = |t: &Tensor| t.get_on_dim(1, c).unwrap();
+        let worst = max_abs_diff(&channel(&ours), &channel(&theirs));
         assert!(
             worst <= step,
             "channel {c}: off by {worst} > one step {step}"
