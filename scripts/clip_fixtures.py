@@ -80,6 +80,8 @@ def main():
     save_file({k: v.half().contiguous() for k, v in model.state_dict().items() if "position_ids" not in k},
               os.path.join(OUT, "model.safetensors"))
 
+    # transformers 5's CLIPImageProcessor is its torchvision backend; the PIL backend's
+    # preprocessing references are scripts/preprocess_fixtures.py's.
     proc = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     proc.save_pretrained(OUT)
     # Smooth images: resampling filters differ in detail, and noise would only measure that.

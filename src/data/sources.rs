@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, ensure, Context, Result};
 use image::RgbImage;
 
+use crate::teacher::preprocess::convert_rgb;
 use crate::train::rng::Rng;
 
 /// A labelled image collection; decoding may fail per item (a corrupt file in a folder).
@@ -364,11 +365,12 @@ impl ImageSource for ImageFolder {
     fn label(&self, index: usize) -> u32 {
         self.items[index].1
     }
+    /// Transparency over white, as CLIP's processor sees the file.
     fn image(&self, index: usize) -> Result<RgbImage> {
         let path = &self.items[index].0;
-        Ok(image::open(path)
-            .with_context(|| format!("{}: unreadable image", path.display()))?
-            .to_rgb8())
+        Ok(convert_rgb(&image::open(path).with_context(|| {
+            format!("{}: unreadable image", path.display())
+        })?))
     }
 }
 
@@ -464,5 +466,22 @@ mod tests {
             .position(|(p, _)| p.ends_with("broken.jpg"))
             .unwrap();
         assert!(format!("{:#}", all.image(broken).err().unwrap()).contains("broken.jpg"));
+    }
+
+    #[test]
+    fn folder_images_composite_transparency_over_white() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("a")).unwrap();
+        image::RgbaImage::from_fn(2, 1, |x, _| image::Rgba([0, 0, 0, [0, 255][x as usize]]))
+            .save(dir.path().join("a").join("0.png"))
+            .unwrap();
+        let img = ImageFolder::open(dir.path(), Split::Train, 0.0, 0)
+            .unwrap()
+            .image(0)
+            .unwrap();
+        assert_eq!(
+            (img.get_pixel(0, 0).0, img.get_pixel(1, 0).0),
+            ([255; 3], [0; 3])
+        );
     }
 }

@@ -4,6 +4,7 @@
 use candle_core::Tensor;
 
 pub mod clip;
+mod pil_bicubic;
 pub mod preprocess;
 pub mod tokenizer;
 
