@@ -261,6 +261,9 @@ fn a_tokenizer_larger_than_the_text_vocabulary_is_refused() {
     );
 }
 
+/// A flag, the tensors of the file it is given, and the error expected.
+type BadInput<'a> = (&'a str, Vec<(&'a str, Tensor)>, &'a str);
+
 #[test]
 fn embed_names_the_file_and_the_problem_of_bad_inputs() {
     let dir = tempfile::tempdir().unwrap();
@@ -270,7 +273,7 @@ fn embed_names_the_file_and_the_problem_of_bad_inputs() {
     let model = format!("spikeclip:{}", ckpt.display());
     let dev = Device::Cpu;
     let bad = dir.path().join("bad.safetensors");
-    let cases: [(&str, Vec<(&str, Tensor)>, &str); 5] = [
+    let cases: [BadInput; 5] = [
         (
             "--pixels",
             vec![("pixel_values", Tensor::zeros((2, 3, 16, 16), DType::F32, &dev).unwrap())],
