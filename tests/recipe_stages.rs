@@ -80,6 +80,7 @@ fn run<'a>(
         config: c,
         resume: false,
         show_progress: false,
+        observer: None,
     }
 }
 

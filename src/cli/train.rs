@@ -203,6 +203,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         config: &cfg,
         resume: args.resume,
         show_progress: true,
+        observer: None,
     };
     let s = loaded.student.as_ref();
     let outcome = match (args.stage, &world, &cache_dir) {

@@ -136,6 +136,7 @@ fn stage_run<'a>(
         config,
         resume: false,
         show_progress: progress,
+        observer: None,
     };
     StageRun {
         resume: cfg.resume && run.last_path().exists(),

@@ -7,6 +7,8 @@
 pub mod classifier;
 pub mod demo;
 pub mod energy;
+pub mod health;
+pub mod seeds;
 pub mod stages;
 pub mod student;
 pub mod world_recipe;

@@ -8,6 +8,7 @@ use anyhow::Context;
 use candle_core::{Device, Tensor};
 
 use super::demo::DemoConfig;
+use super::health::HealthProbe;
 use super::stages::{distill_image, distill_text, finetune, student_class_embeddings};
 use super::{FinetuneTargets, Student};
 use crate::data::prompts::DatasetPrompts;
@@ -18,7 +19,7 @@ use crate::model::config::{ReadoutKind, SpikeClipConfig, TextEncoderKind};
 use crate::model::{ScratchClip, SpikeClip};
 use crate::teacher::TextTeacher;
 use crate::train::loss::DualLossConfig;
-use crate::train::stage::{EpochRecord, StageConfig, StageRun};
+use crate::train::stage::{EpochRecord, StageConfig, StageObserver, StageRun};
 
 /// Which student a recipe run trains.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,6 +88,7 @@ impl WorldRecipe {
         stage: &'a str,
         dir: &'a Path,
         config: &'a StageConfig,
+        probe: Option<&'a mut HealthProbe<'_>>,
     ) -> StageRun<'a> {
         StageRun {
             name: stage,
@@ -95,6 +97,20 @@ impl WorldRecipe {
             config,
             resume: false,
             show_progress: self.progress,
+            observer: probe.map(|p| p as &mut dyn StageObserver),
+        }
+    }
+
+    /// The health log's probe for `student`'s run in `dir`, when the demo asks for one.
+    fn probe<'a>(
+        &'a self,
+        student: &'a dyn Student,
+        dir: &Path,
+    ) -> anyhow::Result<Option<HealthProbe<'a>>> {
+        if self.demo.health {
+            Ok(Some(HealthProbe::new(self, student, dir)?))
+        } else {
+            Ok(None)
         }
     }
 
@@ -105,7 +121,14 @@ impl WorldRecipe {
         name: &str,
     ) -> anyhow::Result<Vec<EpochRecord>> {
         let dir = self.out.join(name);
-        let run = self.run(student, "distill_text", &dir, &self.demo.pretrain);
+        let mut probe = self.probe(student, &dir)?;
+        let run = self.run(
+            student,
+            "distill_text",
+            &dir,
+            &self.demo.pretrain,
+            probe.as_mut(),
+        );
         Ok(
             distill_text(student, &self.world.dtext(), run, &self.device, None)
                 .with_context(|| format!("{name}: text distillation"))?
@@ -121,7 +144,14 @@ impl WorldRecipe {
         name: &str,
     ) -> anyhow::Result<Vec<EpochRecord>> {
         let dir = self.out.join(name);
-        let run = self.run(student, "distill_image", &dir, &self.demo.pretrain);
+        let mut probe = self.probe(student, &dir)?;
+        let run = self.run(
+            student,
+            "distill_image",
+            &dir,
+            &self.demo.pretrain,
+            probe.as_mut(),
+        );
         Ok(distill_image(student, images, run, &self.device, None)
             .with_context(|| format!("{name}: image distillation"))?
             .epochs)
@@ -150,7 +180,14 @@ impl WorldRecipe {
             lambda,
             ..self.demo.dual_loss.clone()
         };
-        let run = self.run(student, "finetune", &dir, &self.demo.finetune);
+        let mut probe = self.probe(student, &dir)?;
+        let run = self.run(
+            student,
+            "finetune",
+            &dir,
+            &self.demo.finetune,
+            probe.as_mut(),
+        );
         let train = self.world.images(Split::Train);
         Ok(
             finetune(student, &train, &targets, &loss, run, &self.device, None)

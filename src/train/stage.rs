@@ -78,6 +78,18 @@ pub struct StageRun<'a> {
     /// Continue from `{name}_last.safetensors` instead of starting afresh.
     pub resume: bool,
     pub show_progress: bool,
+    /// Watches the training without changing it (the demo's health log); `None` for most runs.
+    pub observer: Option<&'a mut dyn StageObserver>,
+}
+
+/// Watches a stage as it trains: every step's gradients and the model after every epoch. It
+/// must leave the training as it was (no optimiser state, batch order or weights touched), so
+/// that a run with an observer follows the same path as one without.
+pub trait StageObserver {
+    /// After a step's backward pass, before the optimiser applies `grads` to `trainable`.
+    fn after_step(&mut self, grads: &Gradients, trainable: &[(String, Var)]) -> anyhow::Result<()>;
+    /// After an epoch's checkpoint is written, with the epoch's record.
+    fn after_epoch(&mut self, record: &EpochRecord) -> anyhow::Result<()>;
 }
 
 /// One line of `metrics.jsonl`.
@@ -160,6 +172,7 @@ impl StageRun<'_> {
             }
         };
         let mut log = JsonlWriter::append(&self.out_dir.join("metrics.jsonl"))?;
+        let mut observer = self.observer;
         let mut records = Vec::new();
         for epoch in state.epoch..cfg.epochs {
             let lr = schedule.lr_at(epoch);
@@ -183,6 +196,9 @@ impl StageRun<'_> {
                     })?;
                     let grads = Gradients::backward(&l, slots)?;
                     guard::all_have_gradients(&grads, &trainable)?;
+                    if let Some(o) = observer.as_mut() {
+                        o.after_step(&grads, &trainable)?;
+                    }
                     optim.step(&grads)?;
                     step += 1;
                     Ok(value)
@@ -212,6 +228,9 @@ impl StageRun<'_> {
                 items_per_s: summary.items_per_s,
             };
             log.write(&record)?;
+            if let Some(o) = observer.as_mut() {
+                o.after_epoch(&record)?;
+            }
             tracing::info!(
                 "{} epoch {}/{}: loss {:.4}{} ({:.0} items/s)",
                 self.name,
