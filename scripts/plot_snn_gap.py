@@ -1,8 +1,9 @@
 """Plots of docs/snn_gap.md from the health logs of `spikeclip demo --health` runs.
 
-Usage: /opt/refpy/bin/python scripts/plot_snn_gap.py RUNS_DIR OUT_DIR
-RUNS_DIR holds one demo output per study run (`budget-1x/`, `budget-2x/`, ..., each with
-`spikeclip/health.jsonl` and `scratchclip/health.jsonl`); OUT_DIR receives small PNGs.
+Usage: /opt/refpy/bin/python scripts/plot_snn_gap.py RUNS_DIR DETAIL_RUN OUT_DIR
+RUNS_DIR holds one demo output per budget (`budget-1x/`, `budget-2x/`, ..., each with
+`spikeclip/health.jsonl` and `scratchclip/health.jsonl`); DETAIL_RUN is the demo output whose
+firing rates, gradients and TDW weights are drawn; OUT_DIR receives small PNGs.
 """
 import json
 import pathlib
@@ -72,22 +73,27 @@ def firing(run, out):
     save(fig, out, "snn_gap_firing.png")
 
 
+def weight_ratios(run, model):
+    """Gradient RMS over weight RMS of every weight, last image-distillation epoch."""
+    rows = [r for r in health(run, model) if r["stage"] == "distill_image"]
+    last = rows[-1]["gradients"] if rows else []
+    return [(g["param"], g["grad_rms"] / max(g["weight_rms"], 1e-12))
+            for g in last if g["param"].endswith("weight")]
+
+
 def gradients(run, out):
     fig, ax = plt.subplots(figsize=(10, 3.8))
-    for (model, label), marker in zip(MODELS, ["o", "s"]):
-        rows = [r for r in health(run, model) if r["stage"] == "distill_image"]
-        if not rows:
-            continue
-        last = rows[-1]["gradients"]
-        names = [g["param"] for g in last if g["param"].endswith("weight")]
-        ratio = [g["grad_rms"] / max(g["weight_rms"], 1e-12) for g in last if g["param"].endswith("weight")]
-        ax.semilogy(range(len(names)), ratio, marker, label=label)
-        if model == "spikeclip":
-            ax.set_xticks(range(len(names)))
-            ax.set_xticklabels([n.replace("image.", "") for n in names], rotation=70, fontsize=6)
+    snn = weight_ratios(run, "spikeclip")
+    ann = [r for _, r in weight_ratios(run, "scratchclip")]
+    ax.semilogy(range(len(snn)), [r for _, r in snn], "o", label="SpikeCLIP (SNN), per weight")
+    if ann:
+        ax.axhspan(min(ann), max(ann), color="tab:orange", alpha=0.2,
+                   label="ScratchCLIP (ANN): range over its weights")
+    ax.set_xticks(range(len(snn)))
+    ax.set_xticklabels([n.replace("image.", "") for n, _ in snn], rotation=70, fontsize=6)
     ax.set_ylabel("gradient RMS / weight RMS")
     ax.set_title("gradient reaching each weight, last image-distillation epoch")
-    ax.legend()
+    ax.legend(fontsize=7)
     save(fig, out, "snn_gap_gradients.png")
 
 
@@ -107,10 +113,9 @@ def tdw(run, out):
 
 
 def main():
-    runs, out = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+    runs, detail, out = (pathlib.Path(a) for a in sys.argv[1:4])
     out.mkdir(parents=True, exist_ok=True)
     budget_curves(runs, out)
-    detail = runs / "budget-1x"
     firing(detail, out)
     gradients(detail, out)
     tdw(detail, out)

@@ -12,7 +12,7 @@ pub struct Args {
     /// Where the report, plots and checkpoints go.
     #[arg(long, default_value = "runs/demo")]
     out: PathBuf,
-    /// A small, fast run (under a minute on two cores).
+    /// A smoke test of under a minute on two cores: too short to learn the unseen pairs.
     #[arg(long)]
     quick: bool,
     /// Seeds the world, the initial weights and the batch order.

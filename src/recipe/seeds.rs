@@ -150,4 +150,62 @@ mod tests {
         assert_eq!(s.percent(), "20.0 ± 10.0");
         assert_eq!(Spread::of(vec![0.5]).sd, 0.0);
     }
+
+    fn report(seen: f64, unseen: f64) -> DemoReport {
+        use super::super::demo::{DemoConfig, ModelReport, StageScore};
+        let score = |stage: &str, s: f64, u: f64| StageScore {
+            stage: stage.to_string(),
+            seen: Default::default(),
+            unseen: Default::default(),
+            seen_top1: s,
+            unseen_top1: u,
+        };
+        let model = |s: f64, u: f64| ModelReport {
+            stages: vec![
+                score("distill_image", s / 2.0, u / 2.0),
+                score("finetune", s, u),
+            ],
+            seen_top1: s,
+            unseen_top1: u,
+            curves: Vec::new(),
+        };
+        DemoReport {
+            chance: 1.0 / 24.0,
+            teacher: score("teacher", 1.0, 1.0),
+            spikeclip: model(seen, unseen),
+            scratchclip: model(seen + 0.1, unseen),
+            energy: None,
+            config: DemoConfig::quick(0),
+        }
+    }
+
+    #[test]
+    fn summary_has_one_row_per_model_and_stage_over_the_seeds() {
+        let reports = [report(0.8, 0.1), report(0.9, 0.2)];
+        let s = summarise(&[0, 1], &reports).unwrap();
+        let stages: Vec<(&str, &str)> = s
+            .rows
+            .iter()
+            .map(|r| (r.model.as_str(), r.stage.as_str()))
+            .collect();
+        assert_eq!(
+            stages,
+            [
+                ("SpikeCLIP (SNN)", "distill_image"),
+                ("SpikeCLIP (SNN)", "finetune"),
+                ("ScratchCLIP (ANN)", "distill_image"),
+                ("ScratchCLIP (ANN)", "finetune"),
+            ]
+        );
+        assert_eq!(s.rows[1].seen_top1.values, [0.8, 0.9]);
+        assert!((s.rows[3].seen_top1.mean - 0.95).abs() < 1e-12);
+        assert!((s.rows[1].unseen_top1.mean - 0.15).abs() < 1e-12);
+        assert!(s.image_energy_reduction.is_none());
+        let md = markdown(&s);
+        assert!(
+            md.contains("| SpikeCLIP (SNN) | finetune | 85.0 ± 7.1 | 15.0 ± 7.1 |"),
+            "{md}"
+        );
+        assert!(summarise(&[0], &reports).is_err());
+    }
 }
