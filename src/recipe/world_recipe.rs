@@ -83,35 +83,26 @@ impl WorldRecipe {
     }
 
     fn run<'a>(
-        &self,
+        &'a self,
         student: &'a dyn Student,
         stage: &'a str,
         dir: &'a Path,
         config: &'a StageConfig,
-        probe: Option<&'a mut HealthProbe<'_>>,
-    ) -> StageRun<'a> {
-        StageRun {
+    ) -> anyhow::Result<StageRun<'a>> {
+        // The health log's probe, when the demo asks for one.
+        let observer = match self.demo.health {
+            true => Some(Box::new(HealthProbe::new(self, student, dir)?) as Box<dyn StageObserver>),
+            false => None,
+        };
+        Ok(StageRun {
             name: stage,
             out_dir: dir,
             varmap: student.varmap(),
             config,
             resume: false,
             show_progress: self.progress,
-            observer: probe.map(|p| p as &mut dyn StageObserver),
-        }
-    }
-
-    /// The health log's probe for `student`'s run in `dir`, when the demo asks for one.
-    fn probe<'a>(
-        &'a self,
-        student: &'a dyn Student,
-        dir: &Path,
-    ) -> anyhow::Result<Option<HealthProbe<'a>>> {
-        if self.demo.health {
-            Ok(Some(HealthProbe::new(self, student, dir)?))
-        } else {
-            Ok(None)
-        }
+            observer,
+        })
     }
 
     /// Text distillation on D-text; the per-epoch losses.
@@ -121,14 +112,7 @@ impl WorldRecipe {
         name: &str,
     ) -> anyhow::Result<Vec<EpochRecord>> {
         let dir = self.out.join(name);
-        let mut probe = self.probe(student, &dir)?;
-        let run = self.run(
-            student,
-            "distill_text",
-            &dir,
-            &self.demo.pretrain,
-            probe.as_mut(),
-        );
+        let run = self.run(student, "distill_text", &dir, &self.demo.pretrain)?;
         Ok(
             distill_text(student, &self.world.dtext(), run, &self.device, None)
                 .with_context(|| format!("{name}: text distillation"))?
@@ -144,14 +128,7 @@ impl WorldRecipe {
         name: &str,
     ) -> anyhow::Result<Vec<EpochRecord>> {
         let dir = self.out.join(name);
-        let mut probe = self.probe(student, &dir)?;
-        let run = self.run(
-            student,
-            "distill_image",
-            &dir,
-            &self.demo.pretrain,
-            probe.as_mut(),
-        );
+        let run = self.run(student, "distill_image", &dir, &self.demo.pretrain)?;
         Ok(distill_image(student, images, run, &self.device, None)
             .with_context(|| format!("{name}: image distillation"))?
             .epochs)
@@ -180,14 +157,7 @@ impl WorldRecipe {
             lambda,
             ..self.demo.dual_loss.clone()
         };
-        let mut probe = self.probe(student, &dir)?;
-        let run = self.run(
-            student,
-            "finetune",
-            &dir,
-            &self.demo.finetune,
-            probe.as_mut(),
-        );
+        let run = self.run(student, "finetune", &dir, &self.demo.finetune)?;
         let train = self.world.images(Split::Train);
         Ok(
             finetune(student, &train, &targets, &loss, run, &self.device, None)

@@ -79,7 +79,7 @@ pub struct StageRun<'a> {
     pub resume: bool,
     pub show_progress: bool,
     /// Watches the training without changing it (the demo's health log); `None` for most runs.
-    pub observer: Option<&'a mut dyn StageObserver>,
+    pub observer: Option<Box<dyn StageObserver + 'a>>,
 }
 
 /// Watches a stage as it trains: every step's gradients and the model after every epoch. It
