@@ -62,7 +62,7 @@ def firing(run, out):
     fig, ax = plt.subplots(figsize=(10, 3.8))
     for layer in layers:
         rates = [next(f["rate"] for f in r["firing"] if f["layer"] == layer) for r in rows]
-        ax.plot(along(rows), rates, label=layer)
+        ax.plot(along(rows), rates, label=layer if "." in layer else f"text.{layer}")
     for i, r in enumerate(rows[1:], 1):
         if r["stage"] != rows[i - 1]["stage"]:
             ax.axvline(i + 0.5, color="grey", lw=0.8)
