@@ -80,7 +80,7 @@ fn run<'a>(
         config: c,
         resume: false,
         show_progress: false,
-        after_epoch: None,
+        observer: None,
     }
 }
 

@@ -84,6 +84,33 @@ fn unseen_pairs_appear_only_in_text_and_the_unseen_split() {
 }
 
 #[test]
+fn validation_splits_hold_other_images_of_the_same_pairs_as_the_test_splits() {
+    let w = world(8);
+    let dev = Device::Cpu;
+    let n = w.split_len(Split::ValSeen);
+    assert_eq!(n, w.split_len(Split::TestSeen));
+    for (val, test) in [
+        (Split::ValSeen, Split::TestSeen),
+        (Split::ValUnseen, Split::TestUnseen),
+    ] {
+        assert_eq!(val.concepts(), test.concepts());
+        assert_eq!(val.classes(), test.classes());
+        let v = w.images(val).batch(&all(n), &dev).unwrap();
+        let t = w.images(test).batch(&all(n), &dev).unwrap();
+        let pixels = |b: &spikeclip::data::ImageBatch| b.inputs.flatten_from(1).unwrap();
+        let (pv, pt) = (pixels(&v), pixels(&t));
+        let rows = |p: &Tensor| p.to_vec2::<f32>().unwrap();
+        let test_rows = rows(&pt);
+        assert!(
+            rows(&pv).iter().all(|r| !test_rows.contains(r)),
+            "{val:?} repeats a {test:?} image"
+        );
+        let distinct: std::collections::BTreeSet<_> = v.labels.iter().collect();
+        assert_eq!(distinct.len(), val.concepts().len(), "{val:?}");
+    }
+}
+
+#[test]
 fn analytic_teacher_is_a_perfect_zero_shot_classifier() {
     let w = world(4);
     let prompts = &World::prompts().datasets[DATASET];

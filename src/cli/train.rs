@@ -20,7 +20,7 @@ use crate::recipe::{distill_image, distill_text, finetune, FinetuneTargets};
 use crate::teacher::clip::{ClipModel, ClipTeacher};
 use crate::teacher::{ModelSpec, TextTeacher, Tokenize};
 use crate::train::loss::DualLossConfig;
-use crate::train::stage::{StageConfig, StageRun};
+use crate::train::stage::{AfterEpoch, EpochRecord, StageConfig, StageRun};
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Stage {
@@ -210,9 +210,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         (None, None) => unreachable!("data is world or a cache"),
     };
-    let warn_if_dead = |epoch: usize| -> anyhow::Result<()> {
+    let warn_if_dead = |record: &EpochRecord| -> anyhow::Result<()> {
         for w in probe.silent_encoders(loaded.student.as_ref())? {
-            tracing::warn!("{stage_name} epoch {epoch}: {w}");
+            tracing::warn!("{stage_name} epoch {}: {w}", record.epoch);
         }
         Ok(())
     };
@@ -223,7 +223,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         config: &cfg,
         resume: args.resume,
         show_progress: true,
-        after_epoch: Some(&warn_if_dead),
+        observer: Some(Box::new(AfterEpoch(warn_if_dead))),
     };
     let s = loaded.student.as_ref();
     let outcome = match (args.stage, &world, &cache_dir) {

@@ -136,7 +136,7 @@ fn stage_run<'a>(
         config,
         resume: false,
         show_progress: progress,
-        after_epoch: None,
+        observer: None,
     };
     StageRun {
         resume: cfg.resume && run.last_path().exists(),

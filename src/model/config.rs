@@ -150,30 +150,7 @@ impl SpikeClipConfig {
     /// a dotted path (`image.depth`, `text.kind`, `readout`), VALUE is parsed as JSON and taken
     /// as a string when it is not JSON (`readout=mean`).
     pub fn with_overrides(&self, sets: &[String]) -> Result<Self> {
-        let mut json = serde_json::to_value(self)?;
-        for set in sets {
-            let (key, raw) = set
-                .split_once('=')
-                .with_context(|| format!("override {set:?}: expected KEY=VALUE"))?;
-            let value =
-                serde_json::from_str(raw).unwrap_or_else(|_| Value::String(raw.to_string()));
-            let Some(slot) = key
-                .split('.')
-                .try_fold(&mut json, |node, part| node.get_mut(part))
-            else {
-                let mut known = Vec::new();
-                leaf_paths(&serde_json::to_value(self)?, "", &mut known);
-                bail!(
-                    "override {set:?}: unknown key {key:?} (known: {})",
-                    known.join(", ")
-                );
-            };
-            let old = std::mem::replace(slot, value);
-            if let Err(e) = serde_json::from_value::<Self>(json.clone()) {
-                bail!("override {set:?}: {key} takes a value like {old}, not {raw:?} ({e})");
-            }
-        }
-        Ok(serde_json::from_value(json)?)
+        with_overrides(self, sets)
     }
 
     /// Trainable parameters of the image encoder (BN affine included, running statistics not).
@@ -209,6 +186,37 @@ impl SpikeClipConfig {
         };
         embeddings + body + self.readout.params(self.time_steps)
     }
+}
+
+/// `value` with `KEY=VALUE` overrides applied to its JSON form, in order (see
+/// [`SpikeClipConfig::with_overrides`]); any serde configuration takes them the same way.
+pub fn with_overrides<T: Serialize + serde::de::DeserializeOwned>(
+    value: &T,
+    sets: &[String],
+) -> Result<T> {
+    let mut json = serde_json::to_value(value)?;
+    for set in sets {
+        let (key, raw) = set
+            .split_once('=')
+            .with_context(|| format!("override {set:?}: expected KEY=VALUE"))?;
+        let parsed = serde_json::from_str(raw).unwrap_or_else(|_| Value::String(raw.to_string()));
+        let Some(slot) = key
+            .split('.')
+            .try_fold(&mut json, |node, part| node.get_mut(part))
+        else {
+            let mut known = Vec::new();
+            leaf_paths(&serde_json::to_value(value)?, "", &mut known);
+            bail!(
+                "override {set:?}: unknown key {key:?} (known: {})",
+                known.join(", ")
+            );
+        };
+        let old = std::mem::replace(slot, parsed);
+        if let Err(e) = serde_json::from_value::<T>(json.clone()) {
+            bail!("override {set:?}: {key} takes a value like {old}, not {raw:?} ({e})");
+        }
+    }
+    Ok(serde_json::from_value(json)?)
 }
 
 /// The dotted paths of every leaf of `v`, for error messages.

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use anyhow::Context;
 use candle_core::Device;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::energy::{measure_energy, prompt_token_ids};
 use super::stages::{teacher_zero_shot, zero_shot};
@@ -25,7 +25,7 @@ use crate::train::loss::DualLossConfig;
 use crate::train::stage::{EpochRecord, StageConfig};
 
 /// Sizes and schedules of a demo run.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DemoConfig {
     /// Both students' architecture (the text vocabulary is the world's).
     pub model: SpikeClipConfig,
@@ -35,6 +35,9 @@ pub struct DemoConfig {
     pub dual_loss: DualLossConfig,
     /// CLIP's logit scale for the teacher's class distribution in the KL term.
     pub teacher_logit_scale: f64,
+    /// Write each student's health log (`NAME/health.jsonl`, [`super::health`]).
+    #[serde(default)]
+    pub health: bool,
 }
 
 impl DemoConfig {
@@ -43,9 +46,16 @@ impl DemoConfig {
         Self::sized(seed, (1600, 400, 4000), (5, 2))
     }
 
-    /// A smoke run of under a minute, for tests.
+    /// A smoke run of under a minute, for tests: too short to learn the unseen pairs (both
+    /// students need about four times its epochs to pass twice chance on them).
     pub fn quick(seed: u64) -> Self {
         Self::sized(seed, (512, 128, 768), (4, 2))
+    }
+
+    /// This configuration with `KEY=VALUE` overrides of its JSON form (`pretrain.epochs=10`,
+    /// `finetune.amsgrad=true`, `model.image.embed_dim=64`, `world.train_images=800`).
+    pub fn with_overrides(&self, sets: &[String]) -> anyhow::Result<Self> {
+        crate::model::config::with_overrides(self, sets)
     }
 
     fn sized(seed: u64, sets: (usize, usize, usize), epochs: (usize, usize)) -> Self {
@@ -88,6 +98,7 @@ impl DemoConfig {
             pretrain,
             dual_loss: DualLossConfig::default(),
             teacher_logit_scale: 100.0,
+            health: false,
         }
     }
 }
@@ -342,4 +353,27 @@ pub fn markdown(r: &DemoReport) -> String {
         "\nTraining curves: `curves.png`; per-epoch metrics: `*/metrics.jsonl`."
     );
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overrides_reach_any_field_and_unknown_keys_are_refused() {
+        let sets = [
+            "pretrain.epochs=9",
+            "finetune.amsgrad=true",
+            "world.train_images=77",
+        ];
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        let cfg = DemoConfig::quick(0).with_overrides(&sets).unwrap();
+        assert_eq!(cfg.pretrain.epochs, 9);
+        assert!(cfg.finetune.amsgrad && !cfg.pretrain.amsgrad);
+        assert_eq!(cfg.world.train_images, 77);
+        let err = DemoConfig::quick(0)
+            .with_overrides(&["pretrain.epoch=3".to_string()])
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("pretrain.epochs"), "{err:#}");
+    }
 }

@@ -8,6 +8,8 @@ pub mod classifier;
 pub mod dead_features;
 pub mod demo;
 pub mod energy;
+pub mod health;
+pub mod seeds;
 pub mod stages;
 pub mod student;
 pub mod world_recipe;

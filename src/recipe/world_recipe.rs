@@ -8,6 +8,7 @@ use anyhow::Context;
 use candle_core::{Device, Tensor};
 
 use super::demo::DemoConfig;
+use super::health::HealthProbe;
 use super::stages::{distill_image, distill_text, finetune, student_class_embeddings};
 use super::{FinetuneTargets, Student};
 use crate::data::prompts::DatasetPrompts;
@@ -18,7 +19,7 @@ use crate::model::config::{ReadoutKind, SpikeClipConfig, TextEncoderKind};
 use crate::model::{ScratchClip, SpikeClip};
 use crate::teacher::TextTeacher;
 use crate::train::loss::DualLossConfig;
-use crate::train::stage::{EpochRecord, StageConfig, StageRun};
+use crate::train::stage::{EpochRecord, StageConfig, StageObserver, StageRun};
 
 /// Which student a recipe run trains.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,21 +83,26 @@ impl WorldRecipe {
     }
 
     fn run<'a>(
-        &self,
+        &'a self,
         student: &'a dyn Student,
         stage: &'a str,
         dir: &'a Path,
         config: &'a StageConfig,
-    ) -> StageRun<'a> {
-        StageRun {
+    ) -> anyhow::Result<StageRun<'a>> {
+        // The health log's probe, when the demo asks for one.
+        let observer = match self.demo.health {
+            true => Some(Box::new(HealthProbe::new(self, student, dir)?) as Box<dyn StageObserver>),
+            false => None,
+        };
+        Ok(StageRun {
             name: stage,
             out_dir: dir,
             varmap: student.varmap(),
             config,
             resume: false,
             show_progress: self.progress,
-            after_epoch: None,
-        }
+            observer,
+        })
     }
 
     /// Text distillation on D-text; the per-epoch losses.
@@ -106,7 +112,7 @@ impl WorldRecipe {
         name: &str,
     ) -> anyhow::Result<Vec<EpochRecord>> {
         let dir = self.out.join(name);
-        let run = self.run(student, "distill_text", &dir, &self.demo.pretrain);
+        let run = self.run(student, "distill_text", &dir, &self.demo.pretrain)?;
         Ok(
             distill_text(student, &self.world.dtext(), run, &self.device, None)
                 .with_context(|| format!("{name}: text distillation"))?
@@ -122,7 +128,7 @@ impl WorldRecipe {
         name: &str,
     ) -> anyhow::Result<Vec<EpochRecord>> {
         let dir = self.out.join(name);
-        let run = self.run(student, "distill_image", &dir, &self.demo.pretrain);
+        let run = self.run(student, "distill_image", &dir, &self.demo.pretrain)?;
         Ok(distill_image(student, images, run, &self.device, None)
             .with_context(|| format!("{name}: image distillation"))?
             .epochs)
@@ -151,7 +157,7 @@ impl WorldRecipe {
             lambda,
             ..self.demo.dual_loss.clone()
         };
-        let run = self.run(student, "finetune", &dir, &self.demo.finetune);
+        let run = self.run(student, "finetune", &dir, &self.demo.finetune)?;
         let train = self.world.images(Split::Train);
         Ok(
             finetune(student, &train, &targets, &loss, run, &self.device, None)

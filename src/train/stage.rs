@@ -78,9 +78,30 @@ pub struct StageRun<'a> {
     /// Continue from `{name}_last.safetensors` instead of starting afresh.
     pub resume: bool,
     pub show_progress: bool,
-    /// Called with the epoch number after each epoch's checkpoint and log line, e.g. to warn
-    /// about a model gone dead.
-    pub after_epoch: Option<&'a dyn Fn(usize) -> anyhow::Result<()>>,
+    /// Watches the training without changing it (the demo's health log); `None` for most runs.
+    pub observer: Option<Box<dyn StageObserver + 'a>>,
+}
+
+/// Watches a stage as it trains: every step's gradients and the model after every epoch. It
+/// must leave the training as it was (no optimiser state, batch order or weights touched), so
+/// that a run with an observer follows the same path as one without.
+pub trait StageObserver {
+    /// After a step's backward pass, before the optimiser applies `grads` to `trainable`.
+    fn after_step(&mut self, grads: &Gradients, trainable: &[(String, Var)]) -> anyhow::Result<()> {
+        let _ = (grads, trainable);
+        Ok(())
+    }
+    /// After an epoch's checkpoint is written, with the epoch's record.
+    fn after_epoch(&mut self, record: &EpochRecord) -> anyhow::Result<()>;
+}
+
+/// An observer that only looks at each finished epoch (`train`'s warning about a dead model).
+pub struct AfterEpoch<F>(pub F);
+
+impl<F: FnMut(&EpochRecord) -> anyhow::Result<()>> StageObserver for AfterEpoch<F> {
+    fn after_epoch(&mut self, record: &EpochRecord) -> anyhow::Result<()> {
+        (self.0)(record)
+    }
 }
 
 /// One line of `metrics.jsonl`.
@@ -163,6 +184,7 @@ impl StageRun<'_> {
             }
         };
         let mut log = JsonlWriter::append(&self.out_dir.join("metrics.jsonl"))?;
+        let mut observer = self.observer;
         let mut records = Vec::new();
         for epoch in state.epoch..cfg.epochs {
             let lr = schedule.lr_at(epoch);
@@ -186,6 +208,9 @@ impl StageRun<'_> {
                     })?;
                     let grads = Gradients::backward(&l, slots)?;
                     guard::all_have_gradients(&grads, &trainable)?;
+                    if let Some(o) = observer.as_mut() {
+                        o.after_step(&grads, &trainable)?;
+                    }
                     optim.step(&grads)?;
                     step += 1;
                     Ok(value)
@@ -215,6 +240,9 @@ impl StageRun<'_> {
                 items_per_s: summary.items_per_s,
             };
             log.write(&record)?;
+            if let Some(o) = observer.as_mut() {
+                o.after_epoch(&record)?;
+            }
             tracing::info!(
                 "{} epoch {}/{}: loss {:.4}{} ({:.0} items/s)",
                 self.name,
@@ -225,9 +253,6 @@ impl StageRun<'_> {
                 summary.items_per_s
             );
             records.push(record);
-            if let Some(after) = self.after_epoch {
-                after(epoch + 1)?;
-            }
         }
         Ok(StageOutcome {
             epochs: records,

@@ -53,7 +53,7 @@ const LEXICON_EVERY: usize = 5;
 pub struct WorldConfig {
     pub seed: u64,
     pub train_images: usize,
-    /// Size of each test split (seen and unseen pairs).
+    /// Size of each test split (seen and unseen pairs), and of each validation split.
     pub test_images: usize,
     pub dtext_sentences: usize,
     /// Share of the pre-training images that show one attribute alone (half colour splashes,
@@ -90,6 +90,11 @@ pub enum Split {
     /// Unlabelled images for image distillation: objects of the seen pairs, and with
     /// [`WorldConfig::attribute_share`] colour splashes and grey shapes that show one attribute.
     Pretrain,
+    /// Other images of the seen pairs than the test split's, for choices made while studying
+    /// the recipe (settings, budgets), so the test pairs stay unseen by every such choice.
+    ValSeen,
+    /// Other images of the held-out pairs than the test split's, likewise.
+    ValUnseen,
 }
 
 impl Split {
@@ -97,7 +102,7 @@ impl Split {
     pub fn concepts(self) -> Vec<Concept> {
         // Pre-training never shows a held-out pair either: a splash or grey shape shows one
         // attribute of a seen pair, and every colour and shape occurs in a seen pair.
-        let unseen = self == Split::TestUnseen;
+        let unseen = matches!(self, Split::TestUnseen | Split::ValUnseen);
         Concept::all()
             .into_iter()
             .filter(|c| c.is_unseen() == unseen)
@@ -106,12 +111,15 @@ impl Split {
 
     /// The label set of the split, in label order. Fine-tuning data are labelled with the pairs
     /// they show, so its cross-entropy never pushes the held-out pairs down; the test splits
-    /// are scored against every pair (generalised zero-shot); pre-training is unlabelled.
+    /// and the validation splits are scored against every pair (generalised zero-shot);
+    /// pre-training is unlabelled.
     pub fn classes(self) -> Vec<Concept> {
         match self {
             Split::Pretrain => Vec::new(),
             Split::Train => self.concepts(),
-            Split::TestSeen | Split::TestUnseen => Concept::all(),
+            Split::TestSeen | Split::TestUnseen | Split::ValSeen | Split::ValUnseen => {
+                Concept::all()
+            }
         }
     }
 }
@@ -193,7 +201,9 @@ impl World {
     pub fn split_len(&self, split: Split) -> usize {
         match split {
             Split::Pretrain | Split::Train => self.cfg.train_images,
-            Split::TestSeen | Split::TestUnseen => self.cfg.test_images,
+            Split::TestSeen | Split::TestUnseen | Split::ValSeen | Split::ValUnseen => {
+                self.cfg.test_images
+            }
         }
     }
 
