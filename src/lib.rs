@@ -18,6 +18,7 @@ pub mod model;
 pub mod neuron;
 pub mod plot;
 pub mod recipe;
+pub mod serve;
 pub mod teacher;
 pub mod train;
 

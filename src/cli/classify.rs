@@ -4,15 +4,11 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
-use candle_core::{Device, Tensor, D};
+use candle_core::{Device, Tensor};
 
 use super::prompt_args::PromptFileArgs;
 use crate::data::prompts::DatasetPrompts;
-use crate::data::world::World;
-use crate::model::checkpoint::TokenizerSpec;
-use crate::recipe::classifier::LoadedStudent;
-use crate::teacher::preprocess::{batch, student_input, Preprocessor};
-use crate::train::loss::cosine_logits;
+use crate::recipe::classifier::{clip_pixels, ranked_probabilities, student_inputs, LoadedStudent};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -49,29 +45,10 @@ pub(crate) fn label_prompts(
     loaded: &LoadedStudent,
     args: &LabelArgs,
 ) -> anyhow::Result<DatasetPrompts> {
-    let labels = &args.labels;
-    if let Some(prompts) = args.prompts.load()? {
-        return Ok(prompts);
+    match args.prompts.load()? {
+        Some(prompts) => Ok(prompts),
+        None => loaded.prompts_for_labels(&args.labels),
     }
-    let given = !labels.is_empty();
-    let labels: Vec<String> = labels
-        .iter()
-        .map(|l| l.trim().to_string())
-        .filter(|l| !l.is_empty())
-        .collect();
-    let classes = if !labels.is_empty() {
-        labels
-    } else if given {
-        bail!("the label list is empty: --labels needs at least one name")
-    } else if loaded.card.tokenizer == TokenizerSpec::World {
-        World::class_names()
-    } else {
-        bail!("the label list is empty: give --labels a,b,c or --prompts FILE --prompt-set NAME")
-    };
-    Ok(DatasetPrompts {
-        classes: classes.into_iter().map(|c| vec![c]).collect(),
-        templates: loaded.default_templates(),
-    })
 }
 
 fn image_files(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
@@ -101,15 +78,17 @@ fn image_files(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// Student inputs `[B, 3, 32, 32]`: CLIP's 224 preprocessing, then bilinear down to 32 as the
-/// authors feed their student.
+/// Student inputs `[B, 3, 32, 32]` of image files.
 pub(crate) fn student_images(files: &[PathBuf], device: &Device) -> anyhow::Result<Tensor> {
-    let pre = Preprocessor::square(224);
     let pixels = files
         .iter()
-        .map(|f| pre.load(f))
+        .map(|f| {
+            let image =
+                image::open(f).with_context(|| format!("{}: unreadable image", f.display()))?;
+            Ok(clip_pixels(&image))
+        })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    student_input(&batch(pixels, 224, 224, device)?, 32)
+    student_inputs(pixels, device)
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -119,17 +98,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let classes = loaded.class_embeddings(&prompts, &dev)?;
     let files = image_files(&args.image)?;
     let inference = loaded.for_inference(args.dense)?;
-    // Probabilities as CLIP reports them: softmax over cosine similarities times 100.
     for chunk in files.chunks(64) {
         let feats = inference
             .student()
             .image_features(&student_images(chunk, &dev)?, false)?;
-        let probs =
-            candle_nn::ops::softmax(&cosine_logits(&feats, &classes, Some(100.0))?, D::Minus1)?
-                .to_vec2::<f32>()?;
-        for (file, row) in chunk.iter().zip(probs) {
-            let mut ranked: Vec<(usize, f32)> = row.into_iter().enumerate().collect();
-            ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
+        for (file, ranked) in chunk.iter().zip(ranked_probabilities(&feats, &classes)?) {
             println!("{}", file.display());
             for (c, p) in ranked.into_iter().take(args.top) {
                 println!("  {:6.2}%  {}", 100.0 * p, prompts.classes[c][0]);

@@ -10,6 +10,8 @@ mod eval;
 mod info;
 mod prompt_args;
 mod reproduce;
+mod serve;
+mod serve_bench;
 mod train;
 mod world;
 
@@ -50,6 +52,10 @@ enum Command {
     Embed(embed::Args),
     /// Write sample images of the built-in world with their captions.
     World(world::Args),
+    /// Zero-shot classification as a local web service and page (JSON API under /v1).
+    Serve(serve::Args),
+    /// Load test of `serve` on loopback: requests/s and p50/p99 latency at several client counts.
+    ServeBench(serve_bench::Args),
     /// Print a preset's configuration (with overrides) and both encoders' layer tables.
     Info(info::Args),
 }
@@ -76,6 +82,8 @@ pub fn main() -> ExitCode {
         Command::Embed(args) => embed::run(args),
         Command::World(args) => world::run(args),
         Command::Info(args) => info::run(args),
+        Command::Serve(args) => serve::run(args),
+        Command::ServeBench(args) => serve_bench::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
