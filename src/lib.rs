@@ -20,6 +20,7 @@ pub mod neuron;
 pub mod plot;
 pub mod progress;
 pub mod recipe;
+pub mod serve;
 pub mod teacher;
 pub mod train;
 

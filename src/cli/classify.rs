@@ -4,17 +4,17 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
-use candle_core::{Device, Tensor, D};
+use candle_core::{Device, Tensor};
 
 use super::prompt_args::PromptFileArgs;
 use crate::data::prompts::DatasetPrompts;
 use crate::data::world::World;
 use crate::eval::zeroshot::ranked_classes;
 use crate::model::checkpoint::TokenizerSpec;
-use crate::recipe::classifier::LoadedStudent;
 use crate::recipe::dead_features::warn_each;
 use crate::teacher::preprocess::{batch, student_input, Preprocessor};
 use crate::train::loss::cosine_logits;
+use crate::recipe::classifier::{clip_pixels, student_inputs, LoadedStudent};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -51,29 +51,10 @@ pub(crate) fn label_prompts(
     loaded: &LoadedStudent,
     args: &LabelArgs,
 ) -> anyhow::Result<DatasetPrompts> {
-    let labels = &args.labels;
-    if let Some(prompts) = args.prompts.load()? {
-        return Ok(prompts);
+    match args.prompts.load()? {
+        Some(prompts) => Ok(prompts),
+        None => loaded.prompts_for_labels(&args.labels),
     }
-    let given = !labels.is_empty();
-    let labels: Vec<String> = labels
-        .iter()
-        .map(|l| l.trim().to_string())
-        .filter(|l| !l.is_empty())
-        .collect();
-    let classes = if !labels.is_empty() {
-        labels
-    } else if given {
-        bail!("the label list is empty: --labels needs at least one name")
-    } else if loaded.card.tokenizer == TokenizerSpec::World {
-        World::class_names()
-    } else {
-        bail!("the label list is empty: give --labels a,b,c or --prompts FILE --prompt-set NAME")
-    };
-    Ok(DatasetPrompts {
-        classes: classes.into_iter().map(|c| vec![c]).collect(),
-        templates: loaded.default_templates(),
-    })
 }
 
 fn image_files(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
@@ -103,15 +84,17 @@ fn image_files(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// Student inputs `[B, 3, 32, 32]`: CLIP's 224 preprocessing, then bilinear down to 32 as the
-/// authors feed their student.
+/// Student inputs `[B, 3, 32, 32]` of image files.
 pub(crate) fn student_images(files: &[PathBuf], device: &Device) -> anyhow::Result<Tensor> {
-    let pre = Preprocessor::square(224);
     let pixels = files
         .iter()
-        .map(|f| pre.load(f))
+        .map(|f| {
+            let image =
+                image::open(f).with_context(|| format!("{}: unreadable image", f.display()))?;
+            Ok(clip_pixels(&image))
+        })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    student_input(&batch(pixels, 224, 224, device)?, 32)
+    student_inputs(pixels, device)
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {

@@ -11,6 +11,8 @@ mod import;
 mod info;
 mod prompt_args;
 mod reproduce;
+mod serve;
+mod serve_bench;
 mod train;
 mod world;
 
@@ -54,6 +56,10 @@ enum Command {
     Import(import::Args),
     /// Write sample images of the built-in world with their captions.
     World(world::Args),
+    /// Zero-shot classification as a local web service and page (JSON API under /v1).
+    Serve(serve::Args),
+    /// Load test of `serve` on loopback: requests/s and p50/p99 latency at several client counts.
+    ServeBench(serve_bench::Args),
     /// Print a preset's configuration (with overrides) and both encoders' layer tables.
     Info(info::Args),
 }
@@ -83,6 +89,8 @@ pub fn main() -> ExitCode {
         Command::Import(args) => import::run(args),
         Command::World(args) => world::run(args),
         Command::Info(args) => info::run(args),
+        Command::Serve(args) => serve::run(args),
+        Command::ServeBench(args) => serve_bench::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,7 +1,7 @@
 //! Firing rates of named LIF layers, gathered from the monitors inside the LIF op during an
 //! ordinary forward pass, so the report measures the very computation it describes.
 
-use crate::neuron::{MultiStepLif, SpikeCounts, SpikeMonitor};
+use crate::neuron::{MultiStepLif, SampleSpikes, SpikeCounts, SpikeMonitor};
 use std::collections::BTreeMap;
 
 /// The monitors of a network's LIF layers under the names its ops refer to.
@@ -38,6 +38,31 @@ impl MonitorSet {
             m.disable();
         }
         Ok((out?, self.counts()))
+    }
+
+    /// [`Self::record`] over a batch of `samples` inputs, keeping each input's own spikes:
+    /// per input, every layer's [`SampleSpikes`] by name (rasters of up to `raster_neurons`
+    /// neurons).
+    pub fn record_samples<R>(
+        &self,
+        samples: usize,
+        raster_neurons: usize,
+        forward: impl FnOnce() -> anyhow::Result<R>,
+    ) -> anyhow::Result<(R, Vec<BTreeMap<String, SampleSpikes>>)> {
+        for (_, m) in &self.monitors {
+            m.tap_samples(samples, raster_neurons);
+        }
+        let recorded = self.record(forward);
+        let mut inputs = vec![BTreeMap::new(); samples];
+        for (name, m) in &self.monitors {
+            let layer = m
+                .take_samples()
+                .map_err(|e| anyhow::anyhow!("spikes of {name}: {e}"))?;
+            for (input, spikes) in inputs.iter_mut().zip(layer) {
+                input.insert(name.clone(), spikes);
+            }
+        }
+        Ok((recorded?.0, inputs))
     }
 
     /// Layer names in the order they were added.

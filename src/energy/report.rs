@@ -3,7 +3,7 @@
 
 use super::account::{reduction_rate, Mode, NetworkEnergy};
 use super::constants::EnergyConstants;
-use super::monitors::MonitorSet;
+use super::monitors::{FiringRates, MonitorSet};
 use super::ops::Op;
 use crate::plot::{self, Labels, Raster};
 use anyhow::Context;
@@ -89,8 +89,13 @@ impl EnergyReport {
             .encoders
             .iter()
             .map(|e| {
-                account_encoder(e, inputs.time_steps, &inputs.constants)
-                    .with_context(|| format!("energy of the {} encoder", e.name))
+                EncoderEnergy::account(
+                    e,
+                    &e.monitors.counts(),
+                    inputs.time_steps,
+                    &inputs.constants,
+                )
+                .with_context(|| format!("energy of the {} encoder", e.name))
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
         Ok(Self {
@@ -154,33 +159,43 @@ impl EnergyReport {
     }
 }
 
-fn account_encoder(
-    e: &EncoderOps,
-    time_steps: usize,
-    constants: &EnergyConstants,
-) -> anyhow::Result<EncoderEnergy> {
-    let counts = e.monitors.counts();
-    let snn = Mode::Snn {
-        rates: &counts,
-        time_steps,
-    };
-    let snn = NetworkEnergy::account(&e.snn, snn, constants)?;
-    let ann = NetworkEnergy::account(&e.ann, Mode::Ann, constants)?;
-    Ok(EncoderEnergy {
-        name: e.name.clone(),
-        reduction_rate: reduction_rate(snn.totals.energy_mj, ann.totals.energy_mj),
-        snn,
-        ann,
-        firing_rates: e
+impl EncoderEnergy {
+    /// The encoder's accounting at the firing rates `counts` (by LIF layer name): what its
+    /// monitors counted, or the counts of one input of a batch.
+    pub fn account(
+        e: &EncoderOps,
+        counts: &FiringRates,
+        time_steps: usize,
+        constants: &EnergyConstants,
+    ) -> anyhow::Result<Self> {
+        let snn = Mode::Snn {
+            rates: counts,
+            time_steps,
+        };
+        let snn = NetworkEnergy::account(&e.snn, snn, constants)?;
+        let ann = NetworkEnergy::account(&e.ann, Mode::Ann, constants)?;
+        let rates = e
             .monitors
             .names()
-            .map(|name| LayerRate {
-                name: name.to_string(),
-                firing_rate: counts[name].firing_rate(),
-                per_step_rates: counts[name].per_step_rates(),
+            .map(|name| {
+                let c = counts
+                    .get(name)
+                    .with_context(|| format!("no spike counts for LIF layer {name}"))?;
+                Ok(LayerRate {
+                    name: name.to_string(),
+                    firing_rate: c.firing_rate(),
+                    per_step_rates: c.per_step_rates(),
+                })
             })
-            .collect(),
-    })
+            .collect::<anyhow::Result<_>>()?;
+        Ok(EncoderEnergy {
+            name: e.name.clone(),
+            reduction_rate: reduction_rate(snn.totals.energy_mj, ann.totals.energy_mj),
+            snn,
+            ann,
+            firing_rates: rates,
+        })
+    }
 }
 
 /// Builds the report and writes `energy.json`, `energy.txt`, `firing_rates.png` and, when a

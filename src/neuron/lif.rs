@@ -182,6 +182,11 @@ impl MultiStepLif {
         let bits = SpikeBits::from_words(words, spikes_shape(x.shape(), steps).dims().to_vec())?;
         if self.monitor.is_enabled() {
             self.monitor.record(&bits.counts_per_leading(), n as u64);
+            if self.monitor.is_tapped() {
+                let spikes = bits.unpack(&candle_core::Device::Cpu)?.flatten_all()?;
+                self.monitor
+                    .record_samples(&spikes.to_vec1::<f32>()?, bits.shape()[0]);
+            }
         }
         Ok(bits)
     }
@@ -268,13 +273,12 @@ impl CustomOp1 for LifForward {
         let n = neurons(layout.shape(), self.steps);
         let (spikes, per_step) =
             lif_kernel::forward(&self.cfg, x, n, self.steps, self.monitor.is_some());
+        let shape = spikes_shape(layout.shape(), self.steps);
         if let Some(m) = &self.monitor {
             m.record(&per_step, n as u64);
+            m.record_samples(&spikes, shape.dims()[0]);
         }
-        Ok((
-            CpuStorage::F32(spikes),
-            spikes_shape(layout.shape(), self.steps),
-        ))
+        Ok((CpuStorage::F32(spikes), shape))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {

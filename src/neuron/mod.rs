@@ -7,5 +7,5 @@ pub mod monitor;
 pub mod surrogate;
 
 pub use lif::{LifConfig, MultiStepLif};
-pub use monitor::{SpikeCounts, SpikeMonitor};
+pub use monitor::{SampleSpikes, SpikeCounts, SpikeMonitor};
 pub use surrogate::Surrogate;

@@ -23,6 +23,28 @@ struct Inner {
     per_step: Mutex<Vec<u64>>,
     /// Neuron-steps per time step.
     per_step_total: Mutex<Vec<u64>>,
+    /// Per-input spikes, while a tap is set.
+    tap: Mutex<Option<SampleTap>>,
+}
+
+/// One input's spikes in one layer over a pass of a batch: its own counts, and the spike
+/// trains of a few evenly spaced neurons, so a service can report every answer's own firing
+/// rates and raster although the inputs ran through the network together.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SampleSpikes {
+    pub counts: SpikeCounts,
+    /// The raster's neurons, as indices into the input's neurons of one time step.
+    pub raster_neurons: Vec<usize>,
+    /// `[neuron][step]`: whether the raster's neuron fired at that step.
+    pub raster: Vec<Vec<bool>>,
+}
+
+#[derive(Debug)]
+struct SampleTap {
+    raster_neurons: usize,
+    samples: Vec<SampleSpikes>,
+    /// A call whose neurons per step did not split evenly into the batch's inputs.
+    mismatch: Option<usize>,
 }
 
 /// What a monitor has counted so far.
@@ -81,6 +103,77 @@ impl SpikeMonitor {
             .lock()
             .expect("monitor lock")
             .clear();
+    }
+
+    /// Starts keeping per-input spikes for a pass over `samples` inputs, with up to
+    /// `raster_neurons` neurons per input in the raster. Every step's neurons must be input-major
+    /// (`[T, B, ...]`), as every layer of the encoders lays them out.
+    pub fn tap_samples(&self, samples: usize, raster_neurons: usize) {
+        *self.inner.tap.lock().expect("monitor lock") = Some(SampleTap {
+            raster_neurons,
+            samples: vec![SampleSpikes::default(); samples],
+            mismatch: None,
+        });
+    }
+
+    /// Ends the tap and returns its per-input spikes (none if no tap was set); an error if a
+    /// recorded call's neurons did not split into the tap's inputs.
+    pub fn take_samples(&self) -> Result<Vec<SampleSpikes>, String> {
+        let Some(tap) = self.inner.tap.lock().expect("monitor lock").take() else {
+            return Ok(Vec::new());
+        };
+        match tap.mismatch {
+            Some(n) => Err(format!(
+                "{n} neurons per step do not split into {} inputs",
+                tap.samples.len()
+            )),
+            None => Ok(tap.samples),
+        }
+    }
+
+    /// Whether a tap wants the spikes themselves, not only their counts.
+    pub(crate) fn is_tapped(&self) -> bool {
+        self.inner.tap.lock().expect("monitor lock").is_some()
+    }
+
+    /// Adds one call's spikes `[steps, neurons]` (0/1) to the tap's inputs.
+    pub(crate) fn record_samples(&self, spikes: &[f32], steps: usize) {
+        let mut guard = self.inner.tap.lock().expect("monitor lock");
+        let Some(tap) = guard.as_mut() else { return };
+        let neurons = spikes.len() / steps.max(1);
+        let inputs = tap.samples.len();
+        if inputs == 0 || !neurons.is_multiple_of(inputs) {
+            tap.mismatch = Some(neurons);
+            return;
+        }
+        let own = neurons / inputs;
+        let stride = own.div_ceil(tap.raster_neurons.max(1)).max(1);
+        for (b, sample) in tap.samples.iter_mut().enumerate() {
+            let fresh = sample.raster.is_empty();
+            if fresh {
+                sample.raster_neurons = (0..own).step_by(stride).collect();
+                sample.raster = vec![Vec::with_capacity(steps); sample.raster_neurons.len()];
+            }
+            let counts = &mut sample.counts;
+            if counts.per_step_spikes.len() < steps {
+                counts.per_step_spikes.resize(steps, 0);
+                counts.per_step_neuron_steps.resize(steps, 0);
+            }
+            for t in 0..steps {
+                let start = t * neurons + b * own;
+                let block = &spikes[start..start + own];
+                let fired = block.iter().filter(|&&s| s > 0.5).count() as u64;
+                counts.spikes += fired;
+                counts.neuron_steps += own as u64;
+                counts.per_step_spikes[t] += fired;
+                counts.per_step_neuron_steps[t] += own as u64;
+                if fresh {
+                    for (train, &i) in sample.raster.iter_mut().zip(&sample.raster_neurons) {
+                        train.push(block[i] > 0.5);
+                    }
+                }
+            }
+        }
     }
 
     pub fn counts(&self) -> SpikeCounts {

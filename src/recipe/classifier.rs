@@ -3,16 +3,23 @@
 
 use std::path::Path;
 
-use candle_core::{Device, Tensor};
+use anyhow::bail;
+use candle_core::{Device, Tensor, D};
+use image::DynamicImage;
 
 use super::dead_features::{Probe, PROBE_SIZE};
 use super::energy::prompt_token_ids;
 use super::stages::student_class_embeddings;
 use super::student::Student;
 use crate::data::prompts::DatasetPrompts;
-use crate::data::world::PROMPT_TEMPLATES;
+use crate::data::world::{World, PROMPT_TEMPLATES};
 use crate::model::checkpoint::{self, ModelCard, TokenizerSpec};
+use crate::teacher::preprocess::{batch, student_input, Preprocessor};
 use crate::teacher::Tokenize;
+use crate::train::loss::cosine_logits;
+
+/// Side of CLIP's preprocessing that student inputs are made from.
+const CLIP_SIDE: u32 = 224;
 
 /// The student a command runs: the loaded one or a view of it.
 pub struct Inference<'a> {
@@ -76,6 +83,30 @@ impl LoadedStudent {
         }
     }
 
+    /// The label set of label names: each name a class with the default templates. Names are
+    /// trimmed and blank ones dropped; no names at all means the world's classes for a
+    /// world-trained student and an error otherwise.
+    pub fn prompts_for_labels(&self, labels: &[String]) -> anyhow::Result<DatasetPrompts> {
+        let names: Vec<String> = labels
+            .iter()
+            .map(|l| l.trim().to_string())
+            .filter(|l| !l.is_empty())
+            .collect();
+        let classes = if !names.is_empty() {
+            names
+        } else if !labels.is_empty() {
+            bail!("the label list is empty: give at least one label name")
+        } else if self.card.tokenizer == TokenizerSpec::World {
+            World::class_names()
+        } else {
+            bail!("the label list is empty: give label names or a prompt set")
+        };
+        Ok(DatasetPrompts {
+            classes: classes.into_iter().map(|c| vec![c]).collect(),
+            templates: self.default_templates(),
+        })
+    }
+
     /// Prompt-ensembled unit class embeddings `[C, D]`.
     pub fn class_embeddings(
         &self,
@@ -116,4 +147,34 @@ impl LoadedStudent {
         };
         probe.warnings(student, Some(classes))
     }
+}
+
+/// CLIP's 224-pixel preprocessing of an image, the first half of a student input.
+pub fn clip_pixels(image: &DynamicImage) -> Vec<f32> {
+    Preprocessor::square(CLIP_SIDE).pixels(image)
+}
+
+/// Student inputs `[B, 3, 32, 32]` of images preprocessed by [`clip_pixels`]: bilinear down to
+/// 32 as the authors feed their student.
+pub fn student_inputs(pixels: Vec<Vec<f32>>, device: &Device) -> anyhow::Result<Tensor> {
+    let side = CLIP_SIDE as usize;
+    student_input(&batch(pixels, side, side, device)?, 32)
+}
+
+/// Zero-shot probabilities of each image over the classes, most likely first: softmax over
+/// cosine similarities times 100, as CLIP reports them. `features` `[B, D]`, `classes` `[C, D]`.
+pub fn ranked_probabilities(
+    features: &Tensor,
+    classes: &Tensor,
+) -> anyhow::Result<Vec<Vec<(usize, f32)>>> {
+    let logits = cosine_logits(features, classes, Some(100.0))?;
+    let probs = candle_nn::ops::softmax(&logits, D::Minus1)?.to_vec2::<f32>()?;
+    Ok(probs
+        .into_iter()
+        .map(|row| {
+            let mut ranked: Vec<(usize, f32)> = row.into_iter().enumerate().collect();
+            ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
+            ranked
+        })
+        .collect())
 }

@@ -55,3 +55,20 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .to_scalar()
         .unwrap()
 }
+
+/// A fresh SpikeCLIP of the `tiny` preset with the world's tokenizer, saved in `dir/tiny`: a
+/// checkpoint to load in a second, for tests of the commands that read one.
+pub fn tiny_checkpoint(dir: &std::path::Path) -> std::path::PathBuf {
+    use spikeclip::model::checkpoint::{self, ModelCard, ModelKind, TokenizerSpec};
+    use spikeclip::model::config::SpikeClipConfig;
+    let config = SpikeClipConfig::preset("tiny").unwrap();
+    let model = spikeclip::model::SpikeClip::new(&config, 3, &candle_core::Device::Cpu).unwrap();
+    let card = ModelCard {
+        kind: ModelKind::SpikeClip,
+        config,
+        tokenizer: TokenizerSpec::World,
+    };
+    let path = dir.join("tiny");
+    checkpoint::save(&path, &model, &card).unwrap();
+    path
+}

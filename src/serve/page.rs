@@ -1,0 +1,71 @@
+//! `GET /`: one self-contained page compiled into the binary (no build step, nothing fetched
+//! from the network), and the sample images of the built-in world it offers to try.
+
+use std::io::Cursor;
+
+use crate::data::world::{Split, World, WorldConfig};
+
+/// The page: HTML, CSS and script in one file.
+pub const PAGE: &str = include_str!("page.html");
+
+/// Seed of the world the samples are drawn from (any other than training's would do).
+const SAMPLE_SEED: u64 = 2024;
+
+/// Sample images as PNG bytes with captions.
+pub struct Samples {
+    images: Vec<(String, Vec<u8>)>,
+}
+
+impl Samples {
+    /// Four objects of seen colour-shape pairs and two of held-out pairs, each a different pair.
+    pub fn of_world() -> anyhow::Result<Self> {
+        let world = World::new(WorldConfig {
+            seed: SAMPLE_SEED,
+            ..Default::default()
+        });
+        let mut images = Vec::new();
+        for (split, count, note) in [
+            (Split::TestSeen, 4, "seen pair"),
+            (Split::TestUnseen, 2, "held-out pair"),
+        ] {
+            let mut names = Vec::new();
+            for i in 0..256 {
+                if names.len() == count {
+                    break;
+                }
+                let sample = world.sample(split, i);
+                let name = sample.concept.name();
+                if names.contains(&name) {
+                    continue;
+                }
+                let mut png = Vec::new();
+                sample
+                    .rgb_image()
+                    .write_to(&mut Cursor::new(&mut png), image::ImageFormat::Png)?;
+                images.push((format!("{name} ({note})"), png));
+                names.push(name);
+            }
+            anyhow::ensure!(
+                names.len() == count,
+                "too few distinct {note}s in the world"
+            );
+        }
+        Ok(Self { images })
+    }
+
+    pub fn len(&self) -> usize {
+        self.images.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.images.is_empty()
+    }
+
+    pub fn caption(&self, id: usize) -> Option<&str> {
+        self.images.get(id).map(|(c, _)| c.as_str())
+    }
+
+    pub fn png(&self, id: usize) -> Option<&[u8]> {
+        self.images.get(id).map(|(_, png)| png.as_slice())
+    }
+}
