@@ -8,13 +8,10 @@ use candle_core::{Device, Tensor};
 
 use super::prompt_args::PromptFileArgs;
 use crate::data::prompts::DatasetPrompts;
-use crate::data::world::World;
 use crate::eval::zeroshot::ranked_classes;
-use crate::model::checkpoint::TokenizerSpec;
-use crate::recipe::dead_features::warn_each;
-use crate::teacher::preprocess::{batch, student_input, Preprocessor};
-use crate::train::loss::cosine_logits;
 use crate::recipe::classifier::{clip_pixels, student_inputs, LoadedStudent};
+use crate::recipe::dead_features::warn_each;
+use crate::train::loss::cosine_logits;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -112,9 +109,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             warn_each(&loaded.feature_warnings(student, &images, &prompts, &classes, &dev)?);
         }
         let feats = inference.student().image_features(&images, false)?;
-        let probs =
-            candle_nn::ops::softmax(&cosine_logits(&feats, &classes, Some(100.0))?, D::Minus1)?
-                .to_vec2::<f32>()?;
+        let probs = candle_nn::ops::softmax(
+            &cosine_logits(&feats, &classes, Some(100.0))?,
+            candle_core::D::Minus1,
+        )?
+        .to_vec2::<f32>()?;
         for (file, row) in chunk.iter().zip(probs) {
             println!("{}", file.display());
             print!("{}", ranked_lines(&row, &prompts, args.top));

@@ -91,11 +91,11 @@ mod tests {
     fn a_png_becomes_a_student_input_and_bad_uploads_say_why() {
         let x = student_input(&png(40, 30), DEFAULT_MAX_PIXELS).unwrap();
         assert_eq!(x.dims(), [1, 3, 32, 32]);
-        assert_eq!(student_input(b"", 100), Err(BadImage::Empty));
-        assert_eq!(
+        assert!(matches!(student_input(b"", 100), Err(BadImage::Empty)));
+        assert!(matches!(
             student_input(b"hello, not an image", 100),
             Err(BadImage::NotAnImage)
-        );
+        ));
         let whole = png(40, 30);
         assert!(matches!(
             student_input(&whole[..whole.len() / 2], DEFAULT_MAX_PIXELS),
