@@ -15,6 +15,7 @@ use crate::bench::{measure, BenchResult, Budget};
 use crate::data::cache::{cache_images, Cache, CacheOptions};
 use crate::data::sources::ImageSource;
 use crate::data::world::{Split, World, WorldConfig};
+use crate::kernels::simd;
 use crate::data::ImageFeatureSet;
 use crate::neuron::{LifConfig, MultiStepLif};
 use crate::teacher::clip::{ClipConfig, ClipModel};
@@ -91,6 +92,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             })
             .collect::<anyhow::Result<_>>()?
     };
+    print_kernel_paths();
     println!(
         "{:<20} {:>11} {:>11} {:>11} {:>12} {:>12}  (threads: {})",
         "case",
@@ -127,6 +129,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
+}
+
+/// The CPU and the instruction set each hot kernel runs at (see [`simd`]), so that a timing
+/// says what it measured.
+fn print_kernel_paths() {
+    println!("cpu: {}", simd::cpu_model());
+    let paths: Vec<String> = simd::KERNELS
+        .iter()
+        .map(|k| format!("{} {}", k.name, k.level()))
+        .collect();
+    println!("simd: {}", paths.join(", "));
 }
 
 /// The LIF op forward and backward on the Spikingformer tokenizer's output shape.

@@ -14,6 +14,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, Var};
 use candle_nn::BatchNorm;
 use rayon::prelude::*;
 
+use super::simd::{self, Level};
 use super::{contiguous_f32, with_backward3, with_f32, Grads3};
 
 /// A tensor `[N, C, ...]` seen as `[outer, c, inner]`: statistics are per channel `c`.
@@ -52,6 +53,7 @@ fn rows_per_task(d: Dims) -> usize {
 /// (`ca`, `cb`: a per-channel centre, or none for zero). Runs of one channel are summed in
 /// eight f32 lanes, channels and work items in f64.
 fn channel_sums(
+    level: Level,
     a: &[f32],
     b: &[f32],
     d: Dims,
@@ -62,34 +64,11 @@ fn channel_sums(
         (0..d.c).map(|ch| c.map_or(0.0, |c| c[ch] as f32)).collect()
     };
     let (ca, cb) = (centres(ca), centres(cb));
-    let row = d.c * d.inner;
-    let rows = rows_per_task(d);
+    let rows = rows_per_task(d) * d.c * d.inner;
     let partials: Vec<(Vec<f64>, Vec<f64>)> = a
-        .par_chunks(rows * row)
-        .zip(b.par_chunks(rows * row))
-        .map(|(a, b)| {
-            let (mut sa, mut sab) = (vec![0f64; d.c], vec![0f64; d.c]);
-            for (ra, rb) in a.chunks_exact(row).zip(b.chunks_exact(row)) {
-                if d.inner == 1 {
-                    let centred = ra.iter().zip(rb).zip(ca.iter().zip(&cb));
-                    for ((s, p), ((&a, &b), (&ca, &cb))) in
-                        sa.iter_mut().zip(sab.iter_mut()).zip(centred)
-                    {
-                        let x = (a - ca) as f64;
-                        *s += x;
-                        *p += x * (b - cb) as f64;
-                    }
-                    continue;
-                }
-                for ch in 0..d.c {
-                    let run = ch * d.inner..(ch + 1) * d.inner;
-                    let (s, p) = run_sums(&ra[run.clone()], &rb[run], ca[ch], cb[ch]);
-                    sa[ch] += s as f64;
-                    sab[ch] += p as f64;
-                }
-            }
-            (sa, sab)
-        })
+        .par_chunks(rows)
+        .zip(b.par_chunks(rows))
+        .map(|(a, b)| simd::dispatch(level, || task_sums(a, b, d, (&ca, &cb))))
         .collect();
     let (mut sa, mut sab) = (vec![0f64; d.c], vec![0f64; d.c]);
     for (pa, pab) in partials {
@@ -101,9 +80,34 @@ fn channel_sums(
     (sa, sab)
 }
 
+/// [`channel_sums`] of one work item's rows.
+#[inline(always)]
+fn task_sums(a: &[f32], b: &[f32], d: Dims, (ca, cb): (&[f32], &[f32])) -> (Vec<f64>, Vec<f64>) {
+    let row = d.c * d.inner;
+    let (mut sa, mut sab) = (vec![0f64; d.c], vec![0f64; d.c]);
+    for (ra, rb) in a.chunks_exact(row).zip(b.chunks_exact(row)) {
+        if d.inner == 1 {
+            let centred = ra.iter().zip(rb).zip(ca.iter().zip(cb));
+            for ((s, p), ((&a, &b), (&ca, &cb))) in sa.iter_mut().zip(sab.iter_mut()).zip(centred) {
+                let x = (a - ca) as f64;
+                *s += x;
+                *p += x * (b - cb) as f64;
+            }
+            continue;
+        }
+        for ch in 0..d.c {
+            let run = ch * d.inner..(ch + 1) * d.inner;
+            let (s, p) = run_sums(&ra[run.clone()], &rb[run], ca[ch], cb[ch]);
+            sa[ch] += s as f64;
+            sab[ch] += p as f64;
+        }
+    }
+    (sa, sab)
+}
+
 /// `sum(a - ca)` and `sum((a - ca) * (b - cb))` of one run, in eight independent lanes so that
 /// the loop vectorises (float addition is not reassociated by the compiler).
-#[inline]
+#[inline(always)]
 fn run_sums(a: &[f32], b: &[f32], ca: f32, cb: f32) -> (f32, f32) {
     const LANES: usize = 8;
     let (mut s, mut p) = ([0f32; LANES], [0f32; LANES]);
@@ -133,42 +137,44 @@ struct Affine {
 
 /// [`Affine`] elementwise over `x` and `g` laid out as `d`, in parallel. The coefficients are
 /// slices zipped with the data, not looked up per element, so the loops vectorise.
-fn per_channel_affine(x: &[f32], g: &[f32], d: Dims, c: &Affine) -> Vec<f32> {
+fn per_channel_affine(level: Level, x: &[f32], g: &[f32], d: Dims, c: &Affine) -> Vec<f32> {
     let mut out = vec![0f32; x.len()];
-    let row = d.c * d.inner;
-    let task = rows_per_task(d) * row;
+    let task = rows_per_task(d) * d.c * d.inner;
     out.par_chunks_mut(task)
         .zip(x.par_chunks(task))
         .zip(g.par_chunks(task))
-        .for_each(|((out, x), g)| {
-            let rows = out
-                .chunks_exact_mut(row)
-                .zip(x.chunks_exact(row))
-                .zip(g.chunks_exact(row));
-            for ((out, x), g) in rows {
-                if d.inner == 1 {
-                    let coefs = c.x.iter().zip(&c.g).zip(&c.shift);
-                    for (((o, &x), &g), ((&cx, &cg), &c0)) in
-                        out.iter_mut().zip(x).zip(g).zip(coefs)
-                    {
-                        *o = x * cx + g * cg + c0;
-                    }
-                    continue;
-                }
-                for ch in 0..d.c {
-                    let run = ch * d.inner..(ch + 1) * d.inner;
-                    let (cx, cg, c0) = (c.x[ch], c.g[ch], c.shift[ch]);
-                    for ((o, &x), &g) in out[run.clone()]
-                        .iter_mut()
-                        .zip(&x[run.clone()])
-                        .zip(&g[run])
-                    {
-                        *o = x * cx + g * cg + c0;
-                    }
-                }
-            }
-        });
+        .for_each(|((out, x), g)| simd::dispatch(level, || task_affine(out, x, g, d, c)));
     out
+}
+
+/// [`per_channel_affine`] of one work item's rows.
+#[inline(always)]
+fn task_affine(out: &mut [f32], x: &[f32], g: &[f32], d: Dims, c: &Affine) {
+    let row = d.c * d.inner;
+    let rows = out
+        .chunks_exact_mut(row)
+        .zip(x.chunks_exact(row))
+        .zip(g.chunks_exact(row));
+    for ((out, x), g) in rows {
+        if d.inner == 1 {
+            let coefs = c.x.iter().zip(&c.g).zip(&c.shift);
+            for (((o, &x), &g), ((&cx, &cg), &c0)) in out.iter_mut().zip(x).zip(g).zip(coefs) {
+                *o = x * cx + g * cg + c0;
+            }
+            continue;
+        }
+        for ch in 0..d.c {
+            let run = ch * d.inner..(ch + 1) * d.inner;
+            let (cx, cg, c0) = (c.x[ch], c.g[ch], c.shift[ch]);
+            for ((o, &x), &g) in out[run.clone()]
+                .iter_mut()
+                .zip(&x[run.clone()])
+                .zip(&g[run])
+            {
+                *o = x * cx + g * cg + c0;
+            }
+        }
+    }
 }
 
 /// Batch statistics of one forward call: per channel, the mean and `1 / sqrt(var + eps)`,
@@ -183,9 +189,15 @@ struct Stats {
 impl Stats {
     fn of(x: &[f32], d: Dims, eps: f64) -> Self {
         let n = d.count().max(1) as f64;
-        let (sum, _) = channel_sums(x, x, d, (None, None));
+        let (sum, _) = channel_sums(simd::BATCH_NORM.level(), x, x, d, (None, None));
         let mean: Vec<f64> = sum.iter().map(|s| s / n).collect();
-        let (_, sq) = channel_sums(x, x, d, (Some(&mean), Some(&mean)));
+        let (_, sq) = channel_sums(
+            simd::BATCH_NORM.level(),
+            x,
+            x,
+            d,
+            (Some(&mean), Some(&mean)),
+        );
         let var: Vec<f64> = sq.iter().map(|s| s / n).collect();
         let invstd = var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
         Self { mean, var, invstd }
@@ -205,7 +217,7 @@ fn normalised(x: &[f32], d: Dims, stats: &Stats, gamma: &[f32], beta: &[f32]) ->
         g: vec![0.0; d.c],
         shift,
     };
-    per_channel_affine(x, x, d, &affine)
+    per_channel_affine(simd::BATCH_NORM.level(), x, x, d, &affine)
 }
 
 /// Gradients of the input, `gamma` and `beta` of [`normalised`] given the output's, `grad`.
@@ -216,7 +228,8 @@ fn gradients(x: &Tensor, grad: &Tensor, stats: &Stats, gamma: &Tensor) -> Result
     let (grad_x, sum_g, sum_gx) = with_f32(x, "batch_norm", |x| {
         with_f32(grad, "batch_norm", |g| {
             // sum(dy) and sum(dy * (x - mean)) per channel.
-            let (sum_g, sum_gx) = channel_sums(g, x, d, (None, Some(&stats.mean)));
+            let (sum_g, sum_gx) =
+                channel_sums(simd::BATCH_NORM.level(), g, x, d, (None, Some(&stats.mean)));
             // dx = gamma invstd (dy - sum(dy) / n - (x - mean) invstd^2 sum(dy (x - mean)) / n),
             // as `a dy - a k x + a (k mean - mean(dy))` with its coefficients in f64.
             let mut affine = Affine {
@@ -233,7 +246,7 @@ fn gradients(x: &Tensor, grad: &Tensor, stats: &Stats, gamma: &Tensor) -> Result
                     .shift
                     .push((a * (k * stats.mean[ch] - sum_g[ch] / n)) as f32);
             }
-            let gx = per_channel_affine(x, g, d, &affine);
+            let gx = per_channel_affine(simd::BATCH_NORM.level(), x, g, d, &affine);
             Ok((gx, sum_g, sum_gx))
         })
     })?;
@@ -657,5 +670,41 @@ mod tests {
         );
         let x = Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap();
         assert!(batch_norm_train(&x, &[&bn]).is_err());
+    }
+
+    /// The channel sums and the per-channel map, bit for bit the same on every instruction set
+    /// this CPU has (the AVX-512 path is skipped, with a note, where it lacks it).
+    #[test]
+    fn every_simd_level_gives_the_same_sums_and_maps() {
+        if !Level::Avx512.supported() {
+            println!("skipped the avx512 path: this CPU lacks AVX-512");
+        }
+        let values = |n: usize, k: f32| -> Vec<f32> {
+            (0..n)
+                .map(|i| ((i as f32 * k).fract() - 0.4) * 3.0)
+                .collect()
+        };
+        // Images (runs of 37 per channel) and rows (one value per channel).
+        for (outer, c, inner) in [(5, 6, 37), (300, 70, 1)] {
+            let d = Dims { outer, c, inner };
+            let (x, g) = (
+                values(outer * c * inner, 0.618),
+                values(outer * c * inner, 0.377),
+            );
+            let centre: Vec<f64> = (0..c).map(|ch| ch as f64 * 0.1).collect();
+            let affine = Affine {
+                x: values(c, 0.21),
+                g: values(c, 0.73),
+                shift: values(c, 0.51),
+            };
+            let run = |level| {
+                let sums = channel_sums(level, &g, &x, d, (None, Some(&centre)));
+                (sums, per_channel_affine(level, &x, &g, d, &affine))
+            };
+            let portable = run(Level::Portable);
+            for level in Level::supported_levels() {
+                assert_eq!(run(level), portable, "{level}, inner {inner}");
+            }
+        }
     }
 }

@@ -12,6 +12,7 @@ use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, T
 use rayon::prelude::*;
 
 use super::contiguous_f32;
+use super::simd::{self, Level};
 
 /// Geometry of a square-stride, square-padding convolution window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,7 +44,7 @@ impl Window {
     }
 
     /// Input coordinate read by output coordinate `o` at kernel offset `k`, if inside the image.
-    #[inline]
+    #[inline(always)]
     pub(super) fn source(&self, o: usize, k: usize, len: usize) -> Option<usize> {
         (o * self.stride + k)
             .checked_sub(self.padding)
@@ -53,7 +54,7 @@ impl Window {
     /// Calls `f(patch_offset, image_offset)` for each in-image tap of output pixel (oy, ox):
     /// offsets of a `c`-channel run in the patch row (ordered ky, kx, c) and in a `[H, W, C]`
     /// image. im2col copies along these pairs and col2im adds back along them.
-    #[inline]
+    #[inline(always)]
     fn for_each_tap(&self, (oy, ox): (usize, usize), d: Nhwc, mut f: impl FnMut(usize, usize)) {
         for ky in 0..self.kh {
             let Some(iy) = self.source(oy, ky, d.h) else {
@@ -102,8 +103,9 @@ fn im2col(x: &[f32], d: Nhwc, win: Window, (ho, wo): (usize, usize)) -> Vec<f32>
     cols
 }
 
-/// The adjoint of [`im2col`]: scatters-and-adds patch rows back into `[B, H, W, C]`.
-fn col2im(cols: &[f32], d: Nhwc, win: Window, (ho, wo): (usize, usize)) -> Vec<f32> {
+/// The adjoint of [`im2col`]: scatters-and-adds patch rows back into `[B, H, W, C]`, the adds
+/// on the instruction set `level`.
+fn col2im(level: Level, cols: &[f32], d: Nhwc, win: Window, (ho, wo): (usize, usize)) -> Vec<f32> {
     let row = win.kh * win.kw * d.c;
     let mut x = vec![0f32; d.b * d.h * d.w * d.c];
     // One task per image: overlapping windows only ever add within their own image.
@@ -111,13 +113,15 @@ fn col2im(cols: &[f32], d: Nhwc, win: Window, (ho, wo): (usize, usize)) -> Vec<f
         .enumerate()
         .for_each(|(bi, image)| {
             let image_cols = &cols[bi * ho * wo * row..(bi + 1) * ho * wo * row];
-            for (p, patch) in image_cols.chunks_exact(row).enumerate() {
-                win.for_each_tap((p / wo, p % wo), d, |src, dst| {
-                    for (o, g) in image[dst..dst + d.c].iter_mut().zip(&patch[src..src + d.c]) {
-                        *o += g;
-                    }
-                });
-            }
+            simd::dispatch(level, || {
+                for (p, patch) in image_cols.chunks_exact(row).enumerate() {
+                    win.for_each_tap((p / wo, p % wo), d, |src, dst| {
+                        for (o, g) in image[dst..dst + d.c].iter_mut().zip(&patch[src..src + d.c]) {
+                            *o += g;
+                        }
+                    });
+                }
+            })
         });
     x
 }
@@ -276,7 +280,7 @@ impl Conv2d {
                 grad_cols.reshape((n, d.h, d.w, d.c))?
             } else {
                 let cols = grad_cols.flatten_all()?.to_vec1()?;
-                let image = col2im(&cols, d, self.window, plan.out_hw);
+                let image = col2im(simd::COL2IM.level(), &cols, d, self.window, plan.out_hw);
                 Tensor::from_vec(image, (n, d.h, d.w, d.c), w.device())?
             };
             grad_x.extend(
@@ -456,5 +460,33 @@ mod tests {
         let w = Tensor::zeros((2, 4, 3, 3), candle_core::DType::F32, &dev).unwrap();
         let err = conv2d(&x, &w, 1, 1).unwrap_err().to_string();
         assert!(err.contains("3 channels"), "{err}");
+    }
+
+    /// col2im's sums, bit for bit the same on every instruction set this CPU has.
+    #[test]
+    fn col2im_is_the_same_on_every_simd_level() {
+        if !Level::Avx512.supported() {
+            println!("skipped the avx512 path: this CPU lacks AVX-512");
+        }
+        let d = Nhwc {
+            b: 2,
+            h: 7,
+            w: 6,
+            c: 37,
+        };
+        let win = Window {
+            kh: 3,
+            kw: 3,
+            padding: 1,
+            stride: 1,
+        };
+        let out_hw = win.out_size(d.h, d.w).unwrap();
+        let cols: Vec<f32> = (0..d.b * out_hw.0 * out_hw.1 * 9 * d.c)
+            .map(|i| (i as f32 * 0.618).fract() - 0.5)
+            .collect();
+        let portable = col2im(Level::Portable, &cols, d, win, out_hw);
+        for level in Level::supported_levels() {
+            assert_eq!(col2im(level, &cols, d, win, out_hw), portable, "{level}");
+        }
     }
 }

@@ -11,6 +11,7 @@ pub mod grad_slot;
 pub mod lif_linear;
 mod linear_blocks;
 pub mod maxpool;
+pub mod simd;
 pub mod spike_grad;
 pub mod spikes;
 pub mod text_mlp;

@@ -11,6 +11,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use rayon::prelude::*;
 
 use super::conv::{weight_matrix, Window};
+use super::simd::{self, Level};
 use super::with_f32;
 
 /// Spikes per packed word.
@@ -229,6 +230,24 @@ impl SpikeBits {
 /// Packs a row of spikes 64 to a word: bit `k % 64` of word `k / 64` is set where `row[k]` is 1.
 #[inline(always)]
 pub(crate) fn pack_binary_row(row: &[f32], words: &mut [u64]) {
+    pack_binary_row_at(simd::SPIKE_PACK.level(), row, words)
+}
+
+/// [`pack_binary_row`] on the instruction set `level`: one AVX-512 compare gives 16 bits.
+#[inline(always)]
+fn pack_binary_row_at(level: Level, row: &[f32], words: &mut [u64]) {
+    #[cfg(target_arch = "x86_64")]
+    if level == Level::Avx512 && level.supported() {
+        // SAFETY: the CPU has AVX-512 (checked).
+        return unsafe { x86::pack_row_avx512(row, words) };
+    }
+    let _ = level;
+    pack_row_by_quads(row, words)
+}
+
+/// [`pack_binary_row`] four spikes at a time.
+#[inline(always)]
+fn pack_row_by_quads(row: &[f32], words: &mut [u64]) {
     for (word, chunk) in words.iter_mut().zip(row.chunks(WORD_BITS)) {
         let quads = chunk.chunks_exact(4);
         let tail = quads.remainder();
@@ -622,6 +641,11 @@ impl Gather<'_> {
 
     /// `[B*Ho*Wo, O]`.
     pub fn run(&self) -> Vec<f32> {
+        self.run_at(simd::SPIKE_GATHER.level())
+    }
+
+    /// [`Self::run`] on the instruction set `level` (the portable one where the CPU lacks it).
+    pub(crate) fn run_at(&self, level: Level) -> Vec<f32> {
         let o = self.weights.outputs;
         let mut out = vec![0f32; self.windows.pixels() * o];
         if o == 0 {
@@ -630,19 +654,43 @@ impl Gather<'_> {
         let per_task = self.schedule.rows_per_task.max(1);
         out.par_chunks_mut(o * per_task)
             .enumerate()
-            .for_each(|(task, rows)| {
-                let first = task * per_task;
-                #[cfg(target_arch = "x86_64")]
-                if simd::available() {
-                    // SAFETY: the CPU supports the features `simd` is compiled for.
-                    return unsafe { simd::gather_rows(self, first, rows) };
-                }
-                self.rows(first, rows, |block, active, acc, sub| match sub {
-                    true => add_rows::<true>(block, active, acc),
-                    false => add_rows::<false>(block, active, acc),
-                })
-            });
+            .for_each(|(task, rows)| self.task(level, task * per_task, rows));
         out
+    }
+
+    /// Output pixels `first..` into `rows`, with the accumulators in registers of `level`.
+    fn task(&self, level: Level, first: usize, rows: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        match level {
+            // SAFETY: the CPU has AVX-512 (checked), and `Gather::select` only yields rows
+            // below the weight's input count, the number of rows of every block.
+            Level::Avx512 if level.supported() => {
+                return simd::dispatch(level, || {
+                    self.rows(first, rows, |block, active, acc, sub| unsafe {
+                        match sub {
+                            true => x86::add_rows_avx512::<true>(block, active, acc),
+                            false => x86::add_rows_avx512::<false>(block, active, acc),
+                        }
+                    })
+                })
+            }
+            // SAFETY: as above, for AVX2.
+            Level::Avx2 if level.supported() => {
+                return simd::dispatch(level, || {
+                    self.rows(first, rows, |block, active, acc, sub| unsafe {
+                        match sub {
+                            true => x86::add_rows_avx2::<true>(block, active, acc),
+                            false => x86::add_rows_avx2::<false>(block, active, acc),
+                        }
+                    })
+                })
+            }
+            _ => {}
+        }
+        self.rows(first, rows, |block, active, acc, sub| match sub {
+            true => add_rows::<true>(block, active, acc),
+            false => add_rows::<false>(block, active, acc),
+        })
     }
 }
 
@@ -875,6 +923,11 @@ fn attention_group(
 /// Spiking self-attention's `(q . k^T) . v` for spikes `q [..., Nq, D]`, `k [..., Nk, D]`,
 /// `v [..., Nk, Dv]`: `[..., Nq, Dv]` u32, exactly the dense product of the unpacked spikes.
 pub fn spike_attention(q: &SpikeBits, k: &SpikeBits, v: &SpikeBits) -> Result<Tensor> {
+    spike_attention_at(simd::SPIKE_ATTENTION.level(), q, k, v)
+}
+
+/// [`spike_attention`] on the instruction set `level`.
+fn spike_attention_at(level: Level, q: &SpikeBits, k: &SpikeBits, v: &SpikeBits) -> Result<Tensor> {
     let (groups, nq, nk) = attention_dims(q, k, Some(v), "spike_attention")?;
     let dv = v.cols();
     let mut out = vec![0u32; groups * nq * dv];
@@ -882,12 +935,7 @@ pub fn spike_attention(q: &SpikeBits, k: &SpikeBits, v: &SpikeBits) -> Result<Te
         out.par_chunks_mut(nq * dv)
             .enumerate()
             .for_each(|(g, out)| {
-                #[cfg(target_arch = "x86_64")]
-                if simd::available() {
-                    // SAFETY: the CPU supports the features `simd` is compiled for.
-                    return unsafe { simd::attention_group(q, k, v, g, (nq, nk), out) };
-                }
-                attention_group(q, k, v, g, (nq, nk), out)
+                simd::dispatch(level, || attention_group(q, k, v, g, (nq, nk), out))
             });
     }
     let mut shape = q.shape[..q.shape.len() - 1].to_vec();
@@ -895,40 +943,26 @@ pub fn spike_attention(q: &SpikeBits, k: &SpikeBits, v: &SpikeBits) -> Result<Te
     Tensor::from_vec(out, shape, &Device::Cpu)
 }
 
-/// The hot loops compiled for AVX2 and hardware popcount (the baseline x86-64 target has
-/// neither). The loops and their summation order are the same as the baseline copies', so the
-/// results are bit-identical.
+/// The spike-driven accumulators pinned in vector registers: left to itself, the compiler
+/// keeps them on the stack and stores them all after every row, which halves the kernel's
+/// speed. Lane by lane the sums run in the same order as [`add_rows`]', so results are
+/// bit-identical.
 #[cfg(target_arch = "x86_64")]
-mod simd {
+mod x86 {
     use super::*;
+    use std::arch::x86_64::*;
 
-    pub(super) fn available() -> bool {
-        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("popcnt")
-    }
-
-    #[target_feature(enable = "avx2,popcnt")]
-    pub(super) fn gather_rows(job: &Gather, first: usize, rows: &mut [f32]) {
-        // SAFETY: `Gather::select` only yields rows below the weight's input count, the
-        // number of rows of every block.
-        job.rows(first, rows, |block, active, acc, sub| unsafe {
-            match sub {
-                true => add_rows::<true>(block, active, acc),
-                false => add_rows::<false>(block, active, acc),
-            }
-        })
-    }
-
-    /// [`super::add_rows`] with the accumulators pinned in eight AVX registers: left to
-    /// itself, the compiler keeps them on the stack and stores all eight after every row, which
-    /// halves the kernel's speed. Lane by lane the sums run in the same order, so results are
-    /// bit-identical.
+    /// [`super::add_rows`] in eight AVX registers.
     ///
     /// # Safety
-    /// Every row in `active` must lie inside `block` (`r < block.len() / BLOCK`): checking it
-    /// here would cost a fifth of the kernel's time.
+    /// The CPU must have AVX2, and every row in `active` must lie inside `block`
+    /// (`r < block.len() / BLOCK`): checking it here would cost a fifth of the kernel's time.
     #[target_feature(enable = "avx2")]
-    unsafe fn add_rows<const SUB: bool>(block: &[f32], active: &[usize], acc: &mut Lanes) {
-        use std::arch::x86_64::*;
+    pub(super) unsafe fn add_rows_avx2<const SUB: bool>(
+        block: &[f32],
+        active: &[usize],
+        acc: &mut Lanes,
+    ) {
         const REGS: usize = BLOCK / 8;
         debug_assert!(active.iter().all(|&r| r < block.len() / BLOCK));
         let base = block.as_ptr();
@@ -956,16 +990,66 @@ mod simd {
         }
     }
 
-    #[target_feature(enable = "avx2,popcnt")]
-    pub(super) fn attention_group(
-        q: &SpikeBits,
-        k: &SpikeBits,
-        v: &SpikeBits,
-        g: usize,
-        n: (usize, usize),
-        out: &mut [u32],
+    /// [`super::pack_row_by_quads`] sixteen spikes to a compare.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn pack_row_avx512(row: &[f32], words: &mut [u64]) {
+        let one = _mm512_set1_ps(1.0);
+        for (word, chunk) in words.iter_mut().zip(row.chunks(WORD_BITS)) {
+            let sixteens = chunk.chunks_exact(16);
+            let rest = sixteens.remainder();
+            let mut bits = 0;
+            for (i, s) in sixteens.enumerate() {
+                // SAFETY: the load reads the 16 floats of `s`.
+                let mask =
+                    unsafe { _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(_mm512_loadu_ps(s.as_ptr()), one) };
+                bits |= u64::from(mask) << (16 * i);
+            }
+            if !rest.is_empty() {
+                let mut tail = [0u64];
+                pack_row_by_quads(rest, &mut tail);
+                bits |= tail[0] << (chunk.len() - rest.len());
+            }
+            *word = bits;
+        }
+    }
+
+    /// [`super::add_rows`] in four AVX-512 registers.
+    ///
+    /// # Safety
+    /// As [`add_rows_avx2`], with AVX-512 F.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn add_rows_avx512<const SUB: bool>(
+        block: &[f32],
+        active: &[usize],
+        acc: &mut Lanes,
     ) {
-        super::attention_group(q, k, v, g, n, out)
+        const REGS: usize = BLOCK / 16;
+        debug_assert!(active.iter().all(|&r| r < block.len() / BLOCK));
+        let base = block.as_ptr();
+        // SAFETY: as in `add_rows_avx2`, sixteen lanes to a register.
+        unsafe {
+            let mut regs = [_mm512_setzero_ps(); REGS];
+            for (i, reg) in regs.iter_mut().enumerate() {
+                *reg = _mm512_loadu_ps(acc.as_ptr().add(i * 16));
+            }
+            for &r in active {
+                let row = base.add(r * BLOCK);
+                for (i, reg) in regs.iter_mut().enumerate() {
+                    let w = _mm512_loadu_ps(row.add(i * 16));
+                    *reg = if SUB {
+                        _mm512_sub_ps(*reg, w)
+                    } else {
+                        _mm512_add_ps(*reg, w)
+                    };
+                }
+            }
+            for (i, reg) in regs.iter().enumerate() {
+                _mm512_storeu_ps(acc.as_mut_ptr().add(i * 16), *reg);
+            }
+        }
     }
 }
 
@@ -1115,5 +1199,71 @@ mod tests {
         let dense_out = dense.matmul(&v).unwrap();
         assert_eq!(out.dims(), &[2, 3, 9, 70]);
         assert_eq!(max_rel_diff(&as_f32(&out), &dense_out), 0.0);
+    }
+
+    /// Every instruction set gives the same bits and bit-identical sums (the AVX-512 path is
+    /// skipped, with a note, where the CPU lacks it).
+    #[test]
+    fn every_simd_level_packs_gathers_and_attends_alike() {
+        let levels = Level::supported_levels();
+        if !Level::Avx512.supported() {
+            println!("skipped the avx512 path: this CPU lacks AVX-512");
+        }
+        let s = spikes(&[3, 203], 0.4);
+        let values = s.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let packed = |level| {
+            let mut words = vec![0u64; 3 * 4];
+            for (row, w) in values.chunks(203).zip(words.chunks_mut(4)) {
+                pack_binary_row_at(level, row, w);
+            }
+            words
+        };
+        let portable = packed(Level::Portable);
+        assert_eq!(portable, SpikeBits::pack(&s).unwrap().words);
+        let w = Tensor::randn(0f32, 1.0, (70, 9, 3, 3), &Device::Cpu).unwrap();
+        let b = Tensor::randn(0f32, 1.0, 70, &Device::Cpu).unwrap();
+        let layer = SpikeLayer::new(&w, Some(&b)).unwrap();
+        let conv = |bits: &SpikeBits, level| {
+            Gather {
+                windows: Windows {
+                    spikes: bits,
+                    dims: (2, 7, 5, 9),
+                    win: Window {
+                        kh: 3,
+                        kw: 3,
+                        padding: 1,
+                        stride: 1,
+                    },
+                    out_hw: (7, 5),
+                },
+                weights: &layer.weights,
+                schedule: LAYER,
+            }
+            .run_at(level)
+        };
+        let (q, k, v) = (
+            SpikeBits::pack(&spikes(&[2, 9, 70], 0.3)).unwrap(),
+            SpikeBits::pack(&spikes(&[2, 9, 70], 0.3)).unwrap(),
+            SpikeBits::pack(&spikes(&[2, 9, 70], 0.3)).unwrap(),
+        );
+        let attend = |level| {
+            spike_attention_at(level, &q, &k, &v)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<u32>()
+                .unwrap()
+        };
+        for rate in [0.15, 0.8] {
+            let bits = SpikeBits::pack_channels_last(&spikes(&[2, 9, 7, 5], rate)).unwrap();
+            let expected = conv(&bits, Level::Portable);
+            for &level in &levels {
+                assert_eq!(conv(&bits, level), expected, "{level}, rate {rate}");
+            }
+        }
+        for &level in &levels {
+            assert_eq!(packed(level), portable, "{level}");
+            assert_eq!(attend(level), attend(Level::Portable), "{level}");
+        }
     }
 }

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use super::lif_kernel::{self, Steps};
 use super::monitor::SpikeMonitor;
 use super::surrogate::Surrogate;
+use crate::kernels::simd;
 use crate::kernels::spikes::SpikeBits;
 use crate::kernels::with_f32;
 
@@ -177,7 +178,13 @@ impl MultiStepLif {
         let x = x.to_device(&candle_core::Device::Cpu)?;
         let (n, cols) = (neurons(x.shape(), steps), x.dims()[x.rank() - 1]);
         let words = with_f32(&x, "LIF", |x| {
-            Ok(lif_kernel::forward_bits(&self.cfg, x, (n, cols), steps))
+            Ok(lif_kernel::forward_bits(
+                simd::LIF.level(),
+                &self.cfg,
+                x,
+                (n, cols),
+                steps,
+            ))
         })?;
         let bits = SpikeBits::from_words(words, spikes_shape(x.shape(), steps).dims().to_vec())?;
         if self.monitor.is_enabled() {
@@ -271,8 +278,14 @@ impl CustomOp1 for LifForward {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(storage, layout)?;
         let n = neurons(layout.shape(), self.steps);
-        let (spikes, per_step) =
-            lif_kernel::forward(&self.cfg, x, n, self.steps, self.monitor.is_some());
+        let (spikes, per_step) = lif_kernel::forward(
+            simd::LIF.level(),
+            &self.cfg,
+            x,
+            n,
+            self.steps,
+            self.monitor.is_some(),
+        );
         let shape = spikes_shape(layout.shape(), self.steps);
         if let Some(m) = &self.monitor {
             m.record(&per_step, n as u64);
@@ -319,7 +332,7 @@ impl CustomOp2 for LifBackward {
         }
         let (x, g) = (f32_slice(xs, xl)?, f32_slice(gs, gl)?);
         let n = neurons(xl.shape(), self.steps);
-        let gx = lif_kernel::backward(&self.cfg, x, g, n, self.steps);
+        let gx = lif_kernel::backward(simd::LIF.level(), &self.cfg, x, g, n, self.steps);
         Ok((CpuStorage::F32(gx), xl.shape().clone()))
     }
 }

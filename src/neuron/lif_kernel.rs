@@ -11,6 +11,7 @@ use rayon::prelude::*;
 
 use super::lif::LifConfig;
 use super::surrogate::{atan_slope, sigmoid_slope, Surrogate};
+use crate::kernels::simd::{self, Level};
 use crate::kernels::spikes::pack_binary_row;
 
 /// Neurons per work item.
@@ -221,8 +222,9 @@ impl<'a> Pass<'a> {
     }
 }
 
-/// Vector width the loops are blocked by: eight f32 lanes fill an AVX2 register.
-const LANES: usize = 8;
+/// Vector width the loops are blocked by: sixteen f32 lanes fill an AVX-512 register (two AVX2
+/// ones, four SSE ones).
+const LANES: usize = 16;
 
 /// Applies `f` elementwise over two mutable and one shared slice (the shortest length wins).
 ///
@@ -377,52 +379,6 @@ fn par_forward(n: usize, chunk: impl Fn(usize, usize) -> Vec<u64> + Sync) -> Vec
         })
 }
 
-#[cfg(target_arch = "x86_64")]
-fn has_avx2() -> bool {
-    std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
-}
-
-/// The same loops compiled for AVX2 + FMA. Rust never contracts `a * b + c` into an FMA on its
-/// own, so results are bit-identical to the baseline copies.
-#[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use super::*;
-
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) fn forward_chunk<C: Charge>(
-        c: C,
-        k: Common,
-        pass: Pass,
-        lo: usize,
-        hi: usize,
-    ) -> Vec<u64> {
-        super::forward_chunk(c, k, pass, lo, hi)
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) fn bits_chunk<C: Charge>(
-        c: C,
-        k: Common,
-        input: Input,
-        row_shape: (usize, usize),
-        rows: Range<usize>,
-    ) -> Vec<u64> {
-        super::bits_chunk(c, k, input, row_shape, rows)
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) fn backward_chunk<C: Charge, S: Slope>(
-        c: C,
-        sl: S,
-        k: Common,
-        pass: Pass,
-        lo: usize,
-        hi: usize,
-    ) {
-        super::backward_chunk(c, sl, k, pass, lo, hi)
-    }
-}
-
 /// Code generic over the charge rule, instantiated once per rule by [`with_charge`].
 trait WithCharge {
     type Out;
@@ -444,20 +400,16 @@ fn with_charge<W: WithCharge>(cfg: &LifConfig, w: W) -> W::Out {
 struct Forward<'a> {
     cfg: &'a LifConfig,
     pass: Pass<'a>,
+    level: Level,
 }
 
 impl WithCharge for Forward<'_> {
     type Out = Vec<u64>;
     fn run<C: Charge>(self, c: C) -> Vec<u64> {
-        let (k, pass) = (Common::new(self.cfg), self.pass);
-        #[cfg(target_arch = "x86_64")]
-        if has_avx2() {
-            // SAFETY: the CPU has the features `avx2::forward_chunk` is compiled for.
-            return par_forward(pass.input.n, |lo, hi| unsafe {
-                avx2::forward_chunk(c, k, pass, lo, hi)
-            });
-        }
-        par_forward(pass.input.n, |lo, hi| forward_chunk(c, k, pass, lo, hi))
+        let (k, pass, level) = (Common::new(self.cfg), self.pass, self.level);
+        par_forward(pass.input.n, |lo, hi| {
+            simd::dispatch(level, || forward_chunk(c, k, pass, lo, hi))
+        })
     }
 }
 
@@ -465,12 +417,13 @@ struct ForwardBits<'a> {
     cfg: &'a LifConfig,
     input: Input<'a>,
     cols: usize,
+    level: Level,
 }
 
 impl WithCharge for ForwardBits<'_> {
     type Out = Vec<u64>;
     fn run<C: Charge>(self, c: C) -> Vec<u64> {
-        let (k, input) = (Common::new(self.cfg), self.input);
+        let (k, input, level) = (Common::new(self.cfg), self.input, self.level);
         let row_shape = (self.cols, self.cols.div_ceil(u64::BITS as usize));
         let rows = input.n / self.cols;
         // Whole rows per work item, about CHUNK neurons.
@@ -479,12 +432,7 @@ impl WithCharge for ForwardBits<'_> {
             .into_par_iter()
             .map(|i| {
                 let rows = i * per_item..((i + 1) * per_item).min(rows);
-                #[cfg(target_arch = "x86_64")]
-                if has_avx2() {
-                    // SAFETY: the CPU has the features `avx2::bits_chunk` is compiled for.
-                    return unsafe { avx2::bits_chunk(c, k, input, row_shape, rows) };
-                }
-                bits_chunk(c, k, input, row_shape, rows)
+                simd::dispatch(level, || bits_chunk(c, k, input, row_shape, rows))
             })
             .collect();
         // Items hold [T, their rows, words]; the result is [T, all rows, words].
@@ -503,19 +451,14 @@ impl WithCharge for ForwardBits<'_> {
 struct Backward<'a> {
     cfg: &'a LifConfig,
     pass: Pass<'a>,
+    level: Level,
 }
 
 impl Backward<'_> {
     fn run_with<C: Charge, S: Slope>(self, c: C, sl: S) {
-        let (k, pass) = (Common::new(self.cfg), self.pass);
-        #[cfg(target_arch = "x86_64")]
-        if has_avx2() {
-            // SAFETY: the CPU has the features `avx2::backward_chunk` is compiled for.
-            chunks(pass.input.n)
-                .for_each(|(lo, hi)| unsafe { avx2::backward_chunk(c, sl, k, pass, lo, hi) });
-            return;
-        }
-        chunks(pass.input.n).for_each(|(lo, hi)| backward_chunk(c, sl, k, pass, lo, hi));
+        let (k, pass, level) = (Common::new(self.cfg), self.pass, self.level);
+        chunks(pass.input.n)
+            .for_each(|(lo, hi)| simd::dispatch(level, || backward_chunk(c, sl, k, pass, lo, hi)));
     }
 }
 
@@ -530,8 +473,9 @@ impl WithCharge for Backward<'_> {
 }
 
 /// Spikes `[T, n]` of input `x` of `n` neurons read as `steps` says, and the number of spikes at
-/// each step (zeros unless counted).
+/// each step (zeros unless counted), computed at `level`.
 pub(super) fn forward(
+    level: Level,
     cfg: &LifConfig,
     x: &[f32],
     n: usize,
@@ -547,7 +491,7 @@ pub(super) fn forward(
         count_spikes,
         ..Pass::new(Input::new(x, n, steps), &[], &mut out)
     };
-    let per_step = with_charge(cfg, Forward { cfg, pass });
+    let per_step = with_charge(cfg, Forward { cfg, pass, level });
     (out, per_step)
 }
 
@@ -555,6 +499,7 @@ pub(super) fn forward(
 /// packed 64 to a word per row: `[T, n / cols, cols.div_ceil(64)]` words, bit `j % 64` of word
 /// `j / 64` for column `j`.
 pub(super) fn forward_bits(
+    level: Level,
     cfg: &LifConfig,
     x: &[f32],
     (n, cols): (usize, usize),
@@ -564,12 +509,21 @@ pub(super) fn forward_bits(
         return Vec::new();
     }
     let input = Input::new(x, n, steps);
-    with_charge(cfg, ForwardBits { cfg, input, cols })
+    with_charge(
+        cfg,
+        ForwardBits {
+            cfg,
+            input,
+            cols,
+            level,
+        },
+    )
 }
 
 /// dL/dX of input `x` of `n` neurons read as `steps` says, given dL/dS `[T, n]`; the shape of
 /// `x`.
 pub(super) fn backward(
+    level: Level,
     cfg: &LifConfig,
     x: &[f32],
     grad_out: &[f32],
@@ -578,7 +532,7 @@ pub(super) fn backward(
 ) -> Vec<f32> {
     let mut gx = vec![0f32; x.len()];
     let pass = Pass::new(Input::new(x, n, steps), grad_out, &mut gx);
-    with_charge(cfg, Backward { cfg, pass });
+    with_charge(cfg, Backward { cfg, pass, level });
     gx
 }
 
@@ -593,40 +547,48 @@ mod tests {
             .collect()
     }
 
-    #[cfg(target_arch = "x86_64")]
     #[test]
-    fn avx2_and_baseline_loops_agree_bit_for_bit() {
-        if !has_avx2() {
-            return;
-        }
+    fn every_simd_level_gives_the_same_spikes_and_gradients() {
         let (steps, n) = (4, CHUNK + 13);
         let x = inputs(steps * n);
         let g: Vec<f32> = inputs(steps * n).iter().map(|v| v * 0.7 - 0.1).collect();
-        let cfg = LifConfig {
-            detach_reset: false,
-            ..LifConfig::default()
+        let configs = [
+            LifConfig {
+                detach_reset: false,
+                ..LifConfig::default()
+            },
+            LifConfig {
+                surrogate: Surrogate::atan(),
+                v_reset: None,
+                ..LifConfig::default()
+            },
+        ];
+        let cols = 70;
+        let run = |level: Level, cfg: &LifConfig| {
+            let (spikes, counts) = forward(level, cfg, &x, n, Steps::PerStep, true);
+            let held = forward(level, cfg, &x[..n], n, Steps::Held(steps), false).0;
+            let bits = forward_bits(
+                level,
+                cfg,
+                &x[..cols * 20],
+                (cols * 20, cols),
+                Steps::Held(3),
+            );
+            let gx = backward(level, cfg, &x, &g, n, Steps::PerStep);
+            let gx_held = backward(level, cfg, &x[..n], &g, n, Steps::Held(steps));
+            (spikes, counts, held, bits, gx, gx_held)
         };
-        let k = Common::new(&cfg);
-        let c = DecayToZero { tau: cfg.tau };
-        let run = |avx: bool, backward: bool| {
-            let mut out = vec![0f32; x.len()];
-            let pass = Pass {
-                count_spikes: true,
-                ..Pass::new(Input::new(&x, n, Steps::PerStep), &g, &mut out)
-            };
-            chunks(n).for_each(|(lo, hi)| match (avx, backward) {
-                // SAFETY: has_avx2() was checked above.
-                (true, false) => drop(unsafe { avx2::forward_chunk(c, k, pass, lo, hi) }),
-                (true, true) => unsafe {
-                    avx2::backward_chunk(c, SigmoidSlope(4.0), k, pass, lo, hi)
-                },
-                (false, false) => drop(forward_chunk(c, k, pass, lo, hi)),
-                (false, true) => backward_chunk(c, SigmoidSlope(4.0), k, pass, lo, hi),
-            });
-            out
-        };
-        assert_eq!(run(true, false), run(false, false));
-        assert_eq!(run(true, true), run(false, true));
-        assert!(run(false, false).contains(&1.0));
+        for cfg in &configs {
+            let portable = run(Level::Portable, cfg);
+            assert!(portable.0.contains(&1.0) && portable.0.contains(&0.0));
+            for level in Level::supported_levels() {
+                let ours = run(level, cfg);
+                // Bit-identical: the same operations in the same order at every width.
+                assert_eq!(ours, portable, "{level}");
+            }
+            if !Level::Avx512.supported() {
+                println!("skipped the avx512 path: this CPU lacks AVX-512");
+            }
+        }
     }
 }
