@@ -110,7 +110,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
         results.insert(name.to_string(), serde_json::to_value(&r)?);
     }
-    if let Some(path) = args.json {
+    if let Some(path) = args.json.filter(|_| crate::dist::is_writer()) {
         let text = serde_json::to_string_pretty(&results)?;
         std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
     }
