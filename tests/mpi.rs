@@ -61,18 +61,24 @@ fn weights(path: &Path) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(path, &Device::Cpu).unwrap()
 }
 
-/// A short stage on the built-in world: 96 items in global batches of 32, two epochs.
-fn stage_args<'a>(stage: &'a str, out: &'a str, init: Option<&'a str>) -> Vec<&'a str> {
+/// A short stage on the built-in world: the first `items` items in global batches of 32.
+fn stage_args<'a>(
+    stage: &'a str,
+    items: &'a str,
+    epochs: &'a str,
+    out: &'a str,
+    init: Option<&'a str>,
+) -> Vec<&'a str> {
     let mut args = vec![
         "train",
         "--stage",
         stage,
         "--items",
-        "96",
+        items,
         "--batch-size",
         "32",
         "--epochs",
-        "2",
+        epochs,
         "--out",
         out,
     ];
@@ -83,43 +89,126 @@ fn stage_args<'a>(stage: &'a str, out: &'a str, init: Option<&'a str>) -> Vec<&'
     args
 }
 
-/// Each stage from the same start, alone and on two ranks: the same loss at every step and
-/// the same weights at the end (each stage starts from the single process's previous result,
-/// so the checkpoints of one are read by the other).
+const STAGES: [&str; 3] = ["distill-text", "distill-image", "finetune"];
+
+/// The stage's checkpoint file in `dir`.
+fn last(dir: &Path, stage: &str) -> std::path::PathBuf {
+    dir.join(format!("{}_last.safetensors", stage.replace('-', "_")))
+}
+
+/// The largest difference of Adam's first moments (a tenth of the first step's gradients) in
+/// two checkpoints relative to the moment's scale, and the largest difference of BatchNorm's
+/// running statistics. Moments below 1e-4 of the model's largest are rounding noise and left
+/// out: a bias followed by BatchNorm has an exact gradient of zero.
+fn gradient_and_statistics_gaps(
+    a: &HashMap<String, Tensor>,
+    b: &HashMap<String, Tensor>,
+) -> (f32, f32) {
+    let scale = |t: &Tensor| {
+        t.abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    let moments: Vec<&String> = a.keys().filter(|k| k.ends_with(".m")).collect();
+    let largest = moments.iter().map(|k| scale(&a[*k])).fold(0f32, f32::max);
+    let gradients = moments
+        .iter()
+        .filter(|k| scale(&a[**k]) >= 1e-4 * largest)
+        .map(|k| common::max_abs_diff(&a[*k], &b[*k]) / scale(&a[*k]))
+        .fold(0f32, f32::max);
+    let statistics = a
+        .keys()
+        .filter(|k| k.contains("running_"))
+        .map(|k| common::max_abs_diff(&a[k], &b[k]))
+        .fold(0f32, f32::max);
+    (gradients, statistics)
+}
+
+/// One step of each stage on a global batch of 32, alone and on two ranks: the same loss,
+/// the same gradients (Adam's first moments) and the same running statistics; without
+/// synchronised BatchNorm the image stage's gradients and statistics are another batch's.
 #[test]
-fn two_ranks_with_synchronised_batch_norm_train_as_one_process() {
+fn one_step_on_two_ranks_has_the_loss_and_gradients_of_one_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let init = dir.path().join("init");
+    let init_s = init.to_str().unwrap();
+    run(0, &stage_args("distill-text", "32", "0", init_s, None));
+    for stage in STAGES {
+        let (one, two) = (
+            dir.path().join(format!("{stage}-1")),
+            dir.path().join(format!("{stage}-2")),
+        );
+        let alone = run(
+            0,
+            &stage_args(stage, "32", "1", one.to_str().unwrap(), Some(init_s)),
+        );
+        let pair = run(
+            2,
+            &stage_args(stage, "32", "1", two.to_str().unwrap(), Some(init_s)),
+        );
+        let (a, b) = (step_losses(&alone), step_losses(&pair));
+        assert_eq!(
+            (a.len(), b.len()),
+            (1, 1),
+            "{stage}: one step each, logged by rank 0 alone"
+        );
+        assert!(
+            (a[0] - b[0]).abs() <= 1e-6,
+            "{stage}: loss {} alone, {} on two ranks",
+            a[0],
+            b[0]
+        );
+        let (a, b) = (weights(&last(&one, stage)), weights(&last(&two, stage)));
+        let (gradients, statistics) = gradient_and_statistics_gaps(&a, &b);
+        assert!(
+            gradients <= 1e-4,
+            "{stage}: gradients differ by {gradients} of their scale"
+        );
+        assert!(
+            statistics <= 1e-5,
+            "{stage}: running statistics differ by {statistics}"
+        );
+        if stage == "distill-image" {
+            let apart = dir.path().join("no-sync");
+            let mut args = stage_args(stage, "32", "1", apart.to_str().unwrap(), Some(init_s));
+            args.push("--no-sync-bn");
+            run(2, &args);
+            let (gradients, statistics) =
+                gradient_and_statistics_gaps(&a, &weights(&last(&apart, stage)));
+            assert!(
+                gradients > 1e-2 && statistics > 1e-3,
+                "without sync: {gradients}, {statistics}"
+            );
+        }
+    }
+}
+
+/// Two epochs of two steps of each stage, alone and on two ranks, follow the same losses (each
+/// stage starts from the single process's previous result, so each reads the other's
+/// checkpoints). Spiking networks amplify rounding: a membrane potential that lands on the
+/// other side of the threshold flips a spike, so the losses are compared to 1e-5.
+#[test]
+fn several_steps_on_two_ranks_follow_one_process() {
     let dir = tempfile::tempdir().unwrap();
     let mut init: Option<String> = None;
-    for stage in ["distill-text", "distill-image", "finetune"] {
+    for stage in STAGES {
         let (one, two) = (
             dir.path().join(format!("{stage}-1")),
             dir.path().join(format!("{stage}-2")),
         );
         let (one, two) = (one.to_str().unwrap(), two.to_str().unwrap());
-        let alone = run(0, &stage_args(stage, one, init.as_deref()));
-        let pair = run(2, &stage_args(stage, two, init.as_deref()));
+        let alone = run(0, &stage_args(stage, "64", "2", one, init.as_deref()));
+        let pair = run(2, &stage_args(stage, "64", "2", two, init.as_deref()));
         let (a, b) = (step_losses(&alone), step_losses(&pair));
-        assert_eq!(
-            a.len(),
-            6,
-            "{stage}: {}",
-            String::from_utf8_lossy(&alone.stderr)
-        );
-        assert_eq!(b.len(), 6, "{stage}: rank 0 alone logs its steps");
+        assert_eq!((a.len(), b.len()), (4, 4), "{stage}");
         for (step, (a, b)) in a.iter().zip(&b).enumerate() {
             assert!(
-                (a - b).abs() <= 1e-6,
+                (a - b).abs() <= 1e-5,
                 "{stage} step {step}: loss {a} alone, {b} on two ranks"
             );
-        }
-        let (a, b) = (
-            weights(&Path::new(one).join("model.safetensors")),
-            weights(&Path::new(two).join("model.safetensors")),
-        );
-        assert_eq!(a.len(), b.len());
-        for (name, w) in &a {
-            let diff = common::max_abs_diff(w, &b[name]);
-            assert!(diff <= 1e-5, "{stage}: {name} differs by {diff}");
         }
         init = Some(one.to_string());
     }
@@ -154,21 +243,10 @@ fn a_killed_rank_ends_the_job_and_the_job_resumes_to_the_same_bytes() {
     let dir = tempfile::tempdir().unwrap();
     let (whole, cut) = (dir.path().join("whole"), dir.path().join("cut"));
     let args = |out: &Path| -> Vec<String> {
-        let out = out.to_str().unwrap().to_string();
-        [
-            "train",
-            "--stage",
-            "distill-image",
-            "--preset",
-            "tiny",
-            "--items",
-            "192",
-        ]
-        .into_iter()
-        .map(String::from)
-        .chain(["--batch-size", "16", "--epochs", "3", "--out"].map(String::from))
-        .chain([out])
-        .collect()
+        stage_args("distill-image", "64", "3", out.to_str().unwrap(), None)
+            .into_iter()
+            .map(String::from)
+            .collect()
     };
     let whole_args = args(&whole);
     run(
