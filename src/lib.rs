@@ -11,6 +11,7 @@
 pub mod bench;
 pub mod cli;
 pub mod data;
+pub mod dist;
 pub mod energy;
 pub mod eval;
 pub mod experiments;

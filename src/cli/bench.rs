@@ -15,8 +15,8 @@ use crate::bench::{measure, BenchResult, Budget};
 use crate::data::cache::{cache_images, Cache, CacheOptions};
 use crate::data::sources::ImageSource;
 use crate::data::world::{Split, World, WorldConfig};
-use crate::kernels::simd;
 use crate::data::ImageFeatureSet;
+use crate::kernels::simd;
 use crate::neuron::{LifConfig, MultiStepLif};
 use crate::teacher::clip::{ClipConfig, ClipModel};
 use crate::teacher::preprocess::Preprocessor;
@@ -124,7 +124,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
         results.insert(name.to_string(), serde_json::to_value(&r)?);
     }
-    if let Some(path) = args.json {
+    if let Some(path) = args.json.filter(|_| crate::dist::is_writer()) {
         let text = serde_json::to_string_pretty(&results)?;
         std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
     }

@@ -78,13 +78,16 @@ fn student_zero_shot(
     Ok(acc)
 }
 
+/// The row of a result, printed by rank 0 (under MPI every rank holds the same sums).
 fn row(name: &str, acc: &TopK) -> serde_json::Value {
-    println!(
-        "{name:<28} top-1 {:6.2}%  top-5 {:6.2}%  ({} images)",
-        100.0 * acc.top1(),
-        100.0 * acc.top5(),
-        acc.total
-    );
+    if crate::dist::is_writer() {
+        println!(
+            "{name:<28} top-1 {:6.2}%  top-5 {:6.2}%  ({} images)",
+            100.0 * acc.top1(),
+            100.0 * acc.top5(),
+            acc.total
+        );
+    }
     json!({"set": name, "top1": acc.top1(), "top5": acc.top5(), "images": acc.total})
 }
 
@@ -93,7 +96,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let loaded = LoadedStudent::open(&args.checkpoint, &dev)?;
     let inference = loaded.for_inference(args.dense)?;
     let student = inference.student();
-    println!("image encoder: {} path", inference.image_path());
+    if crate::dist::is_writer() {
+        println!("image encoder: {} path", inference.image_path());
+    }
     let mut rows = Vec::new();
     if args.data == "world" {
         let world = World::new(WorldConfig {
@@ -137,7 +142,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     } else {
         bail!("--data {:?}: expected world or cache:DIR", args.data);
     }
-    if let Some(path) = args.json {
+    if let Some(path) = args.json.filter(|_| crate::dist::is_writer()) {
         std::fs::write(&path, serde_json::to_string_pretty(&rows)?)
             .with_context(|| format!("writing {}", path.display()))?;
     }

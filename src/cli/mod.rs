@@ -76,7 +76,23 @@ pub fn main() -> ExitCode {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
     let cli = Cli::parse();
-    let result = match cli.command {
+    // Held to the end: MPI is finalised when it is dropped.
+    let _job = match crate::dist::launch() {
+        Ok(job) => job,
+        Err(err) => {
+            eprintln!("error: joining the MPI job: {err:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let args: Vec<String> = std::env::args().collect();
+    let same_args = crate::dist::ensure_same(
+        "the command line",
+        crate::dist::Digest::default()
+            .bytes(args.join("\0").as_bytes())
+            .value(),
+        crate::dist::collective(),
+    );
+    let result = same_args.and_then(|()| match cli.command {
         Command::Bench(args) => bench::run(args),
         Command::Train(args) => train::run(args),
         Command::Energy(args) => energy::run(args),
@@ -91,10 +107,11 @@ pub fn main() -> ExitCode {
         Command::Info(args) => info::run(args),
         Command::Serve(args) => serve::run(args),
         Command::ServeBench(args) => serve_bench::run(args),
-    };
+    });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
+            crate::dist::fail_job(&err);
             eprintln!("error: {err:#}");
             ExitCode::FAILURE
         }

@@ -8,8 +8,10 @@ use candle_core::Device;
 
 use super::prompt_args::PromptFileArgs;
 use crate::data::cache::Cache;
+use crate::data::prefix::{first_images, first_texts, Prefix};
 use crate::data::world::{Split, World, WorldConfig};
 use crate::data::{ImageFeatureSet, TextFeatureSet};
+use crate::dist;
 use crate::eval::zeroshot::class_embeddings;
 use crate::model::checkpoint::{self, ModelCard, ModelKind, TokenizerSpec};
 use crate::model::config::SpikeClipConfig;
@@ -19,6 +21,7 @@ use crate::recipe::dead_features::Probe;
 use crate::recipe::{distill_image, distill_text, finetune, FinetuneTargets};
 use crate::teacher::clip::{ClipModel, ClipTeacher};
 use crate::teacher::{ModelSpec, TextTeacher, Tokenize};
+use crate::train::data_parallel::ensure_same_data;
 use crate::train::loss::DualLossConfig;
 use crate::train::stage::{AfterEpoch, EpochRecord, StageConfig, StageRun};
 
@@ -87,6 +90,13 @@ pub struct Args {
     lambda: f64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Under MPI: each rank's BatchNorm normalises its own part of the batch, instead of using
+    /// the statistics of the whole global batch (the default, as PyTorch's `SyncBatchNorm`).
+    #[arg(long)]
+    no_sync_bn: bool,
+    /// Train on the first N items of the data only (short runs, smoke tests).
+    #[arg(long, value_name = "N")]
+    items: Option<usize>,
 }
 
 fn stage_config(args: &Args) -> StageConfig {
@@ -164,12 +174,16 @@ fn student(
         )
         .with_context(|| format!("copying CLIP's embeddings from {}", clip_dir.display()))?;
     }
-    checkpoint::save(&dir, fresh.as_ref(), &card)?;
+    if dist::is_writer() {
+        checkpoint::save(&dir, fresh.as_ref(), &card)?;
+    }
+    dist::collective().barrier();
     LoadedStudent::open(&dir, dev)
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let dev = Device::Cpu;
+    dist::set_sync_batch_norm(!args.no_sync_bn);
     let world = (args.data == "world").then(|| World::new(WorldConfig::default()));
     let cache_dir = match args.data.strip_prefix("cache:") {
         Some(d) => Some(PathBuf::from(d)),
@@ -226,18 +240,33 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         observer: Some(Box::new(AfterEpoch(warn_if_dead))),
     };
     let s = loaded.student.as_ref();
+    let items = args.items;
     let outcome = match (args.stage, &world, &cache_dir) {
-        (Stage::DistillText, Some(w), _) => distill_text(s, &w.dtext(), run, &dev, None)?,
+        (Stage::DistillText, Some(w), _) => distill_text(
+            s,
+            &training_texts(&w.dtext(), items, &dev)?,
+            run,
+            &dev,
+            None,
+        )?,
         (Stage::DistillText, None, Some(d)) => {
-            let texts: Box<dyn TextFeatureSet> = Box::new(Cache::open(&d.join("texts"))?);
-            distill_text(s, texts.as_ref(), run, &dev, None)?
+            let set = Cache::open(&d.join("texts"))?;
+            distill_text(s, &training_texts(&set, items, &dev)?, run, &dev, None)?
         }
-        (Stage::DistillImage, Some(w), _) => {
-            distill_image(s, &w.images(Split::Pretrain), run, &dev, None)?
-        }
-        (Stage::DistillImage, None, Some(d)) => {
-            distill_image(s, &Cache::open_images(d)?, run, &dev, None)?
-        }
+        (Stage::DistillImage, Some(w), _) => distill_image(
+            s,
+            &training_images(&w.images(Split::Pretrain), items, &dev)?,
+            run,
+            &dev,
+            None,
+        )?,
+        (Stage::DistillImage, None, Some(d)) => distill_image(
+            s,
+            &training_images(&Cache::open_images(d)?, items, &dev)?,
+            run,
+            &dev,
+            None,
+        )?,
         (Stage::Finetune, Some(w), _) => {
             let prompts = &World::split_prompts(Split::Train);
             let targets = FinetuneTargets {
@@ -249,14 +278,24 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 lambda: args.lambda,
                 ..DualLossConfig::default()
             };
-            finetune(s, &w.images(Split::Train), &targets, &loss, run, &dev, None)?
+            let set = w.images(Split::Train);
+            finetune(
+                s,
+                &training_images(&set, items, &dev)?,
+                &targets,
+                &loss,
+                run,
+                &dev,
+                None,
+            )?
         }
         (Stage::Finetune, None, Some(d)) => {
             let Some(teacher) = &args.teacher else {
                 bail!("fine-tuning on a cache needs --prompts FILE --prompt-set NAME --teacher clip:DIR");
             };
-            let images = Cache::open_images(d)?;
-            let prompts = args.prompts.for_images(&images, "fine-tuning")?;
+            let set = Cache::open_images(d)?;
+            let images = training_images(&set, items, &dev)?;
+            let prompts = args.prompts.for_images(&set, "fine-tuning")?;
             let ModelSpec::Clip(tdir) = ModelSpec::parse(teacher)?;
             let clip = ClipTeacher::load(&tdir, &dev)?;
             let targets = FinetuneTargets {
@@ -272,10 +311,50 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         _ => unreachable!("data is world or a cache"),
     };
+    if !dist::is_writer() {
+        return Ok(());
+    }
     let path = checkpoint::save(&args.out, s, &loaded.card)?;
     if let Some(last) = outcome.epochs.last() {
         println!("{stage_name}: epoch {} loss {:.4}", last.epoch, last.loss);
     }
     println!("wrote {}", path.display());
     Ok(())
+}
+
+/// The texts to train on (`--items`), after checking under MPI that every rank reads the same
+/// ones (a sample of them).
+fn training_texts<'a>(
+    set: &'a (dyn TextFeatureSet + 'a),
+    limit: Option<usize>,
+    dev: &Device,
+) -> anyhow::Result<Prefix<'a, dyn TextFeatureSet + 'a>> {
+    let set = first_texts(set, limit);
+    if dist::is_distributed() {
+        let b = set.batch(&sample(set.len()), dev)?;
+        ensure_same_data("the training texts", &[&b.token_ids, &b.teacher])?;
+    }
+    Ok(set)
+}
+
+/// The images to train on (`--items`), after checking under MPI that every rank reads the same
+/// ones (a sample of them).
+fn training_images<'a>(
+    set: &'a (dyn ImageFeatureSet + 'a),
+    limit: Option<usize>,
+    dev: &Device,
+) -> anyhow::Result<Prefix<'a, dyn ImageFeatureSet + 'a>> {
+    let set = first_images(set, limit);
+    if dist::is_distributed() {
+        let b = set.batch(&sample(set.len()), dev)?;
+        ensure_same_data("the training images", &[&b.inputs, &b.teacher])?;
+    }
+    Ok(set)
+}
+
+/// The first, middle and last items of a set of `len`.
+fn sample(len: usize) -> Vec<usize> {
+    let mut items = vec![0, len / 2, len.saturating_sub(1)];
+    items.dedup();
+    items
 }

@@ -5,6 +5,7 @@
 //! once per epoch.
 
 pub mod cache;
+pub mod prefix;
 pub mod prompts;
 pub mod sources;
 pub mod student_inputs;

@@ -178,19 +178,23 @@ fn task_affine(out: &mut [f32], x: &[f32], g: &[f32], d: Dims, c: &Affine) {
 }
 
 /// Batch statistics of one forward call: per channel, the mean and `1 / sqrt(var + eps)`,
-/// and the biased variance for the running average.
+/// the biased variance for the running average, and the values per channel they were taken
+/// over (the whole job's batch under synchronised BatchNorm).
 #[derive(Debug, Clone)]
 struct Stats {
     mean: Vec<f64>,
     var: Vec<f64>,
     invstd: Vec<f64>,
+    count: f64,
 }
 
 impl Stats {
     fn of(x: &[f32], d: Dims, eps: f64) -> Self {
-        let n = d.count().max(1) as f64;
-        let (sum, _) = channel_sums(simd::BATCH_NORM.level(), x, x, d, (None, None));
-        let mean: Vec<f64> = sum.iter().map(|s| s / n).collect();
+        let (mut sum, _) = channel_sums(simd::BATCH_NORM.level(), x, x, d, (None, None));
+        sum.push(d.count() as f64);
+        let sum = over_ranks(sum);
+        let n = sum[d.c].max(1.0);
+        let mean: Vec<f64> = sum[..d.c].iter().map(|s| s / n).collect();
         let (_, sq) = channel_sums(
             simd::BATCH_NORM.level(),
             x,
@@ -198,10 +202,24 @@ impl Stats {
             d,
             (Some(&mean), Some(&mean)),
         );
-        let var: Vec<f64> = sq.iter().map(|s| s / n).collect();
+        let var: Vec<f64> = over_ranks(sq).iter().map(|s| s / n).collect();
         let invstd = var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
-        Self { mean, var, invstd }
+        Self {
+            mean,
+            var,
+            invstd,
+            count: n,
+        }
     }
+}
+
+/// Per-channel sums over every rank of a data-parallel job when BatchNorm is synchronised
+/// ([`crate::dist::batch_norm_group`]), as PyTorch's `SyncBatchNorm`; as they are otherwise.
+fn over_ranks(mut sums: Vec<f64>) -> Vec<f64> {
+    if let Some(group) = crate::dist::batch_norm_group() {
+        group.all_reduce_sum_f64(&mut sums);
+    }
+    sums
 }
 
 /// `x * (gamma * invstd) + (beta - mean * gamma * invstd)` per channel.
@@ -223,13 +241,17 @@ fn normalised(x: &[f32], d: Dims, stats: &Stats, gamma: &[f32], beta: &[f32]) ->
 /// Gradients of the input, `gamma` and `beta` of [`normalised`] given the output's, `grad`.
 fn gradients(x: &Tensor, grad: &Tensor, stats: &Stats, gamma: &Tensor) -> Result<Grads3> {
     let d = Dims::of(x.shape())?;
-    let n = d.count().max(1) as f64;
+    let n = stats.count;
     let gamma = gamma.to_vec1::<f32>()?;
     let (grad_x, sum_g, sum_gx) = with_f32(x, "batch_norm", |x| {
         with_f32(grad, "batch_norm", |g| {
-            // sum(dy) and sum(dy * (x - mean)) per channel.
+            // sum(dy) and sum(dy * (x - mean)) per channel: this rank's for the affine pair's
+            // gradients (summed over ranks with every other gradient), the job's for the
+            // input's.
             let (sum_g, sum_gx) =
                 channel_sums(simd::BATCH_NORM.level(), g, x, d, (None, Some(&stats.mean)));
+            let global = over_ranks([&sum_g[..], &sum_gx[..]].concat());
+            let (all_g, all_gx) = global.split_at(d.c);
             // dx = gamma invstd (dy - sum(dy) / n - (x - mean) invstd^2 sum(dy (x - mean)) / n),
             // as `a dy - a k x + a (k mean - mean(dy))` with its coefficients in f64.
             let mut affine = Affine {
@@ -239,12 +261,12 @@ fn gradients(x: &Tensor, grad: &Tensor, stats: &Stats, gamma: &Tensor) -> Result
             };
             for ch in 0..d.c {
                 let a = gamma[ch] as f64 * stats.invstd[ch];
-                let k = stats.invstd[ch] * stats.invstd[ch] * sum_gx[ch] / n;
+                let k = stats.invstd[ch] * stats.invstd[ch] * all_gx[ch] / n;
                 affine.g.push(a as f32);
                 affine.x.push((-a * k) as f32);
                 affine
                     .shift
-                    .push((a * (k * stats.mean[ch] - sum_g[ch] / n)) as f32);
+                    .push((a * (k * stats.mean[ch] - all_g[ch] / n)) as f32);
             }
             let gx = per_channel_affine(simd::BATCH_NORM.level(), x, g, d, &affine);
             Ok((gx, sum_g, sum_gx))
@@ -355,7 +377,7 @@ pub fn batch_norm_train(x: &Tensor, bns: &[&BatchNorm]) -> Result<Tensor> {
         stats: stats.clone(),
     };
     let y = x.contiguous()?.apply_op3(&gamma, &beta, op)?;
-    update_running(bns, &stats_of(&stats)?, Dims::of(x.shape())?)?;
+    update_running(bns, &stats_of(&stats)?)?;
     Ok(y)
 }
 
@@ -397,7 +419,7 @@ where
         let y = normalised(x, d, &stats, &g, &b);
         Ok((stats, y))
     })?;
-    update_running(bns, &stats, d)?;
+    update_running(bns, &stats)?;
     let (value, then_grad) = then(&Tensor::from_vec(y, x.shape(), x.device())?)?;
     // Three arguments at most: the affine pair travels as one, and without a parameter the
     // pair stands in for it (and gets no gradient as such).
@@ -448,9 +470,9 @@ fn stacked_affine(x: &Tensor, bns: &[&BatchNorm]) -> Result<(Tensor, Tensor, f64
 }
 
 /// Moves each of `bns`' running mean and (unbiased) variance towards its channels' share of
-/// the batch statistics `stats` of an input laid out as `d`, with its momentum.
-fn update_running(bns: &[&BatchNorm], stats: &Stats, d: Dims) -> Result<()> {
-    let n = d.count() as f64;
+/// the batch statistics `stats`, with its momentum.
+fn update_running(bns: &[&BatchNorm], stats: &Stats) -> Result<()> {
+    let n = stats.count;
     let unbiased = n / (n - 1.0).max(1.0);
     let mut first = 0;
     for bn in bns {

@@ -99,6 +99,12 @@ impl RowGrad {
         &self.rows
     }
 
+    /// The rows' values, `[rows().len(), width()]` row-major, for summing them across
+    /// processes in place ([`crate::dist::grads::union_rows`] lines the rows up first).
+    pub fn values_mut(&mut self) -> &mut [f32] {
+        &mut self.values
+    }
+
     /// Row `id`'s gradient, or `None` where it is zero.
     pub fn row(&self, id: usize) -> Option<&[f32]> {
         let at = self.rows.binary_search(&u32::try_from(id).ok()?).ok()?;

@@ -175,12 +175,21 @@ fn score_batches(
     progress: &mut Progress,
     mut logits: impl FnMut(&crate::data::ImageBatch) -> anyhow::Result<Tensor>,
 ) -> anyhow::Result<TopK> {
+    // Under MPI each rank scores its part of the set and the counts are summed.
+    let job = crate::dist::collective();
     let mut acc = TopK::default();
     let all: Vec<usize> = (0..data.len()).collect();
-    for idx in all.chunks(EVAL_BATCH) {
+    for idx in crate::dist::shard(&all, job).chunks(EVAL_BATCH) {
         let batch = data.batch(idx, device)?;
         acc = acc.merge(TopK::from_logits(&logits(&batch)?, &batch.labels)?);
         progress.inc(idx.len());
     }
-    Ok(acc)
+    let mut counts = [acc.correct1, acc.correct5, acc.total].map(|n| n as f64);
+    job.all_reduce_sum_f64(&mut counts);
+    let [correct1, correct5, total] = counts.map(|n| n as usize);
+    Ok(TopK {
+        correct1,
+        correct5,
+        total,
+    })
 }

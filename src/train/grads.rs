@@ -4,8 +4,10 @@
 use std::collections::HashMap;
 
 use candle_core::backprop::GradStore;
-use candle_core::{Result, Tensor, TensorId};
+use candle_core::{Result, Tensor, TensorId, Var};
 
+use crate::dist::grads::{all_reduce_in_buckets, union_rows};
+use crate::dist::Collective;
 use crate::kernels::grad_slot::{GradSlot, OuterGrad, RowGrad, SlotGrad};
 
 /// One parameter's gradient.
@@ -49,6 +51,70 @@ impl Gradients {
             store,
             slots: taken,
         })
+    }
+
+    /// Sums every gradient of `params` over the ranks of `c` in `params`' order (each
+    /// rank's loss already weighted by its share of the global batch, so the sums are the
+    /// global batch's gradients). A row gradient first takes the rows any rank touched; a
+    /// factored one is formed, since the factors of different ranks do not add. Returns the
+    /// bytes reduced; alone, nothing is touched.
+    pub fn all_reduce(&mut self, params: &[(String, Var)], c: &dyn Collective) -> Result<usize> {
+        if c.size() == 1 {
+            return Ok(0);
+        }
+        let mut owned: HashMap<TensorId, Vec<f32>> = HashMap::new();
+        for (name, var) in params {
+            let p = var.as_tensor();
+            let Some((_, grad)) = self.slots.get_mut(&p.id()) else {
+                let g = self.store.get(p).ok_or_else(|| {
+                    candle_core::Error::Msg(format!("{name} has no gradient to sum"))
+                })?;
+                owned.insert(p.id(), g.flatten_all()?.to_vec1::<f32>()?);
+                continue;
+            };
+            let formed = match grad {
+                SlotGrad::Product(product) => {
+                    let mut dense = vec![0f32; p.elem_count()];
+                    product.write_into(&mut dense)?;
+                    Some(dense)
+                }
+                SlotGrad::Rows(rows) => {
+                    let width = rows.width().max(1);
+                    union_rows(rows, p.elem_count() / width, c)?;
+                    None
+                }
+                SlotGrad::Dense(_) => None,
+            };
+            if let Some(dense) = formed {
+                *grad = SlotGrad::Dense(dense);
+            }
+        }
+        let mut views: HashMap<TensorId, &mut [f32]> = owned
+            .iter_mut()
+            .map(|(id, v)| (*id, v.as_mut_slice()))
+            .collect();
+        for (id, (_, grad)) in self.slots.iter_mut() {
+            let values = match grad {
+                SlotGrad::Dense(v) => v.as_mut_slice(),
+                SlotGrad::Rows(rows) => rows.values_mut(),
+                // Not one of `params` (theirs were formed above): left alone.
+                SlotGrad::Product(_) => continue,
+            };
+            views.insert(*id, values);
+        }
+        let mut ordered: Vec<&mut [f32]> = params
+            .iter()
+            .filter_map(|(_, var)| views.remove(&var.as_tensor().id()))
+            .collect();
+        let bytes = all_reduce_in_buckets(&mut ordered, c);
+        for (_, var) in params {
+            let p = var.as_tensor();
+            if let Some(values) = owned.remove(&p.id()) {
+                let sum = Tensor::from_vec(values, p.shape(), p.device())?.to_dtype(p.dtype())?;
+                self.store.insert(p, sum);
+            }
+        }
+        Ok(bytes)
     }
 
     /// The gradient of `param`, if it got one.

@@ -3,6 +3,7 @@
 //! spiking encoders and the ANN baseline alike.
 
 pub mod checkpoint;
+pub mod data_parallel;
 pub mod epoch;
 pub mod grads;
 pub mod guard;

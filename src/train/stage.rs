@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::kernels::grad_slot::GradSlot;
 
 use super::checkpoint::{self, TrainState};
+use super::data_parallel::DataParallel;
 use super::epoch::run_epoch;
 use super::grads::Gradients;
 use super::guard;
@@ -183,7 +184,10 @@ impl StageRun<'_> {
                 rng: Rng::new(cfg.seed),
             }
         };
-        let mut log = JsonlWriter::append(&self.out_dir.join("metrics.jsonl"))?;
+        let mut dp = DataParallel::start(self.name, cfg, len, self.varmap)?;
+        let writer = crate::dist::is_writer();
+        let metrics = self.out_dir.join("metrics.jsonl");
+        let mut log = writer.then(|| JsonlWriter::append(&metrics)).transpose()?;
         let mut observer = self.observer;
         let mut records = Vec::new();
         for epoch in state.epoch..cfg.epochs {
@@ -196,9 +200,10 @@ impl StageRun<'_> {
                 cfg.batch_size,
                 &mut state.rng,
                 &label,
-                self.show_progress,
-                |idx| {
-                    let l = loss(idx)?;
+                self.show_progress && writer,
+                |global| {
+                    let idx = dp.local(global);
+                    let l = dp.weighted(loss(idx)?, idx.len(), global.len())?;
                     let value = guard::finite_loss(&l, step).with_context(|| {
                         format!(
                             "stage {} stopped; the last good checkpoint is {}",
@@ -206,16 +211,23 @@ impl StageRun<'_> {
                             last.display()
                         )
                     })?;
-                    let grads = Gradients::backward(&l, slots)?;
+                    let mut grads = Gradients::backward(&l, slots)?;
                     guard::all_have_gradients(&grads, &trainable)?;
+                    dp.reduce(&mut grads, &trainable)?;
                     if let Some(o) = observer.as_mut() {
                         o.after_step(&grads, &trainable)?;
                     }
                     optim.step(&grads)?;
                     step += 1;
+                    dp.check_drift(self.varmap, step, false)?;
+                    let value = dp.global_loss(value);
+                    if writer {
+                        tracing::debug!(target: "spikeclip::steps", "step {step} loss {value}");
+                    }
                     Ok(value)
                 },
             )?;
+            dp.check_drift(self.varmap, step, true)?;
             state.step = step;
             state.epoch = epoch + 1;
             let score = match metric.as_mut() {
@@ -223,12 +235,15 @@ impl StageRun<'_> {
                 None => None,
             };
             let is_best = score.is_some_and(|s| state.record_metric(s));
-            checkpoint::save(&last, self.varmap, &optim, &state)?;
-            if is_best {
-                checkpoint::write_atomic_with(&best, |tmp| {
-                    std::fs::copy(&last, tmp)?;
-                    Ok(())
-                })?;
+            // Rank 0 alone writes the job's files.
+            if writer {
+                checkpoint::save(&last, self.varmap, &optim, &state)?;
+                if is_best {
+                    checkpoint::write_atomic_with(&best, |tmp| {
+                        std::fs::copy(&last, tmp)?;
+                        Ok(())
+                    })?;
+                }
             }
             let record = EpochRecord {
                 stage: self.name.to_string(),
@@ -239,19 +254,22 @@ impl StageRun<'_> {
                 metric: score,
                 items_per_s: summary.items_per_s,
             };
-            log.write(&record)?;
+            if let Some(log) = log.as_mut() {
+                log.write(&record)?;
+                tracing::info!(
+                    "{} epoch {}/{}: loss {:.4}{} ({:.0} items/s){}",
+                    self.name,
+                    epoch + 1,
+                    cfg.epochs,
+                    summary.mean_loss,
+                    score.map_or(String::new(), |s| format!(", metric {s:.4}")),
+                    summary.items_per_s,
+                    dp.traffic().map_or(String::new(), |t| format!(", {t}"))
+                );
+            }
             if let Some(o) = observer.as_mut() {
                 o.after_epoch(&record)?;
             }
-            tracing::info!(
-                "{} epoch {}/{}: loss {:.4}{} ({:.0} items/s)",
-                self.name,
-                epoch + 1,
-                cfg.epochs,
-                summary.mean_loss,
-                score.map_or(String::new(), |s| format!(", metric {s:.4}")),
-                summary.items_per_s
-            );
             records.push(record);
         }
         Ok(StageOutcome {

@@ -55,7 +55,9 @@ fn token_ids(model: &SpikeClip, b: usize) -> anyhow::Result<Tensor> {
 }
 
 /// One distillation step of the tower under `prefix`: features in training mode, `1 - cos`
-/// against random teacher features, backward, Adam over all of the tower's parameters.
+/// against random teacher features, backward, Adam over all of the tower's parameters. Under
+/// MPI, a data-parallel step: each rank takes its part of the batch and the gradients are
+/// summed over the ranks (their bytes and time printed by rank 0).
 fn train_step(
     budget: Budget,
     model: &SpikeClip,
@@ -64,14 +66,36 @@ fn train_step(
     features: impl Fn(&Tensor) -> candle_core::Result<Tensor>,
 ) -> anyhow::Result<BenchResult> {
     let b = input.dim(0)?;
-    let targets = Tensor::randn(0f32, 1.0, (b, model.config.out_dim), &Device::Cpu)?;
-    let mut adam = Adam::new(trainable(model, prefix), AdamConfig::default());
+    let job = crate::dist::collective();
+    let rows: Vec<usize> = (0..b).collect();
+    let mine = crate::dist::shard(&rows, job);
+    let input = input.narrow(0, mine.first().copied().unwrap_or(0), mine.len())?;
+    let targets = Tensor::randn(0f32, 1.0, (mine.len(), model.config.out_dim), &Device::Cpu)?;
+    let params = trainable(model, prefix);
+    let mut adam = Adam::new(params.clone(), AdamConfig::default());
     let slots = model.grad_slots();
+    let (mut steps, mut bytes, mut reduce_s) = (0usize, 0usize, 0f64);
     let result = measure(budget, || {
-        let loss = cosine_distillation(&features(input)?, &targets)?;
-        adam.step(&Gradients::backward(&loss, &slots)?)?;
+        let mut loss = cosine_distillation(&features(&input)?, &targets)?;
+        if job.size() > 1 {
+            loss = (loss * (mine.len() as f64 / b as f64))?;
+        }
+        let mut grads = Gradients::backward(&loss, &slots)?;
+        let start = std::time::Instant::now();
+        bytes += grads.all_reduce(&params, job)?;
+        reduce_s += start.elapsed().as_secs_f64();
+        steps += 1;
+        adam.step(&grads)?;
         Ok(())
     })?;
+    if job.size() > 1 && crate::dist::is_writer() {
+        eprintln!(
+            "{} ranks: all-reduce {:.1} MB in {:.1} ms per step",
+            job.size(),
+            bytes as f64 / steps as f64 / 1e6,
+            1e3 * reduce_s / steps as f64
+        );
+    }
     Ok(result.per_step(b))
 }
 
