@@ -16,6 +16,7 @@ pub mod experiments;
 pub mod kernels;
 pub mod model;
 pub mod neuron;
+pub mod ops;
 pub mod plot;
 pub mod recipe;
 pub mod teacher;
