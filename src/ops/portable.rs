@@ -170,20 +170,31 @@ pub fn lif_conv2d(
 
 /// [`crate::kernels::batch_norm::batch_norm_train`]: BatchNorms `bns` in training mode on
 /// `x [N, C, ...]`, their channels side by side along C, each `bn`'s running mean and unbiased
-/// variance moved towards the batch's with its momentum. The statistics come from per-channel
-/// sums, the place where a synchronised BatchNorm would add other ranks' sums.
+/// variance moved towards the batch's with its momentum. The statistics are per-channel sums in
+/// f64 and the output `x * scale + shift` in f32, as the fused kernel computes them: f32 sums of
+/// a large batch are off by about 1e-5, enough to move spikes across their threshold. The sums
+/// are where a synchronised BatchNorm would add other ranks' sums.
 pub fn batch_norm_train(x: &Tensor, bns: &[&BatchNorm]) -> Result<Tensor> {
     let c = x.dim(1)?;
     let channels_first = x.transpose(0, 1)?.contiguous()?; // [C, N, ...]
     let rows = channels_first.reshape((c, ()))?;
     let n = rows.dim(1)? as f64;
-    let mean = (rows.sum_keepdim(1)? / n)?;
-    let centred = rows.broadcast_sub(&mean)?;
+    let mean = (rows.to_dtype(DType::F64)?.sum_keepdim(1)? / n)?;
+    let centred = rows
+        .broadcast_sub(&mean.to_dtype(rows.dtype())?)?
+        .to_dtype(DType::F64)?;
     let var = (centred.sqr()?.sum_keepdim(1)? / n)?;
     update_running(bns, &mean, &var, n)?;
-    let mut y = centred.broadcast_div(&(var + bns.first().map_or(1e-5, |bn| bn.eps()))?.sqrt()?)?;
+    let eps = bns.first().map_or(1e-5, |bn| bn.eps());
     let (gamma, beta) = stacked_affine(bns, x)?;
-    y = y.broadcast_mul(&gamma)?.broadcast_add(&beta)?;
+    let invstd = (var + eps)?.sqrt()?.recip()?;
+    let scale = gamma
+        .to_dtype(DType::F64)?
+        .mul(&invstd)?
+        .to_dtype(x.dtype())?;
+    let shift = (beta.to_dtype(DType::F64)? - mean.mul(&scale.to_dtype(DType::F64)?)?)?
+        .to_dtype(x.dtype())?;
+    let y = rows.broadcast_mul(&scale)?.broadcast_add(&shift)?;
     y.reshape(channels_first.shape())?
         .transpose(0, 1)?
         .contiguous()
@@ -212,7 +223,7 @@ fn stacked_affine(bns: &[&BatchNorm], x: &Tensor) -> Result<(Tensor, Tensor)> {
 }
 
 /// Moves each of `bns`' running statistics towards its channels of the batch's `mean` and
-/// biased `var` (`[C, 1]`) over `n` values per channel.
+/// biased `var` (`[C, 1]`, f64) over `n` values per channel, in f64.
 fn update_running(bns: &[&BatchNorm], mean: &Tensor, var: &Tensor, n: f64) -> Result<()> {
     let unbiased = n / (n - 1.0).max(1.0);
     let mut first = 0;
@@ -221,8 +232,9 @@ fn update_running(bns: &[&BatchNorm], mean: &Tensor, var: &Tensor, n: f64) -> Re
         let c = bn.running_mean().dim(0)?;
         let update = |running: &Tensor, batch: &Tensor, scale: f64| -> Result<()> {
             let batch = batch.narrow(0, first, c)?.detach().squeeze(1)?;
-            let new = ((running * (1.0 - m))? + (batch * (scale * m))?)?;
-            candle_core::Var::from_tensor(running)?.set(&new)
+            let old = running.to_dtype(DType::F64)?;
+            let new = ((old * (1.0 - m))? + (batch * (scale * m))?)?;
+            candle_core::Var::from_tensor(running)?.set(&new.to_dtype(running.dtype())?)
         };
         update(bn.running_mean(), mean, 1.0)?;
         update(bn.running_var(), var, unbiased)?;
