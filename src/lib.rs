@@ -18,6 +18,7 @@ pub mod experiments;
 pub mod kernels;
 pub mod model;
 pub mod neuron;
+pub mod ops;
 pub mod plot;
 pub mod progress;
 pub mod recipe;

@@ -123,7 +123,8 @@ fn importing_into_the_wrong_size_lists_the_mismatches() {
 fn max_pool_matches_pytorch_forward_and_gradient() {
     let io = candle_core::safetensors::load(fixture("maxpool.safetensors"), &Device::Cpu).unwrap();
     let x = candle_core::Var::from_tensor(&io["x"]).unwrap();
-    let y = spikeclip::model::layers::max_pool_3x3_s2(x.as_tensor()).unwrap();
+    let y = spikeclip::model::layers::max_pool_3x3_s2(spikeclip::ops::Ops::Fused, x.as_tensor())
+        .unwrap();
     assert_eq!(max_abs_diff(&y, &io["y"]), 0.0);
     let grads = (y * &io["g"])
         .unwrap()

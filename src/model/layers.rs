@@ -4,11 +4,10 @@ use candle_core::{Module, ModuleT, Result, Tensor, D};
 use candle_nn::{BatchNorm, BatchNormConfig, Linear, VarBuilder};
 
 use super::summary::{batch_norm_params, linear_params};
-use crate::kernels::batch_norm::{batch_norm_train_then, per_layer, ThenBackward};
-use crate::kernels::lif_linear::{lif_conv2d, lif_linear};
-use crate::kernels::maxpool::{max_pool2d, max_pool2d_grad};
+use crate::kernels::batch_norm::per_layer;
 use crate::kernels::spikes::{SpikeBits, SpikeLayer};
 use crate::neuron::MultiStepLif;
+use crate::ops::{Ops, Then};
 
 /// BatchNorm as the paper trains it: eps 1e-5, momentum 0.1, affine.
 pub fn batch_norm(channels: usize, vb: VarBuilder) -> Result<BatchNorm> {
@@ -25,21 +24,15 @@ pub fn batch_norm(channels: usize, vb: VarBuilder) -> Result<BatchNorm> {
 }
 
 /// BatchNorms `bns` on `x [N, C, ...]`, their channels side by side along C (one layer's, or
-/// the stacked outputs of layers fed by the same input): training mode through our fused op (one
-/// pass per statistic, nothing kept for backward but the input), eval mode on the running
-/// statistics.
-fn normalise(bns: &[&BatchNorm], x: &Tensor, train: bool) -> Result<Tensor> {
+/// the stacked outputs of layers fed by the same input): training mode by `ops` (the fused op
+/// makes one pass per statistic and keeps nothing for backward but the input), eval mode on the
+/// running statistics.
+fn normalise(ops: Ops, bns: &[&BatchNorm], x: &Tensor, train: bool) -> Result<Tensor> {
     if train {
-        crate::kernels::batch_norm::batch_norm_train(x, bns)
+        ops.batch_norm_train(x, bns)
     } else {
         per_layer(x, bns, |bn, x| bn.forward_t(x, false))
     }
-}
-
-/// Every convolution of the image encoders goes through here: our im2col kernel, about twice
-/// as fast as candle's conv2d forward and backward (`spikeclip bench --case conv_tokenizer`).
-pub fn conv2d(x: &Tensor, weight: &Tensor, padding: usize) -> Result<Tensor> {
-    crate::kernels::conv::conv2d(x, weight, padding, 1)
 }
 
 /// A spike-fed layer with its eval-mode BatchNorm folded in, so that the accumulate-only
@@ -72,15 +65,19 @@ pub struct ConvBn {
     bias: Option<Tensor>,
     bn: BatchNorm,
     padding: usize,
+    ops: Ops,
 }
 
 impl ConvBn {
-    /// Weights at `{conv}.weight` (and `.bias`), BatchNorm at `{bn}.*`, under `vb`.
+    /// Weights at `{conv}.weight` (and `.bias`), BatchNorm at `{bn}.*`, under `vb`; the
+    /// convolution (our im2col kernel when fused, about twice as fast as candle's forward and
+    /// backward, `spikeclip bench --case conv_tokenizer`) and BatchNorm run by `ops`.
     pub fn new(
         vb: &VarBuilder,
         (c_in, c_out, k): (usize, usize, usize),
         with_bias: bool,
         (conv, bn): (&str, &str),
+        ops: Ops,
     ) -> Result<Self> {
         let weight = vb.pp(conv).get_with_hints(
             (c_out, c_in, k, k),
@@ -100,6 +97,7 @@ impl ConvBn {
             bias,
             bn: batch_norm(c_out, vb.pp(bn))?,
             padding: k / 2,
+            ops,
         })
     }
 
@@ -116,19 +114,24 @@ impl ConvBn {
 
     /// `[N, C, H, W]` to `[N, C_out, H, W]`.
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let mut y = conv2d(x, &self.weight, self.padding)?;
+        let mut y = self.ops.conv2d(x, &self.weight, self.padding)?;
         if let Some(b) = &self.bias {
             y = y.broadcast_add(&b.reshape((1, (), 1, 1))?)?;
         }
-        normalise(&[&self.bn], &y, train)
+        normalise(self.ops, &[&self.bn], &y, train)
     }
 
     /// The spikes of `lif` on `x [T, B, C, H, W]` through this layer, all time steps at once:
     /// `[T * B, C_out, H, W]`, the same as `forward` of the flattened spikes. The LIF is fused
     /// into the convolution (see [`crate::kernels::lif_linear`]), which keeps the spikes as bits.
     pub fn forward_lif(&self, lif: &MultiStepLif, x: &Tensor, train: bool) -> Result<Tensor> {
-        let y = lif_conv2d(lif, x, &self.weight, self.bias.as_ref(), self.padding)?;
-        normalise(&[&self.bn], &y, train)
+        normalise(self.ops, &[&self.bn], &self.lif_conv(lif, x)?, train)
+    }
+
+    fn lif_conv(&self, lif: &MultiStepLif, x: &Tensor) -> Result<Tensor> {
+        let bias = self.bias.as_ref();
+        self.ops
+            .lif_conv2d(lif, x, &self.weight, bias, self.padding)
     }
 
     /// [`Self::forward_lif`] followed by [`max_pool_3x3_s2`]. In training mode the normalised
@@ -140,16 +143,13 @@ impl ConvBn {
         train: bool,
     ) -> Result<Tensor> {
         if !train {
-            return max_pool_3x3_s2(&self.forward_lif(lif, x, false)?);
+            return max_pool_3x3_s2(self.ops, &self.forward_lif(lif, x, false)?);
         }
-        let y = lif_conv2d(lif, x, &self.weight, self.bias.as_ref(), self.padding)?;
-        batch_norm_train_then(&y, &[&self.bn], None, |y| {
-            let grad = |y: &Tensor, g: &Tensor| {
-                let (k, s, p) = POOL;
-                Ok((max_pool2d_grad(y, g, k, s, p)?, None))
-            };
-            Ok((max_pool_3x3_s2(y)?, grad))
-        })
+        let y = self.lif_conv(lif, x)?;
+        let (k, s, p) = POOL;
+        let shape = y.dims().to_vec();
+        self.ops
+            .batch_norm_then(&y, &[&self.bn], &shape, Then::MaxPool(k, s, p))
     }
 
     /// For [`ConvBn::forward_spikes`], in eval mode.
@@ -170,6 +170,7 @@ impl ConvBn {
 pub struct LinearBn {
     linear: Linear,
     bn: BatchNorm,
+    ops: Ops,
 }
 
 impl LinearBn {
@@ -178,6 +179,7 @@ impl LinearBn {
         (c_in, c_out): (usize, usize),
         with_bias: bool,
         (lin, bn): (&str, &str),
+        ops: Ops,
     ) -> Result<Self> {
         let linear = if with_bias {
             candle_nn::linear(c_in, c_out, vb.pp(lin))?
@@ -187,6 +189,7 @@ impl LinearBn {
         Ok(Self {
             linear,
             bn: batch_norm(c_out, vb.pp(bn))?,
+            ops,
         })
     }
 
@@ -199,7 +202,7 @@ impl LinearBn {
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let rows = x.flatten_to(dims.len() - 2)?;
-        let y = normalise(&[&self.bn], &self.linear.forward(&rows)?, train)?;
+        let y = normalise(self.ops, &[&self.bn], &self.linear.forward(&rows)?, train)?;
         let mut out = dims;
         *out.last_mut().expect("rank >= 1") = y.dim(1)?;
         y.reshape(out)
@@ -217,44 +220,30 @@ impl LinearBn {
         x: &Tensor,
         train: bool,
     ) -> Result<Tensor> {
-        let y = Self::stacked_lif(layers, lif, x)?;
+        let (y, ops) = Self::stacked_lif(layers, lif, x)?;
         let dims = y.dims().to_vec();
         let bns: Vec<&BatchNorm> = layers.iter().map(|l| &l.bn).collect();
-        normalise(&bns, &y.flatten_to(dims.len() - 2)?, train)?.reshape(dims)
+        normalise(ops, &bns, &y.flatten_to(dims.len() - 2)?, train)?.reshape(dims)
     }
 
-    /// [`Self::forward_lif`] in training mode followed by `then`, the normalised output
-    /// recomputed in backward instead of kept (see [`batch_norm_train_then`], which also says
-    /// what `param` and `then` are). `then` and its backward see the normalised output shaped
-    /// as `x` with the layers' outputs on the last axis.
-    pub fn forward_lif_then<F, G>(
+    /// [`Self::forward_lif`] in training mode followed by `then`, which sees the normalised
+    /// output shaped as `x` with the layers' outputs on the last axis; the fused ops recompute
+    /// that output in backward instead of keeping it (see [`Ops::batch_norm_then`]).
+    pub fn forward_lif_then(
         layers: &[&LinearBn],
         lif: &MultiStepLif,
         x: &Tensor,
-        param: Option<&Tensor>,
-        then: F,
-    ) -> Result<Tensor>
-    where
-        F: FnOnce(&Tensor) -> Result<(Tensor, G)>,
-        G: ThenBackward,
-    {
-        let y = Self::stacked_lif(layers, lif, x)?;
+        then: Then,
+    ) -> Result<Tensor> {
+        let (y, ops) = Self::stacked_lif(layers, lif, x)?;
         let dims = y.dims().to_vec();
         let bns: Vec<&BatchNorm> = layers.iter().map(|l| &l.bn).collect();
         let rows = y.flatten_to(dims.len() - 2)?;
-        batch_norm_train_then(&rows, &bns, param, |y| {
-            let (value, grad) = then(&y.reshape(dims.as_slice())?)?;
-            let rows_grad = move |y: &Tensor, g: &Tensor| {
-                let (grad_y, grad_param) = grad(&y.reshape(dims.as_slice())?, g)?;
-                Ok((grad_y.reshape(y.shape())?, grad_param))
-            };
-            Ok((value, rows_grad))
-        })
+        ops.batch_norm_then(&rows, &bns, &dims, then)
     }
 
-    /// The weight and bias (zeros if none) packed as `[O, K + 1]`, as
-    /// [`crate::kernels::lif_linear::lif_linear_packed`] takes them; gradients flow back to
-    /// both.
+    /// The weight and bias (zeros if none) packed as `[O, K + 1]`, as [`Then::LifLinear`]
+    /// takes them; gradients flow back to both.
     pub fn packed(&self) -> Result<Tensor> {
         Tensor::cat(
             &[self.linear.weight(), &self.bias_or_zeros()?.unsqueeze(1)?],
@@ -275,28 +264,22 @@ impl LinearBn {
     /// normalised output is recomputed in backward instead of kept for the sum.
     pub fn add_to(&self, residual: &Tensor, y: &Tensor) -> Result<Tensor> {
         let dims = y.dims().to_vec();
-        let rows = residual.flatten_to(dims.len() - 2)?;
-        let kept = rows.detach();
-        let sum = batch_norm_train_then(
-            &y.flatten_to(dims.len() - 2)?,
-            &[&self.bn],
-            Some(&rows),
-            |n| {
-                let grad = |_: &Tensor, g: &Tensor| Ok((g.clone(), Some(g.clone())));
-                Ok(((n + kept)?, grad))
-            },
-        )?;
-        sum.reshape(dims)
+        let rows = y.flatten_to(dims.len() - 2)?;
+        self.ops
+            .batch_norm_then(&rows, &[&self.bn], &dims, Then::Add(residual))
     }
 
     /// `residual + self.forward_lif(lif, x)` in training mode, as [`Self::add_to`].
     pub fn add_lif_to(&self, residual: &Tensor, lif: &MultiStepLif, x: &Tensor) -> Result<Tensor> {
-        self.add_to(residual, &Self::stacked_lif(&[self], lif, x)?)
+        self.add_to(residual, &Self::stacked_lif(&[self], lif, x)?.0)
     }
 
-    /// The layers' outputs side by side, before BatchNorm: one fused LIF + matmul over their
-    /// stacked weights.
-    fn stacked_lif(layers: &[&LinearBn], lif: &MultiStepLif, x: &Tensor) -> Result<Tensor> {
+    /// The layers' outputs side by side, before BatchNorm: one LIF + matmul over their stacked
+    /// weights (fused into one op by the fused ops), and the ops the layers run.
+    fn stacked_lif(layers: &[&LinearBn], lif: &MultiStepLif, x: &Tensor) -> Result<(Tensor, Ops)> {
+        let Some(ops) = layers.first().map(|l| l.ops) else {
+            candle_core::bail!("LinearBn: no layers to stack")
+        };
         let weights: Vec<Tensor> = layers.iter().map(|l| l.linear.weight().clone()).collect();
         // Layers without a bias contribute zeros, unless none has one.
         let bias = if layers.iter().any(|l| l.linear.bias().is_some()) {
@@ -308,7 +291,8 @@ impl LinearBn {
         } else {
             None
         };
-        lif_linear(lif, x, &Tensor::cat(&weights, 0)?, bias.as_ref())
+        let y = ops.lif_linear(lif, x, &Tensor::cat(&weights, 0)?, bias.as_ref())?;
+        Ok((y, ops))
     }
 
     /// The layer with its eval-mode BatchNorm folded in, for spikes `[..., C]`.
@@ -321,9 +305,8 @@ impl LinearBn {
 const POOL: (usize, usize, usize) = (3, 2, 1);
 
 /// Max-pooling with a 3x3 window, stride 2 and padding 1 on `[N, C, H, W]`, the tokenizer's.
-pub fn max_pool_3x3_s2(x: &Tensor) -> Result<Tensor> {
-    let (k, s, p) = POOL;
-    max_pool2d(x, k, s, p)
+pub fn max_pool_3x3_s2(ops: Ops, x: &Tensor) -> Result<Tensor> {
+    ops.max_pool2d(x, POOL)
 }
 
 /// [`max_pool_3x3_s2`] of channels-last `[N, H, W, C]`, for inference.

@@ -19,6 +19,7 @@ use candle_nn::{VarBuilder, VarMap};
 
 use crate::energy::{EncoderOps, MonitorSet};
 use crate::kernels::grad_slot::GradSlot;
+use crate::ops::Ops;
 use crate::recipe::Student;
 use crate::train::init::seeded_var_builder;
 use config::SpikeClipConfig;
@@ -54,28 +55,41 @@ pub struct SpikeClip {
     varmap: VarMap,
 }
 
+/// The constructor of an encoder: its parameters under a VarBuilder, its ops run by [`Ops`].
+type Build<E> = fn(VarBuilder, &SpikeClipConfig, Ops) -> Result<E>;
+
 /// A fresh VarMap with both towers built in it from `seed` (`image.`, `text.`), TDW weights
 /// initialised.
 fn build_towers<I, T>(
     config: &SpikeClipConfig,
-    seed: u64,
-    device: &Device,
-    image: impl FnOnce(VarBuilder, &SpikeClipConfig) -> Result<I>,
-    text: impl FnOnce(VarBuilder, &SpikeClipConfig) -> Result<T>,
+    (seed, device, ops): (u64, &Device, Ops),
+    image: Build<I>,
+    text: Build<T>,
 ) -> Result<(I, T, VarMap)> {
     let varmap = VarMap::new();
     let vb = seeded_var_builder(&varmap, seed, DType::F32, device);
-    let i = image(vb.pp("image"), config)?;
-    let t = text(vb.pp("text"), config)?;
+    let i = image(vb.pp("image"), config, ops)?;
+    let t = text(vb.pp("text"), config, ops)?;
     init_tdw(&varmap)?;
     Ok((i, t, varmap))
 }
 
 impl SpikeClip {
-    /// Fresh weights drawn from `seed`.
+    /// Fresh weights drawn from `seed`, the ops run as this run chose for `device`
+    /// ([`Ops::for_device`]).
     pub fn new(config: &SpikeClipConfig, seed: u64, device: &Device) -> Result<Self> {
-        let (image, text, varmap) =
-            build_towers(config, seed, device, ImageEncoder::new, TextTower::new)?;
+        Self::with_ops(config, seed, device, Ops::for_device(device))
+    }
+
+    /// [`Self::new`] with its ops run by `ops`.
+    pub fn with_ops(
+        config: &SpikeClipConfig,
+        seed: u64,
+        device: &Device,
+        ops: Ops,
+    ) -> Result<Self> {
+        let run = (seed, device, ops);
+        let (image, text, varmap) = build_towers(config, run, ImageEncoder::new, TextTower::new)?;
         Ok(Self {
             image,
             text,
@@ -130,7 +144,11 @@ impl Student for SpikeClip {
     fn time_steps(&self) -> usize {
         self.config.time_steps
     }
+    /// The spike-driven kernels are CPU kernels: with the portable ops the dense path serves.
     fn spike_driven(&self) -> Option<Result<Box<dyn Student + '_>>> {
+        if self.image.op_impl() == Ops::Portable {
+            return None;
+        }
         Some(self.image.sparse_weights().map(|weights| {
             Box::new(SpikeDriven {
                 model: self,
@@ -183,11 +201,21 @@ pub struct ScratchClip {
 }
 
 impl ScratchClip {
+    /// Fresh weights drawn from `seed`, the ops as [`SpikeClip::new`] chooses them.
     pub fn new(config: &SpikeClipConfig, seed: u64, device: &Device) -> Result<Self> {
+        Self::with_ops(config, seed, device, Ops::for_device(device))
+    }
+
+    /// [`Self::new`] with its ops run by `ops`.
+    pub fn with_ops(
+        config: &SpikeClipConfig,
+        seed: u64,
+        device: &Device,
+        ops: Ops,
+    ) -> Result<Self> {
         let (image, text, varmap) = build_towers(
             config,
-            seed,
-            device,
+            (seed, device, ops),
             ScratchImageEncoder::new,
             ScratchTextEncoder::new,
         )?;

@@ -12,6 +12,7 @@ use super::readout::Readout;
 use super::spikingformer::tokenizer_convs;
 use super::text::TokenEmbedding;
 use crate::kernels::grad_slot::GradSlot;
+use crate::ops::Ops;
 
 /// `x * sigmoid(1.702 x)`, CLIP's activation.
 fn quick_gelu(x: &Tensor) -> Result<Tensor> {
@@ -77,12 +78,13 @@ pub struct ScratchImageEncoder {
     blocks: Vec<TransformerBlock>,
     readout: Readout,
     head: Linear,
+    ops: Ops,
 }
 
 impl ScratchImageEncoder {
-    pub fn new(vb: VarBuilder, cfg: &SpikeClipConfig) -> Result<Self> {
+    pub fn new(vb: VarBuilder, cfg: &SpikeClipConfig, ops: Ops) -> Result<Self> {
         let c = &cfg.image;
-        let convs = tokenizer_convs(&vb, cfg)?;
+        let convs = tokenizer_convs(&vb, cfg, ops)?;
         let blocks = (0..c.depth)
             .map(|i| {
                 TransformerBlock::new(
@@ -98,6 +100,7 @@ impl ScratchImageEncoder {
             blocks,
             readout: Readout::new(cfg.readout, 1, vb.clone())?,
             head: candle_nn::linear(c.embed_dim, cfg.out_dim, vb.pp("proj"))?,
+            ops,
         })
     }
 
@@ -109,7 +112,7 @@ impl ScratchImageEncoder {
             }
             y = conv.forward(&y, train)?;
             if i == 2 || i == 3 {
-                y = max_pool_3x3_s2(&y)?;
+                y = max_pool_3x3_s2(self.ops, &y)?;
             }
         }
         let mut tokens = y.flatten_from(2)?.transpose(1, 2)?.contiguous()?; // [B, N, C]
@@ -132,10 +135,10 @@ pub struct ScratchTextEncoder {
 }
 
 impl ScratchTextEncoder {
-    pub fn new(vb: VarBuilder, cfg: &SpikeClipConfig) -> Result<Self> {
+    pub fn new(vb: VarBuilder, cfg: &SpikeClipConfig, ops: Ops) -> Result<Self> {
         let c = &cfg.text;
         Ok(Self {
-            embedding: TokenEmbedding::new(vb.clone(), cfg)?,
+            embedding: TokenEmbedding::new(vb.clone(), cfg, ops)?,
             fc1: candle_nn::linear(c.context_length * c.width, c.hidden, vb.pp("fc1"))?,
             fc2: candle_nn::linear(c.hidden, cfg.out_dim, vb.pp("fc2"))?,
             readout: Readout::new(cfg.readout, 1, vb.clone())?,

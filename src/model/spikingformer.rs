@@ -20,9 +20,9 @@ use super::readout::Readout;
 use super::summary::{linear_params, Layer};
 use crate::energy::{Op, OpInput};
 use crate::kernels::attention::Attention;
-use crate::kernels::lif_linear::lif_linear_packed;
 use crate::kernels::spikes::{spike_attention, SpikeBits, SpikeLayer};
 use crate::neuron::{LifConfig, MultiStepLif};
+use crate::ops::{Ops, Then};
 
 /// A LIF layer with its name, for monitors and energy accounting.
 #[derive(Debug, Clone)]
@@ -157,16 +157,18 @@ struct SpikingSelfAttention {
     attn_lif: NamedLif,
     proj: LinearBn,
     heads: usize,
+    ops: Ops,
 }
 
 impl SpikingSelfAttention {
-    fn new(vb: &VarBuilder, prefix: &str, dim: usize, heads: usize) -> Result<Self> {
+    fn new(vb: &VarBuilder, prefix: &str, (dim, heads): (usize, usize), ops: Ops) -> Result<Self> {
         let qkv = |n: &str| {
             LinearBn::new(
                 vb,
                 (dim, dim),
                 false,
                 (&format!("{n}_conv"), &format!("{n}_bn")),
+                ops,
             )
         };
         let lif = |n: &str, cfg| NamedLif::new(format!("{prefix}.{n}"), cfg);
@@ -179,8 +181,9 @@ impl SpikingSelfAttention {
             k_lif: lif("k_lif", LifConfig::default()),
             v_lif: lif("v_lif", LifConfig::default()),
             attn_lif: lif("attn_lif", LifConfig::attention()),
-            proj: LinearBn::new(vb, (dim, dim), true, ("proj_conv", "proj_bn"))?,
+            proj: LinearBn::new(vb, (dim, dim), true, ("proj_conv", "proj_bn"), ops)?,
             heads,
+            ops,
         })
     }
 
@@ -215,16 +218,13 @@ impl SpikingSelfAttention {
         let core = self.core(key_mask);
         let layers = [&self.q, &self.k, &self.v];
         let y = match pass {
-            // In training the normalised q, k, v are recomputed in backward, not kept.
+            // In training the fused ops recompute the normalised q, k, v in backward.
             Pass::Dense { train: true } => {
-                let back = core.clone();
-                LinearBn::forward_lif_then(&layers, &self.input.lif, x, None, |qkv| {
-                    let grad = move |qkv: &Tensor, g: &Tensor| Ok((back.gradient(qkv, g)?, None));
-                    Ok((core.value(qkv)?, grad))
-                })?
+                LinearBn::forward_lif_then(&layers, &self.input.lif, x, Then::Attention(&core))?
             }
             Pass::Dense { train: false } => {
-                core.forward(&LinearBn::forward_lif(&layers, &self.input.lif, x, false)?)?
+                let qkv = LinearBn::forward_lif(&layers, &self.input.lif, x, false)?;
+                self.ops.attention(&core, &qkv)?
             }
             Pass::Sparse(_) => {
                 if key_mask.is_some() {
@@ -291,12 +291,12 @@ struct SpikingMlp {
 }
 
 impl SpikingMlp {
-    fn new(vb: &VarBuilder, prefix: &str, dim: usize, hidden: usize) -> Result<Self> {
+    fn new(vb: &VarBuilder, prefix: &str, (dim, hidden): (usize, usize), ops: Ops) -> Result<Self> {
         Ok(Self {
             lif1: NamedLif::new(format!("{prefix}.lif1"), LifConfig::default()),
-            fc1: LinearBn::new(vb, (dim, hidden), true, ("mlp1_conv", "mlp1_bn"))?,
+            fc1: LinearBn::new(vb, (dim, hidden), true, ("mlp1_conv", "mlp1_bn"), ops)?,
             lif2: NamedLif::new(format!("{prefix}.lif2"), LifConfig::default()),
-            fc2: LinearBn::new(vb, (hidden, dim), true, ("mlp2_conv", "mlp2_bn"))?,
+            fc2: LinearBn::new(vb, (hidden, dim), true, ("mlp2_conv", "mlp2_bn"), ops)?,
         })
     }
 
@@ -314,13 +314,11 @@ impl SpikingMlp {
     /// `x + MLP(x)` for `x [T, B, N, C]`, the residual added here as in spiking self-attention.
     fn forward(&self, x: &Tensor, pass: Pass<FoldedMlp>) -> Result<Tensor> {
         if pass.train() {
-            // The hidden layer's normalised output, four times the block's width, is
-            // recomputed in backward instead of kept for the second layer.
+            // The fused ops recompute the hidden layer's normalised output, four times the
+            // block's width, in backward instead of keeping it for the second layer.
             let packed = self.fc2.packed()?;
-            let y =
-                LinearBn::forward_lif_then(&[&self.fc1], &self.lif1.lif, x, Some(&packed), |h| {
-                    lif_linear_packed(&self.lif2.lif, h, &packed)
-                })?;
+            let then = Then::LifLinear(&self.lif2.lif, &packed);
+            let y = LinearBn::forward_lif_then(&[&self.fc1], &self.lif1.lif, x, then)?;
             return self.fc2.add_to(x, &y);
         }
         let h = Fed::new(&self.lif1, x, pass)?.linear(&self.fc1, |w| &w.fc1)?;
@@ -340,18 +338,20 @@ pub struct Block {
 }
 
 impl Block {
+    /// Block `i` of width `dim` with `heads` attention heads and an MLP `mlp_ratio` times as
+    /// wide, its ops run by `ops`.
     pub fn new(
         vb: &VarBuilder,
         i: usize,
-        dim: usize,
-        heads: usize,
-        mlp_ratio: usize,
+        (dim, heads, mlp_ratio): (usize, usize, usize),
+        ops: Ops,
     ) -> Result<Self> {
         let name = format!("block.{i}");
         let bv = vb.pp(&name);
+        let (attn, mlp) = (format!("{name}.attn"), format!("{name}.mlp"));
         Ok(Self {
-            attn: SpikingSelfAttention::new(&bv.pp("attn"), &format!("{name}.attn"), dim, heads)?,
-            mlp: SpikingMlp::new(&bv.pp("mlp"), &format!("{name}.mlp"), dim, dim * mlp_ratio)?,
+            attn: SpikingSelfAttention::new(&bv.pp("attn"), &attn, (dim, heads), ops)?,
+            mlp: SpikingMlp::new(&bv.pp("mlp"), &mlp, (dim, dim * mlp_ratio), ops)?,
             name,
             dim,
             mlp_ratio,
@@ -478,6 +478,7 @@ pub struct ImageEncoder {
     readout: Readout,
     head: Linear,
     cfg: SpikeClipConfig,
+    ops: Ops,
 }
 
 /// Channels of the tokenizer convs for embedding width `d`: 3 -> d/8 -> d/4 -> d/2 -> d -> d.
@@ -487,7 +488,7 @@ pub fn tokenizer_widths(in_channels: usize, d: usize) -> [usize; 6] {
 
 /// The five 3x3 conv + BN stages of the tokenizer, at the authors' names
 /// (`patch_embed.block{i}_conv`, `patch_embed.block{i}_bn`); shared with the ANN twin.
-pub fn tokenizer_convs(vb: &VarBuilder, cfg: &SpikeClipConfig) -> Result<Vec<ConvBn>> {
+pub fn tokenizer_convs(vb: &VarBuilder, cfg: &SpikeClipConfig, ops: Ops) -> Result<Vec<ConvBn>> {
     let c = &cfg.image;
     let widths = tokenizer_widths(c.in_channels, c.embed_dim);
     let pe = vb.pp("patch_embed");
@@ -498,6 +499,7 @@ pub fn tokenizer_convs(vb: &VarBuilder, cfg: &SpikeClipConfig) -> Result<Vec<Con
                 (widths[i], widths[i + 1], 3),
                 false,
                 (&format!("block{i}_conv"), &format!("block{i}_bn")),
+                ops,
             )
         })
         .collect()
@@ -507,7 +509,8 @@ pub fn tokenizer_convs(vb: &VarBuilder, cfg: &SpikeClipConfig) -> Result<Vec<Con
 const POOLED: [usize; 2] = [2, 3];
 
 impl ImageEncoder {
-    pub fn new(vb: VarBuilder, cfg: &SpikeClipConfig) -> Result<Self> {
+    /// The encoder under `vb`, its ops run by `ops`.
+    pub fn new(vb: VarBuilder, cfg: &SpikeClipConfig, ops: Ops) -> Result<Self> {
         let c = &cfg.image;
         if !c.embed_dim.is_multiple_of(8) || !c.embed_dim.is_multiple_of(c.num_heads) {
             candle_core::bail!(
@@ -516,12 +519,12 @@ impl ImageEncoder {
                 c.num_heads
             )
         }
-        let convs = tokenizer_convs(&vb, cfg)?;
+        let convs = tokenizer_convs(&vb, cfg, ops)?;
         let conv_lifs = (0..4)
             .map(|i| NamedLif::new(format!("patch_embed.lif{}", i + 1), LifConfig::default()))
             .collect();
         let blocks = (0..c.depth)
-            .map(|i| Block::new(&vb, i, c.embed_dim, c.num_heads, c.mlp_ratio))
+            .map(|i| Block::new(&vb, i, (c.embed_dim, c.num_heads, c.mlp_ratio), ops))
             .collect::<Result<Vec<_>>>()?;
         let head = candle_nn::Linear::new(
             vb.pp("proj").get_with_hints(
@@ -544,7 +547,13 @@ impl ImageEncoder {
             readout: Readout::new(cfg.readout, cfg.time_steps, vb.clone())?,
             head,
             cfg: cfg.clone(),
+            ops,
         })
+    }
+
+    /// How this encoder's ops run.
+    pub fn op_impl(&self) -> Ops {
+        self.ops
     }
 
     /// The first conv's output repeated over T, `[T, B, C, H, W]`: the input is the same at every
@@ -566,7 +575,7 @@ impl ImageEncoder {
         let mut layers = Vec::new();
         for i in 1..self.convs.len() {
             let lif = &self.conv_lifs[i - 1];
-            layers.push((lif.name.clone(), lif.forward(&y)?.detach()));
+            layers.push((lif.name.clone(), self.ops.lif(&lif.lif, &y)?.detach()));
             y = self.tokenizer_stage(i, &y, false)?.detach();
         }
         Ok(layers)

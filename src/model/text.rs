@@ -14,25 +14,27 @@ use super::spikingformer::NamedLif;
 use super::summary::Layer;
 use super::text_transformer::TextTransformer;
 use crate::energy::{Op, OpInput};
-use crate::kernels::embedding::token_embedding;
 use crate::kernels::grad_slot::{GradSlot, SlotParam};
-use crate::kernels::text_mlp::{text_mlp, SlotLinear};
+use crate::kernels::text_mlp::SlotLinear;
 use crate::neuron::{LifConfig, MultiStepLif};
+use crate::ops::Ops;
 
 /// CLIP's token and position embeddings of a fixed-length token sequence, flattened.
 ///
 /// The tables live at `clip_embedding.{token,position}_embedding.weight`, the authors' names, so
 /// CLIP's can be copied in before training. Their gradients go to [`Self::grad_slots`], the
-/// token table's as the rows a batch used (see [`token_embedding`]).
+/// token table's as the rows a batch used (see [`crate::kernels::embedding::token_embedding`]),
+/// when the fused ops run it.
 #[derive(Debug, Clone)]
 pub struct TokenEmbedding {
     token: SlotParam,
     position: SlotParam,
     context_length: usize,
+    ops: Ops,
 }
 
 impl TokenEmbedding {
-    pub fn new(vb: VarBuilder, cfg: &SpikeClipConfig) -> Result<Self> {
+    pub fn new(vb: VarBuilder, cfg: &SpikeClipConfig, ops: Ops) -> Result<Self> {
         let c = &cfg.text;
         if c.context_length > c.max_positions {
             candle_core::bail!(
@@ -55,6 +57,7 @@ impl TokenEmbedding {
             token: SlotParam::new(token.embeddings().clone()),
             position: SlotParam::new(position),
             context_length: c.context_length,
+            ops,
         })
     }
 
@@ -77,7 +80,8 @@ impl TokenEmbedding {
 
     /// Token ids `[B, L]` to embedded tokens `[B, L, width]`.
     pub fn tokens(&self, ids: &Tensor) -> Result<Tensor> {
-        token_embedding(self.check(ids)?, &self.token, &self.position)
+        self.ops
+            .token_embedding(self.check(ids)?, &self.token, &self.position)
     }
 
     /// Where backward writes the tables' gradients.
@@ -143,8 +147,8 @@ pub fn copy_clip_embeddings(
     Ok(())
 }
 
-/// The encoder up to its readout runs as one op, [`text_mlp`], which writes every gradient of
-/// its parameters to their slots.
+/// The encoder up to its readout runs as one op, [`Ops::text_mlp`], which when fused writes
+/// every gradient of its parameters to their slots.
 #[derive(Debug, Clone)]
 pub struct TextEncoder {
     embedding: TokenEmbedding,
@@ -166,11 +170,11 @@ fn slot_linear(inputs: usize, outputs: usize, vb: VarBuilder) -> Result<SlotLine
 }
 
 impl TextEncoder {
-    pub fn new(vb: VarBuilder, cfg: &SpikeClipConfig) -> Result<Self> {
+    pub fn new(vb: VarBuilder, cfg: &SpikeClipConfig, ops: Ops) -> Result<Self> {
         let c = &cfg.text;
         let flat = c.context_length * c.width;
         Ok(Self {
-            embedding: TokenEmbedding::new(vb.clone(), cfg)?,
+            embedding: TokenEmbedding::new(vb.clone(), cfg, ops)?,
             lif1: NamedLif {
                 name: "lif1".into(),
                 lif: MultiStepLif::new(LifConfig::default()),
@@ -191,7 +195,9 @@ impl TextEncoder {
         let e = &self.embedding;
         let layers = [(&self.lif1.lif, &self.fc1), (&self.lif2.lif, &self.fc2)];
         let steps = self.cfg.time_steps;
-        let o = text_mlp(e.check(ids)?, (&e.token, &e.position), layers, steps)?;
+        let o = e
+            .ops
+            .text_mlp(e.check(ids)?, (&e.token, &e.position), layers, steps)?;
         self.readout.forward(&o)
     }
 
@@ -254,10 +260,10 @@ pub enum TextTower {
 }
 
 impl TextTower {
-    pub fn new(vb: VarBuilder, cfg: &SpikeClipConfig) -> Result<Self> {
+    pub fn new(vb: VarBuilder, cfg: &SpikeClipConfig, ops: Ops) -> Result<Self> {
         Ok(match cfg.text.kind {
-            TextEncoderKind::Mlp => Self::Mlp(TextEncoder::new(vb, cfg)?),
-            TextEncoderKind::Transformer => Self::Transformer(TextTransformer::new(vb, cfg)?),
+            TextEncoderKind::Mlp => Self::Mlp(TextEncoder::new(vb, cfg, ops)?),
+            TextEncoderKind::Transformer => Self::Transformer(TextTransformer::new(vb, cfg, ops)?),
         })
     }
 

@@ -22,6 +22,7 @@ use super::summary::{linear_params, Layer};
 use super::text::TokenEmbedding;
 use crate::energy::{Op, OpInput};
 use crate::kernels::grad_slot::GradSlot;
+use crate::ops::Ops;
 
 /// `[B, L]` with 1 for real tokens and 0 for padding (the module doc's rule), as f32.
 pub fn token_mask(ids: &Tensor) -> Result<Tensor> {
@@ -50,7 +51,7 @@ pub struct TextTransformer {
 impl TextTransformer {
     /// Weights under `clip_embedding.*`, `block.{i}.*` (the image blocks' names), `proj.*` and
     /// the readout's.
-    pub fn new(vb: VarBuilder, cfg: &SpikeClipConfig) -> Result<Self> {
+    pub fn new(vb: VarBuilder, cfg: &SpikeClipConfig, ops: Ops) -> Result<Self> {
         let c = &cfg.text;
         if c.num_heads == 0 || !c.width.is_multiple_of(c.num_heads) {
             candle_core::bail!(
@@ -60,10 +61,10 @@ impl TextTransformer {
             )
         }
         let blocks = (0..c.depth)
-            .map(|i| Block::new(&vb, i, c.width, c.num_heads, c.mlp_ratio))
+            .map(|i| Block::new(&vb, i, (c.width, c.num_heads, c.mlp_ratio), ops))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
-            embedding: TokenEmbedding::new(vb.clone(), cfg)?,
+            embedding: TokenEmbedding::new(vb.clone(), cfg, ops)?,
             blocks,
             head: candle_nn::linear(c.width, cfg.out_dim, vb.pp("proj"))?,
             readout: Readout::new(cfg.readout, cfg.time_steps, vb.clone())?,
