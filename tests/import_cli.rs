@@ -125,7 +125,11 @@ fn assert_matches_pytorch(got: &HashMap<String, Tensor>, io: &HashMap<String, Te
     let layers: Vec<&String> = io.keys().filter(|k| k.contains("_spikes.")).collect();
     assert_eq!(layers.len(), 11 + 2, "the fixture's LIF layers");
     for layer in layers {
-        let want = io[layer].to_dtype(DType::I64).unwrap().to_vec1::<i64>().unwrap();
+        let want = io[layer]
+            .to_dtype(DType::I64)
+            .unwrap()
+            .to_vec1::<i64>()
+            .unwrap();
         let ours = got
             .get(layer)
             .unwrap_or_else(|| panic!("embed wrote no {layer}"))
@@ -191,7 +195,10 @@ fn an_imported_checkpoint_runs_eval_classify_and_energy() {
     ]);
     assert_success(&out);
     let printed = String::from_utf8_lossy(&out.stdout);
-    assert!(printed.contains("% ") && printed.contains("cat"), "{printed}");
+    assert!(
+        printed.contains("% ") && printed.contains("cat"),
+        "{printed}"
+    );
     let energy = dir.path().join("energy");
     assert_success(&spikeclip(&[
         "energy",
@@ -227,11 +234,12 @@ fn import_lists_every_problem_of_both_files_in_one_error() {
     assert!(!out_dir.exists(), "nothing is written on error");
     // A wrong size: wrong-shaped keys of both files in the one error.
     let wrong = dir.path().join("wrong");
-    let mut args: Vec<String> = ["import", "--image-encoder"]
-        .map(String::from)
-        .to_vec();
+    let mut args: Vec<String> = ["import", "--image-encoder"].map(String::from).to_vec();
     args.push(fixture("image.pth").to_string_lossy().into_owned());
-    args.extend(["--text-encoder".into(), fixture("text.pth.tar").to_string_lossy().into_owned()]);
+    args.extend([
+        "--text-encoder".into(),
+        fixture("text.pth.tar").to_string_lossy().into_owned(),
+    ]);
     args.extend(["--tokenizer".into(), tok.to_string_lossy().into_owned()]);
     args.extend(["--out".into(), wrong.to_string_lossy().into_owned()]);
     for s in FIXTURE_SIZE {
@@ -273,25 +281,40 @@ fn embed_names_the_file_and_the_problem_of_bad_inputs() {
     let cases: [(&str, Vec<(&str, Tensor)>, &str); 5] = [
         (
             "--pixels",
-            vec![("pixel_values", Tensor::zeros((2, 3, 16, 16), DType::F32, &dev).unwrap())],
+            vec![(
+                "pixel_values",
+                Tensor::zeros((2, 3, 16, 16), DType::F32, &dev).unwrap(),
+            )],
             "pixels must be [N, 3, 32, 32] with N > 0, not [2, 3, 16, 16]",
         ),
         (
             "--pixels",
-            vec![("pixel_values", Tensor::zeros((2, 3, 32, 32), DType::F16, &dev).unwrap())],
+            vec![(
+                "pixel_values",
+                Tensor::zeros((2, 3, 32, 32), DType::F16, &dev).unwrap(),
+            )],
             "pixels must be f32, not F16",
         ),
         (
             "--pixels",
             vec![
-                ("a", Tensor::zeros((2, 3, 32, 32), DType::F32, &dev).unwrap()),
-                ("b", Tensor::zeros((2, 3, 32, 32), DType::F32, &dev).unwrap()),
+                (
+                    "a",
+                    Tensor::zeros((2, 3, 32, 32), DType::F32, &dev).unwrap(),
+                ),
+                (
+                    "b",
+                    Tensor::zeros((2, 3, 32, 32), DType::F32, &dev).unwrap(),
+                ),
             ],
             "no tensor named pixel_values and not exactly one tensor (it holds a, b)",
         ),
         (
             "--ids",
-            vec![("input_ids", Tensor::zeros((2, 20), DType::F32, &dev).unwrap())],
+            vec![(
+                "input_ids",
+                Tensor::zeros((2, 20), DType::F32, &dev).unwrap(),
+            )],
             "token ids must be integers, not F32",
         ),
         (

@@ -11,8 +11,9 @@ use crate::model::INPUT_SIDE;
 
 /// The tensor called `name`, or the file's only tensor whatever its name.
 fn named_or_only(path: &Path, name: &str) -> anyhow::Result<Tensor> {
-    let mut tensors: HashMap<String, Tensor> = candle_core::safetensors::load(path, &Device::Cpu)
-        .with_context(|| format!("{}: not a readable safetensors file", path.display()))?;
+    let mut tensors: HashMap<String, Tensor> =
+        candle_core::safetensors::load(path, &Device::Cpu)
+            .with_context(|| format!("{}: not a readable safetensors file", path.display()))?;
     if let Some(t) = tensors.remove(name) {
         return Ok(t);
     }
@@ -37,7 +38,11 @@ fn named_or_only(path: &Path, name: &str) -> anyhow::Result<Tensor> {
 pub fn read_pixels(path: &Path, channels: usize) -> anyhow::Result<Tensor> {
     let t = named_or_only(path, "pixel_values")?;
     if t.dtype() != DType::F32 {
-        bail!("{}: pixels must be f32, not {:?}", path.display(), t.dtype());
+        bail!(
+            "{}: pixels must be f32, not {:?}",
+            path.display(),
+            t.dtype()
+        );
     }
     match t.dims() {
         [n, c, h, w] if *n > 0 && *c == channels && *h == INPUT_SIDE && *w == INPUT_SIDE => {}
@@ -46,7 +51,11 @@ pub fn read_pixels(path: &Path, channels: usize) -> anyhow::Result<Tensor> {
             path.display()
         ),
     }
-    let finite = t.flatten_all()?.to_vec1::<f32>()?.iter().all(|v| v.is_finite());
+    let finite = t
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .iter()
+        .all(|v| v.is_finite());
     if !finite {
         bail!("{}: pixels hold NaN or infinite values", path.display());
     }

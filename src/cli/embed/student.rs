@@ -99,7 +99,13 @@ fn features(
         };
         let (f, counts) = monitors.record(|| Ok(forward(&x)?))?;
         chunks.push(f);
-        for (layer, SpikeCounts { per_step_spikes, .. }) in counts {
+        for (
+            layer,
+            SpikeCounts {
+                per_step_spikes, ..
+            },
+        ) in counts
+        {
             let total = totals.entry(layer).or_default();
             total.resize(per_step_spikes.len().max(total.len()), 0);
             total
