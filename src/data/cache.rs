@@ -239,17 +239,30 @@ pub fn cache_texts(
 /// A memory-mapped field of one shard: where its rows start and how many bytes each has.
 struct Field {
     offset: usize,
+    rows: usize,
     row_bytes: usize,
     row_shape: Vec<usize>,
 }
 
+/// The dtype each field is stored in (`cache_images`, `cache_texts`).
+fn field_dtype(name: &str) -> Option<safetensors::Dtype> {
+    match name {
+        "teacher" | "inputs" => Some(safetensors::Dtype::F16),
+        "labels" | "token_ids" => Some(safetensors::Dtype::U32),
+        _ => None,
+    }
+}
+
 struct Shard {
+    path: PathBuf,
     map: Mmap,
     fields: HashMap<String, Field>,
 }
 
 /// A finished cache directory, read through memory maps.
 pub struct Cache {
+    /// Named in errors.
+    dir: PathBuf,
     class_names: Vec<String>,
     shards: Vec<Shard>,
     /// Global index of each shard's first row, plus the total at the end.
@@ -264,25 +277,31 @@ impl Cache {
         })?;
         let index: Index = serde_json::from_str(&text)
             .with_context(|| format!("{}: not a cache index", index_path.display()))?;
-        let mut starts = vec![0];
+        let mut starts: Vec<usize> = vec![0];
         let mut shards = Vec::new();
         for entry in &index.shards {
             let path = dir.join(&entry.file);
-            let shard = Self::map(&path)?;
-            if let Some(f) = shard.fields.get("teacher") {
-                let rows =
-                    (shard.map.len() - f.offset).min(f.row_bytes * entry.rows) / f.row_bytes.max(1);
+            let shard = Self::map(&path)
+                .with_context(|| format!("a shard {} lists", index_path.display()))?;
+            for (name, f) in &shard.fields {
                 ensure!(
-                    rows == entry.rows,
-                    "{}: {rows} rows, index says {}",
+                    f.rows == entry.rows,
+                    "{}: {name} has {} rows, {} says {}",
                     path.display(),
+                    f.rows,
+                    index_path.display(),
                     entry.rows
                 );
             }
-            starts.push(starts.last().copied().unwrap_or(0) + entry.rows);
+            let total = starts.last().copied().unwrap_or(0);
+            let total = total
+                .checked_add(entry.rows)
+                .with_context(|| format!("{}: row counts overflow", index_path.display()))?;
+            starts.push(total);
             shards.push(shard);
         }
         Ok(Self {
+            dir: dir.to_path_buf(),
             class_names: index.class_names,
             shards,
             starts,
@@ -302,17 +321,30 @@ impl Cache {
             .tensors()
             .into_iter()
             .map(|(name, view)| {
-                let shape = view.shape().to_vec();
-                let rows = shape.first().copied().unwrap_or(1).max(1);
+                let Some((&rows, row_shape)) = view.shape().split_first() else {
+                    bail!("{}: {name} is a scalar, not rows", path.display())
+                };
+                if let Some(want) = field_dtype(&name).filter(|&d| d != view.dtype()) {
+                    bail!(
+                        "{}: {name} is {:?}, the cache stores {want:?}",
+                        path.display(),
+                        view.dtype()
+                    );
+                }
                 let field = Field {
                     offset: view.data().as_ptr() as usize - base,
-                    row_bytes: view.data().len() / rows,
-                    row_shape: shape[1..].to_vec(),
+                    rows,
+                    row_bytes: view.data().len() / rows.max(1),
+                    row_shape: row_shape.to_vec(),
                 };
-                (name, field)
+                Ok((name, field))
             })
-            .collect();
-        Ok(Shard { map, fields })
+            .collect::<Result<_>>()?;
+        Ok(Shard {
+            path: path.clone(),
+            map,
+            fields,
+        })
     }
 
     /// The image cache of a `spikeclip cache --out DIR` run: `DIR/images`, or `DIR` itself.
@@ -341,11 +373,16 @@ impl Cache {
         let mut bytes = Vec::new();
         let mut shape = Vec::new();
         for &i in indices {
-            ensure!(i < self.len(), "row {i} out of a cache of {}", self.len());
+            ensure!(
+                i < self.len(),
+                "{}: row {i} out of a cache of {}",
+                self.dir.display(),
+                self.len()
+            );
             let s = self.starts.partition_point(|&st| st <= i) - 1;
             let shard = &self.shards[s];
             let Some(f) = shard.fields.get(field) else {
-                bail!("cache has no field {field:?}")
+                bail!("{}: the shard has no field {field:?}", shard.path.display())
             };
             let at = f.offset + (i - self.starts[s]) * f.row_bytes;
             bytes.extend_from_slice(&shard.map[at..at + f.row_bytes]);

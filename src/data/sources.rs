@@ -216,8 +216,9 @@ impl Cifar {
                 let label = r[label_at] as u32;
                 ensure!(
                     (label as usize) < class_names.len(),
-                    "{}: record {i} has label {label}, only {} classes",
+                    "{}: record {i} has label {label}, but {} names only {} classes",
                     path.display(),
+                    names.display(),
                     class_names.len()
                 );
                 labels.push(label);
@@ -250,13 +251,15 @@ impl Stl10 {
         );
         let pixels = read(&xp)?;
         let raw_labels = read(&yp)?;
+        ensure!(!raw_labels.is_empty(), "{}: no labels", yp.display());
         let size = 3 * 96 * 96;
         ensure!(
             pixels.len() == raw_labels.len() * size,
-            "{}: {} bytes, but {} labels need {} (truncated?)",
+            "{}: {} bytes, but the {} labels of {} need {} (truncated?)",
             xp.display(),
             pixels.len(),
             raw_labels.len(),
+            yp.display(),
             raw_labels.len() * size
         );
         let labels = raw_labels
@@ -264,10 +267,11 @@ impl Stl10 {
             .enumerate()
             .map(|(i, &l)| {
                 ensure!(
-                    (1..=class_names.len() as u8).contains(&l),
-                    "{}: label {i} is {l}, expected 1..={}",
+                    (1..=class_names.len()).contains(&(l as usize)),
+                    "{}: label {i} is {l}, expected 1..={} (the classes of {})",
                     yp.display(),
-                    class_names.len()
+                    class_names.len(),
+                    dir.join("class_names.txt").display()
                 );
                 Ok(l as u32 - 1)
             })

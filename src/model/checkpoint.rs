@@ -127,7 +127,9 @@ pub fn load(path: &Path, device: &Device) -> anyhow::Result<(Box<dyn Student>, M
     })?;
     let card: ModelCard = serde_json::from_str(&text)
         .with_context(|| format!("{}: not a valid model card", card_path.display()))?;
-    let student = card.build(device)?;
+    let student = card
+        .build(device)
+        .with_context(|| format!("{}: the model it describes", card_path.display()))?;
     load_weights(student.as_ref(), &weights)?;
     Ok((student, card))
 }

@@ -77,10 +77,22 @@ impl ClipTokenizer {
         };
         let vocab_map: std::collections::HashMap<String, u32> = serde_json::from_str(&read(vocab)?)
             .with_context(|| format!("{}: not a JSON token -> id map", vocab.display()))?;
+        if let Some(t) = [START_OF_TEXT, END_OF_TEXT]
+            .into_iter()
+            .find(|t| !vocab_map.contains_key(*t))
+        {
+            bail!("{}: the vocabulary lacks CLIP's {t}", vocab.display());
+        }
         let merge_lines = read(merges)?;
-        let merges = parse_merges(merge_lines.lines().filter(|l| !l.starts_with("#version")))
+        let merges_read = parse_merges(merge_lines.lines().filter(|l| !l.starts_with("#version")))
             .with_context(|| format!("in {}", merges.display()))?;
-        Self::from_parts(vocab_map.into_iter().collect(), merges)
+        Self::from_parts(vocab_map.into_iter().collect(), merges_read).with_context(|| {
+            format!(
+                "{} and {} do not make a tokenizer",
+                vocab.display(),
+                merges.display()
+            )
+        })
     }
 
     /// OpenAI's `bpe_simple_vocab_16e6.txt.gz`: the vocabulary is the 256 byte symbols, the
@@ -110,6 +122,7 @@ impl ClipTokenizer {
         tokens.push(END_OF_TEXT.into());
         let vocab = tokens.into_iter().zip(0u32..).collect();
         Self::from_parts(vocab, merges)
+            .with_context(|| format!("{}: its merges do not make a tokenizer", path.display()))
     }
 
     fn from_parts(
