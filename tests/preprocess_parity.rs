@@ -136,3 +136,14 @@ fn unsupported_steps_are_named_with_the_file() {
         );
     }
 }
+
+#[test]
+fn older_configs_with_bare_sizes_read_as_transformers_reads_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("preprocessor_config.json");
+    // openai/clip-vit-base-patch32's file: `size` is the shortest edge, `crop_size` a square.
+    std::fs::write(&path, r#"{"crop_size": 224, "resample": 3, "size": 200}"#).unwrap();
+    let pre = Preprocessor::from_file(&path).unwrap();
+    assert_eq!(pre.size.shortest_edge, 200);
+    assert_eq!((pre.crop_size.height, pre.crop_size.width), (224, 224));
+}

@@ -35,15 +35,53 @@ pub struct Preprocessor {
     pub image_std: [f32; 3],
 }
 
+/// `{"shortest_edge": N}`, or a bare `N` as older configs (openai/clip-vit-*) write it, which
+/// transformers reads as the shortest edge.
 #[derive(Debug, Clone, Deserialize)]
+#[serde(from = "EdgeSpec")]
 pub struct ShortestEdge {
     pub shortest_edge: u32,
 }
 
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum EdgeSpec {
+    Edge { shortest_edge: u32 },
+    Bare(u32),
+}
+
+impl From<EdgeSpec> for ShortestEdge {
+    fn from(spec: EdgeSpec) -> Self {
+        let (EdgeSpec::Edge { shortest_edge } | EdgeSpec::Bare(shortest_edge)) = spec;
+        Self { shortest_edge }
+    }
+}
+
+/// `{"height": H, "width": W}`, or a bare `N` (older configs) for a square crop.
 #[derive(Debug, Clone, Deserialize)]
+#[serde(from = "CropSpec")]
 pub struct CropSize {
     pub height: u32,
     pub width: u32,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum CropSpec {
+    Sides { height: u32, width: u32 },
+    Bare(u32),
+}
+
+impl From<CropSpec> for CropSize {
+    fn from(spec: CropSpec) -> Self {
+        match spec {
+            CropSpec::Sides { height, width } => Self { height, width },
+            CropSpec::Bare(side) => Self {
+                height: side,
+                width: side,
+            },
+        }
+    }
 }
 
 /// Switches of `preprocessor_config.json` this pipeline cannot follow: a file that turns a
