@@ -151,7 +151,7 @@ fn quick_demo_writes_its_report_and_checkpoints_that_other_commands_read() {
         .unwrap();
     let err = String::from_utf8_lossy(&missing.stderr);
     assert!(
-        !missing.status.success() && err.contains("model.json"),
+        !missing.status.success() && err.contains("nowhere") && err.contains("does not exist"),
         "{err}"
     );
     let ann_energy = spikeclip()
