@@ -69,7 +69,7 @@ fn run_once(read: &Reader, dir: &Path) -> Outcome {
 /// headers and lengths live), overwritten runs of bytes and random bytes, in turn.
 fn mutant(valid: &[u8], i: usize, rng: &mut Rng) -> Vec<u8> {
     let len = valid.len();
-    let head = len.min(1024).max(1);
+    let head = len.clamp(1, 1024);
     let pos = |rng: &mut Rng| {
         if rng.below(2) == 0 {
             rng.below(head)
