@@ -313,7 +313,9 @@ mod tests {
     #[test]
     fn bad_merges_are_named() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("vocab.json"), "{}").unwrap();
+        // A vocabulary with CLIP's special tokens, so that the merges are what is wrong.
+        let vocab = r#"{"<|startoftext|>": 0, "<|endoftext|>": 1}"#;
+        std::fs::write(dir.path().join("vocab.json"), vocab).unwrap();
         std::fs::write(dir.path().join("merges.txt"), "#version: 0.2\na b c\n").unwrap();
         let err = format!("{:#}", ClipTokenizer::from_dir(dir.path()).err().unwrap());
         assert!(
