@@ -55,7 +55,6 @@ fn check_cells(img: &RgbImage, layers: &[Raster]) -> usize {
 }
 
 #[test]
-#[ignore = "fails: the cell of neuron 0 at step 0 of a known pattern is drawn silent; open in issue 15"]
 fn the_raster_is_dark_exactly_where_neurons_spiked() {
     let dir = tempfile::tempdir().unwrap();
     let layers = [

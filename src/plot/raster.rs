@@ -112,13 +112,19 @@ impl RasterLayout {
     }
 }
 
-/// A filled rectangle covering exactly the pixels of `r`.
-fn filled(r: PixelRect, colour: RGBColor) -> Rectangle<(i32, i32)> {
-    let (x0, y0, x1, y1) = r;
-    Rectangle::new(
-        [(x0 as i32, y0 as i32), (x1 as i32 - 1, y1 as i32 - 1)],
-        colour.filled(),
-    )
+/// Paints exactly the pixels of `r`, one by one: drawn as plotters' filled rectangles, the
+/// 3-pixel spike cells came out narrower than their cells (`tests/plots.rs` saw it).
+fn fill_pixels(
+    root: &DrawingArea<BitMapBackend, plotters::coord::Shift>,
+    (x0, y0, x1, y1): PixelRect,
+    colour: RGBColor,
+) -> DrawResult {
+    for y in y0..y1 {
+        for x in x0..x1 {
+            root.draw_pixel((x as i32, y as i32), &colour)?;
+        }
+    }
+    Ok(())
 }
 
 /// Draws `layers` (each one input's spikes of one LIF layer) as stacked blocks, laid out as
@@ -157,7 +163,7 @@ pub fn raster_plot(path: &Path, title: &str, layers: &[Raster]) -> anyhow::Resul
                 ((x1 + 10) as i32, y0 as i32),
                 text(14),
             ))?;
-            root.draw(&filled(layout.block(l), SILENT))?;
+            fill_pixels(root, layout.block(l), SILENT)?;
             for t in 0..r.steps() {
                 root.draw(&Text::new(
                     format!("t{t}"),
@@ -167,7 +173,7 @@ pub fn raster_plot(path: &Path, title: &str, layers: &[Raster]) -> anyhow::Resul
             }
             for (i, row) in r.spikes.iter().enumerate() {
                 for (t, _) in row.iter().enumerate().filter(|(_, &s)| s) {
-                    root.draw(&filled(layout.cell(l, i, t), SPIKE))?;
+                    fill_pixels(root, layout.cell(l, i, t), SPIKE)?;
                 }
             }
         }
