@@ -33,6 +33,19 @@ pub struct Args {
     /// Energy per operation: fp32, fp16, int8, or `MAC,AC` in pJ.
     #[arg(long, default_value = "fp32")]
     precision: String,
+    #[command(flatten)]
+    batch: BatchArgs,
+    /// Most bytes of a request body, in MiB.
+    #[arg(long, default_value_t = 8)]
+    max_body_mib: usize,
+    /// Most decoded pixels of an uploaded image.
+    #[arg(long, default_value_t = serve::image_input::DEFAULT_MAX_PIXELS)]
+    max_pixels: u64,
+}
+
+/// How the server batches requests; `serve-bench` measures a server set up the same way.
+#[derive(clap::Args)]
+pub(super) struct BatchArgs {
     /// How long the first request of a batch waits for others, in milliseconds.
     #[arg(long, default_value_t = 5)]
     window_ms: u64,
@@ -41,13 +54,17 @@ pub struct Args {
     max_batch: usize,
     /// Most requests waiting or running; beyond it the server answers 503 with Retry-After.
     #[arg(long, default_value_t = 256)]
-    queue: usize,
-    /// Most bytes of a request body, in MiB.
-    #[arg(long, default_value_t = 8)]
-    max_body_mib: usize,
-    /// Most decoded pixels of an uploaded image.
-    #[arg(long, default_value_t = serve::image_input::DEFAULT_MAX_PIXELS)]
-    max_pixels: u64,
+    pub(super) queue: usize,
+}
+
+impl BatchArgs {
+    pub(super) fn config(&self) -> BatchConfig {
+        BatchConfig {
+            window: Duration::from_millis(self.window_ms),
+            max_batch: self.max_batch,
+            queue_bound: self.queue,
+        }
+    }
 }
 
 impl Args {
@@ -70,11 +87,7 @@ impl Args {
             prompts,
             dense: self.dense,
             constants: self.precision.parse()?,
-            batch: BatchConfig {
-                window: Duration::from_millis(self.window_ms),
-                max_batch: self.max_batch,
-                queue_bound: self.queue,
-            },
+            batch: self.batch.config(),
             ..EngineConfig::new(self.checkpoint.clone())
         })
     }

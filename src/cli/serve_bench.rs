@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Context;
 use candle_core::Device;
@@ -24,13 +24,10 @@ pub struct Args {
     /// Requests per client count.
     #[arg(long, default_value_t = 256)]
     requests: usize,
-    #[arg(long, default_value_t = 5)]
-    window_ms: u64,
-    #[arg(long, default_value_t = 32)]
-    max_batch: usize,
-    /// Queue bound of the measured server (above every client count: no 503 expected).
-    #[arg(long, default_value_t = 256)]
-    queue: usize,
+    /// The measured server's batching; its queue bound should be above every client count,
+    /// so that no 503 is expected.
+    #[command(flatten)]
+    batch: super::serve::BatchArgs,
     /// Queue bound of a second server loaded with the largest client count, to show 503s
     /// (0: skip).
     #[arg(long, default_value_t = 4)]
@@ -56,7 +53,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     let mut results = Vec::new();
     let largest = args.clients.iter().copied().max().unwrap_or(1);
-    let mut levels: Vec<(usize, usize)> = args.clients.iter().map(|&c| (c, args.queue)).collect();
+    let mut levels: Vec<(usize, usize)> = args
+        .clients
+        .iter()
+        .map(|&c| (c, args.batch.queue))
+        .collect();
     if args.small_queue > 0 {
         levels.push((largest, args.small_queue));
     }
@@ -66,9 +67,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     println!("|---|---|---|---|---|---|---|---|---|");
     for (clients, bound) in levels {
         let batch = BatchConfig {
-            window: Duration::from_millis(args.window_ms),
-            max_batch: args.max_batch,
             queue_bound: bound,
+            ..args.batch.config()
         };
         let config = EngineConfig {
             batch,
