@@ -54,7 +54,11 @@ def without_hooks(model):
 
 
 def image_model():
-    return without_hooks(authors.ImageEncoder())
+    model = authors.ImageEncoder()
+    # The fixture script keeps the tokenizer's LIFs in a plain list (it runs one forward):
+    # registered, reset_net resets them between steps and their hooks come off too.
+    model.patch_embed.lifs = nn.ModuleList(model.patch_embed.lifs)
+    return without_hooks(model)
 
 
 def text_model():
