@@ -5,6 +5,8 @@
 //! scale 100 turn feature differences of 2e-7 into gradient differences of 5e-5, which Adam's
 //! sign-like first steps make visible in the BatchNorm shifts.
 
+mod common;
+
 use candle_core::Device;
 use spikeclip::data::world::{Split, World, WorldConfig};
 use spikeclip::model::config::SpikeClipConfig;
@@ -169,4 +171,35 @@ fn image_distillation_trains_alike() -> anyhow::Result<()> {
 #[test]
 fn fine_tuning_trains_alike() -> anyhow::Result<()> {
     assert_same_after(&tiny(), Stage::Finetune, false)
+}
+
+/// `eval` with the run-wide `--ops` flag: fused, the spiking checkpoint runs spike-driven;
+/// portable, every model of the run takes candle's ops, so the image encoder runs dense, and
+/// both score the same.
+#[test]
+fn the_ops_flag_reaches_every_model_of_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = common::tiny_checkpoint(dir.path());
+    let eval = |ops: &str| {
+        let json = dir.path().join(format!("{ops}.json"));
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_spikeclip"))
+            .args(["--ops", ops, "eval", "--checkpoint"])
+            .arg(&ckpt)
+            .arg("--json")
+            .arg(&json)
+            .output()
+            .unwrap();
+        common::assert_success(&out);
+        let rows: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        (String::from_utf8_lossy(&out.stdout).into_owned(), rows)
+    };
+    let (fused, fused_rows) = eval("fused");
+    let (portable, portable_rows) = eval("portable");
+    assert!(
+        fused.contains("image encoder: spike-driven path"),
+        "{fused}"
+    );
+    assert!(portable.contains("image encoder: dense path"), "{portable}");
+    assert_eq!(fused_rows, portable_rows);
 }

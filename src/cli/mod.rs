@@ -21,6 +21,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use crate::ops::Ops;
+
 #[derive(Parser)]
 #[command(
     name = "spikeclip",
@@ -28,6 +30,10 @@ use clap::{Parser, Subcommand};
     about = "SpikeCLIP: spiking CLIP distillation, zero-shot classification and energy analysis"
 )]
 struct Cli {
+    /// How the student's ops run: our fused CPU kernels, or candle's portable tensor ops (the
+    /// reference the fused kernels are checked against; no spike-driven inference).
+    #[arg(long, global = true, value_enum, default_value_t = Ops::Fused)]
+    ops: Ops,
     #[command(subcommand)]
     command: Command,
 }
@@ -92,7 +98,8 @@ pub fn main() -> ExitCode {
             .value(),
         crate::dist::collective(),
     );
-    let result = same_args.and_then(|()| match cli.command {
+    let chosen = same_args.and_then(|()| cli.ops.choose_for_run(&candle_core::Device::Cpu));
+    let result = chosen.and_then(|()| match cli.command {
         Command::Bench(args) => bench::run(args),
         Command::Train(args) => train::run(args),
         Command::Energy(args) => energy::run(args),
