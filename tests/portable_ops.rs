@@ -10,6 +10,7 @@ use spikeclip::model::layers::batch_norm;
 use spikeclip::neuron::{LifConfig, MultiStepLif, Surrogate};
 use spikeclip::ops::{Ops, Then};
 use spikeclip::train::grads::{Grad, Gradients};
+use spikeclip::train::rng::Rng;
 
 const TOL: f32 = 1e-5;
 
@@ -17,8 +18,20 @@ fn dev() -> Device {
     Device::Cpu
 }
 
+thread_local! {
+    /// Each test runs on a thread of its own: seeded here, its inputs are the same every run
+    /// (candle's CPU `randn` cannot be seeded, and an unlucky draw left a LIF layer silent, so
+    /// that its weight had no gradient to compare).
+    static RNG: std::cell::RefCell<Rng> = std::cell::RefCell::new(Rng::new(0));
+}
+
 fn randn(scale: f64, shape: &[usize]) -> Result<Tensor> {
-    Tensor::randn(0f32, scale as f32, shape, &dev())
+    let n = shape.iter().product();
+    let values: Vec<f32> = RNG.with(|r| {
+        let mut r = r.borrow_mut();
+        (0..n).map(|_| (scale * r.normal()) as f32).collect()
+    });
+    Tensor::from_vec(values, shape, &dev())
 }
 
 fn var(scale: f64, shape: &[usize]) -> Result<Var> {
