@@ -215,7 +215,32 @@ fn several_steps_on_two_ranks_follow_one_process() {
 }
 
 /// The process of `rank` among those `mpirun` started, once it is running.
-fn rank_pid(rank: usize) -> u32 {
+/// The parent of process `pid`, from `/proc/PID/stat` (the field after the parenthesised name).
+fn parent(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Whether `pid` descends from `ancestor` (a job's mpirun): tests run in parallel, and another
+/// test's job has a rank 1 too.
+fn descends_from(mut pid: u32, ancestor: u32) -> bool {
+    for _ in 0..8 {
+        match parent(pid) {
+            Some(p) if p == ancestor => return true,
+            Some(p) if p > 1 => pid = p,
+            _ => return false,
+        }
+    }
+    false
+}
+
+/// The process id of rank `rank` of the job that `mpirun` (process `job`) started.
+fn rank_pid(job: u32, rank: usize) -> u32 {
     let want = format!("OMPI_COMM_WORLD_RANK={rank}");
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(60) {
@@ -225,7 +250,7 @@ fn rank_pid(rank: usize) -> u32 {
             };
             let exe = std::fs::read_link(entry.path().join("exe")).ok();
             let env = std::fs::read(entry.path().join("environ")).unwrap_or_default();
-            let ours = exe.is_some_and(|e| e == Path::new(BIN));
+            let ours = exe.is_some_and(|e| e == Path::new(BIN)) && descends_from(pid, job);
             if ours && env.split(|&b| b == 0).any(|v| v == want.as_bytes()) {
                 return pid;
             }
@@ -261,7 +286,7 @@ fn a_killed_rank_ends_the_job_and_the_job_resumes_to_the_same_bytes() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let victim = rank_pid(1);
+    let victim = rank_pid(job.id(), 1);
     let first = cut.join("distill_image_last.safetensors");
     let start = Instant::now();
     while !first.exists() {
