@@ -186,10 +186,48 @@ fn one_step_on_two_ranks_has_the_loss_and_gradients_of_one_process() {
     }
 }
 
-/// Two epochs of two steps of each stage, alone and on two ranks, follow the same losses (each
-/// stage starts from the single process's previous result, so each reads the other's
-/// checkpoints). Spiking networks amplify rounding: a membrane potential that lands on the
-/// other side of the threshold flips a spike, so the losses are compared to 1e-5.
+/// A bias that feeds BatchNorm (`X_conv.bias` beside `X_bn`) and that BatchNorm's running
+/// mean: BatchNorm subtracts any constant, so the bias's gradient is zero but for rounding,
+/// and Adam, which divides a gradient by its own scale, turns that noise into steps of the
+/// learning rate in a direction each run draws anew (in PyTorch as here); the running mean
+/// follows the bias. These are left out of the comparison.
+fn feeds_batch_norm(name: &str, all: &HashMap<String, Tensor>) -> bool {
+    let bn = |n: &str| n.replace("_conv.bias", "_bn.weight");
+    let fed = |n: &str| n.ends_with("_conv.bias") && all.contains_key(&bn(n));
+    fed(name)
+        || name
+            .strip_suffix("_bn.running_mean")
+            .is_some_and(|layer| fed(&format!("{layer}_conv.bias")))
+}
+
+/// For the parameters of `a` and `b` that learn (not [`feeds_batch_norm`]): the largest
+/// difference, and the share of values more than 1e-5 apart.
+fn weight_gaps(a: &HashMap<String, Tensor>, b: &HashMap<String, Tensor>) -> (f32, f64) {
+    let (mut largest, mut apart, mut total) = (0f32, 0usize, 0usize);
+    for (name, x) in a {
+        if feeds_batch_norm(name, a) {
+            continue;
+        }
+        let d: Vec<f32> = (x - &b[name])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        largest = d.iter().copied().fold(largest, f32::max);
+        apart += d.iter().filter(|&&v| v > 1e-5).count();
+        total += d.len();
+    }
+    (largest, apart as f64 / total as f64)
+}
+
+/// Two epochs of two steps of each stage, alone and on two ranks (each stage starts from the
+/// single process's previous result, so each reads the other's checkpoints): the same loss at
+/// every step within 1e-6, the weights within 1e-5 but for a few values in a thousand that
+/// Adam's normalisation moves further (a gradient near zero, where rounding decides its
+/// sign). The biases that feed BatchNorm are not compared ([`feeds_batch_norm`]).
 #[test]
 fn several_steps_on_two_ranks_follow_one_process() {
     let dir = tempfile::tempdir().unwrap();
@@ -199,18 +237,24 @@ fn several_steps_on_two_ranks_follow_one_process() {
             dir.path().join(format!("{stage}-1")),
             dir.path().join(format!("{stage}-2")),
         );
-        let (one, two) = (one.to_str().unwrap(), two.to_str().unwrap());
-        let alone = run(0, &stage_args(stage, "64", "2", one, init.as_deref()));
-        let pair = run(2, &stage_args(stage, "64", "2", two, init.as_deref()));
+        let (one_s, two_s) = (one.to_str().unwrap(), two.to_str().unwrap());
+        let alone = run(0, &stage_args(stage, "64", "2", one_s, init.as_deref()));
+        let pair = run(2, &stage_args(stage, "64", "2", two_s, init.as_deref()));
         let (a, b) = (step_losses(&alone), step_losses(&pair));
         assert_eq!((a.len(), b.len()), (4, 4), "{stage}");
         for (step, (a, b)) in a.iter().zip(&b).enumerate() {
             assert!(
-                (a - b).abs() <= 1e-5,
+                (a - b).abs() <= 1e-6,
                 "{stage} step {step}: loss {a} alone, {b} on two ranks"
             );
         }
-        init = Some(one.to_string());
+        let model = |d: &Path| weights(&d.join("model.safetensors"));
+        let (largest, apart) = weight_gaps(&model(&one), &model(&two));
+        assert!(
+            largest <= 1e-4 && apart <= 1e-3,
+            "{stage}: weights up to {largest} apart, {apart} of them by more than 1e-5"
+        );
+        init = Some(one_s.to_string());
     }
 }
 
@@ -262,7 +306,7 @@ fn rank_pid(job: u32, rank: usize) -> u32 {
 
 /// Rank 1 killed during the second epoch ends the job within 30 s, non-zero, naming the rank;
 /// resumed on two ranks, the job ends in the same checkpoint, byte for byte, as a run that was
-/// never interrupted.
+/// never interrupted; resumed on one, it ends where one process follows two ranks.
 #[test]
 fn a_killed_rank_ends_the_job_and_the_job_resumes_to_the_same_bytes() {
     let dir = tempfile::tempdir().unwrap();
@@ -315,9 +359,32 @@ fn a_killed_rank_ends_the_job_and_the_job_resumes_to_the_same_bytes() {
     );
     assert!(said.contains("rank 1"), "no message names rank 1: {said}");
 
+    // The same cut job resumed on one rank instead of two: the batches do not depend on the
+    // count, so it follows the uninterrupted run as one process follows two ranks.
+    let alone = dir.path().join("cut-alone");
+    std::fs::create_dir_all(&alone).unwrap();
+    for entry in std::fs::read_dir(&cut).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), alone.join(entry.file_name())).unwrap();
+    }
+    let alone_args = args(&alone);
+    let resumed: Vec<&str> = alone_args
+        .iter()
+        .map(String::as_str)
+        .chain(["--resume"])
+        .collect();
+    let out = run(0, &resumed);
+    assert!(step_losses(&out).len() < 6, "the resumed run started over");
+    let model = |d: &Path| weights(&d.join("model.safetensors"));
+    let (largest, apart) = weight_gaps(&model(&whole), &model(&alone));
+    assert!(
+        largest <= 1e-4 && apart <= 1e-3,
+        "resumed on one rank: weights up to {largest} apart, {apart} of them by more than 1e-5"
+    );
+
     let resumed: Vec<&str> = cut_args.iter().copied().chain(["--resume"]).collect();
     let out = run(2, &resumed);
-    assert!(step_losses(&out).len() < 36, "the resumed run started over");
+    assert!(step_losses(&out).len() < 6, "the resumed run started over");
     let last = |d: &Path| std::fs::read(d.join("distill_image_last.safetensors")).unwrap();
     assert!(
         last(&whole) == last(&cut),
@@ -348,4 +415,105 @@ fn ranks_with_different_arguments_are_refused() {
         said.contains("the command line differs between ranks") && said.contains("rank 1 "),
         "{said}"
     );
+}
+
+/// Every file of a cache directory (`images/`, `texts/`), name and bytes, in name order.
+fn cache_files(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut files = Vec::new();
+    for part in ["images", "texts"] {
+        let mut names: Vec<_> = std::fs::read_dir(dir.join(part))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        for name in names {
+            let bytes = std::fs::read(dir.join(part).join(&name)).unwrap();
+            files.push((format!("{part}/{name}"), bytes));
+        }
+    }
+    files
+}
+
+/// The teacher cache of a two-class image folder (one file unreadable) and a D-text, in shards
+/// of 4 rows: made by two ranks, it is the single process's cache byte for byte; with shards
+/// and the index lost (a kill), three ranks complete it to the same bytes.
+#[test]
+fn ranks_cache_their_shards_into_the_single_process_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    let teacher = format!("clip:{}", common::user_clip_dir(tmp.path()).display());
+    let data = tmp.path().join("data");
+    for (c, class) in ["ant", "bee"].iter().enumerate() {
+        std::fs::create_dir_all(data.join(class)).unwrap();
+        for i in 0..7u8 {
+            let img = image::RgbImage::from_fn(40, 36, |x, y| {
+                image::Rgb([x as u8 * 6, y as u8 * 3 + i * 20, c as u8 * 90])
+            });
+            img.save(data.join(class).join(format!("{i}.png"))).unwrap();
+        }
+    }
+    std::fs::write(data.join("bee").join("corrupt.png"), b"\x89PNG garbage").unwrap();
+    let prompts = tmp.path().join("prompts.json");
+    std::fs::write(
+        &prompts,
+        r#"{"datasets": {"d": {"classes": ["ant", "bee", "wasp"], "templates": ["a {}.", "{}", "a photo of a {}."]}}}"#,
+    )
+    .unwrap();
+    let dataset = format!("folder:{}:train:0", data.display());
+    let cache = |ranks: usize, out: &Path| -> Output {
+        run(
+            ranks,
+            &[
+                "cache",
+                "--teacher",
+                &teacher,
+                "--dataset",
+                &dataset,
+                "--dtext",
+                prompts.to_str().unwrap(),
+                "--shard-rows",
+                "4",
+                "--batch",
+                "3",
+                "--out",
+                out.to_str().unwrap(),
+            ],
+        )
+    };
+    let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
+    cache(0, &one);
+    let pair = cache(2, &two);
+    let said = String::from_utf8_lossy(&pair.stdout);
+    assert!(
+        said.matches("cached 14 images (1 unreadable, skipped)")
+            .count()
+            == 1,
+        "the ranks' counts are not summed: {said}"
+    );
+    let want = cache_files(&one);
+    assert_eq!(
+        want.iter().filter(|(n, _)| n.contains("shard-")).count(),
+        4 + 3,
+        "15 images and 9 sentences in shards of 4"
+    );
+    let names = |files: &[(String, Vec<u8>)]| files.iter().map(|f| f.0.clone()).collect::<Vec<_>>();
+    let got = cache_files(&two);
+    assert_eq!(names(&got), names(&want));
+    for ((name, a), (_, b)) in want.iter().zip(&got) {
+        assert!(a == b, "{name} differs between one and two ranks");
+    }
+
+    for lost in [
+        "images/shard-00001.safetensors",
+        "images/shard-00002.safetensors",
+        "images/index.json",
+        "texts/index.json",
+    ] {
+        std::fs::remove_file(two.join(lost)).unwrap();
+    }
+    cache(3, &two);
+    let again = cache_files(&two);
+    assert_eq!(names(&again), names(&want));
+    for ((name, a), (_, b)) in want.iter().zip(&again) {
+        assert!(a == b, "{name} differs after the resume on three ranks");
+    }
 }

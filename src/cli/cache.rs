@@ -1,5 +1,6 @@
 //! `spikeclip cache`: runs the teacher once over a dataset and/or D-text and stores its
-//! features with the student's inputs, so training never runs the teacher again.
+//! features with the student's inputs, so training never runs the teacher again. Under
+//! `mpirun` every rank runs the teacher on its own shards of the one cache.
 
 use std::path::PathBuf;
 
@@ -66,7 +67,9 @@ pub fn run(args: Args) -> Result<()> {
             &args.out.join("images"),
             &opts,
         )?;
-        tracing::info!("cached {rows} images ({skipped} unreadable, skipped)");
+        if crate::dist::is_writer() {
+            println!("cached {rows} images ({skipped} unreadable, skipped)");
+        }
     }
     if let Some(path) = &args.dtext {
         let mut prompts = PromptSet::from_file(path)?;
@@ -86,7 +89,9 @@ pub fn run(args: Args) -> Result<()> {
             &args.out.join("texts"),
             &opts,
         )?;
-        tracing::info!("cached {rows} D-text sentences");
+        if crate::dist::is_writer() {
+            println!("cached {rows} D-text sentences");
+        }
     }
     Ok(())
 }

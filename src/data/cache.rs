@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use super::sources::ImageSource;
 use super::{ImageBatch, ImageFeatureSet, TextBatch, TextFeatureSet};
+use crate::dist;
 use crate::progress::Progress;
 use crate::teacher::preprocess::{self, Preprocessor, STUDENT_SIZE};
 use crate::teacher::{ImageTeacher, TextTeacher, Tokenize};
@@ -59,6 +60,11 @@ struct ShardEntry {
 type ShardTensors = HashMap<String, Tensor>;
 
 /// Runs `make` for each shard not yet on disk, then writes the index. Returns rows cached.
+///
+/// In a job of several processes (`mpirun`) shard `s` is made by rank `s % ranks`, so every
+/// rank runs the teacher on its own part of the data; a shard's bytes depend only on its rows,
+/// so the cache is the one a single process writes, and a resumed job (with any number of
+/// ranks) skips the shards already on disk. Rank 0 writes `job.json` and `index.json`.
 fn run_shards(
     out: &Path,
     job: serde_json::Value,
@@ -71,6 +77,73 @@ fn run_shards(
         opts.shard_rows > 0 && opts.batch > 0,
         "shard and batch sizes must be positive"
     );
+    let ranks = dist::collective();
+    if dist::is_writer() {
+        claim_job(out, &job)?;
+    }
+    ranks.barrier();
+    if !dist::is_writer() {
+        claim_job(out, &job)?;
+    }
+    let n_shards = total.div_ceil(opts.shard_rows);
+    let mine: Vec<usize> = (ranks.rank()..n_shards).step_by(ranks.size()).collect();
+    let range = |s: usize| s * opts.shard_rows..((s + 1) * opts.shard_rows).min(total);
+    let mut bar = Progress::new(
+        out.display().to_string(),
+        mine.iter().map(|&s| range(s).len()).sum(),
+        opts.progress,
+    );
+    // Rows kept per shard, this rank's shards filled in; summed over the ranks below (exact:
+    // whole numbers far below 2^53).
+    let mut rows = vec![0f64; n_shards];
+    for &s in &mine {
+        let path = out.join(shard_file(s));
+        let len = range(s).len();
+        rows[s] = if path.exists() {
+            shard_rows(&path)?
+        } else {
+            let tensors = make(range(s))?;
+            let kept = tensors
+                .get("teacher")
+                .map(|t| t.dim(0))
+                .transpose()?
+                .unwrap_or(0);
+            write_atomic_with(&path, |p| Ok(candle_core::safetensors::save(&tensors, p)?))?;
+            kept
+        } as f64;
+        bar.inc(len);
+    }
+    bar.finish();
+    ranks.all_reduce_sum_f64(&mut rows);
+    let index = Index {
+        job,
+        class_names,
+        shards: rows
+            .iter()
+            .enumerate()
+            .map(|(s, &r)| ShardEntry {
+                file: shard_file(s),
+                rows: r as usize,
+            })
+            .collect(),
+    };
+    if dist::is_writer() {
+        write_atomic_with(&out.join("index.json"), |p| {
+            Ok(std::fs::write(p, serde_json::to_string_pretty(&index)?)?)
+        })?;
+    }
+    // No rank goes on (to read the cache, say) before the index is on disk.
+    ranks.barrier();
+    Ok(index.shards.iter().map(|s| s.rows).sum())
+}
+
+fn shard_file(s: usize) -> String {
+    format!("shard-{s:05}.safetensors")
+}
+
+/// Makes `out` the directory of `job`: creates it and its `job.json`, or checks that the one
+/// there describes the same job (a resume).
+fn claim_job(out: &Path, job: &serde_json::Value) -> Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let job_path = out.join("job.json");
     if job_path.exists() {
@@ -79,50 +152,16 @@ fn run_shards(
         let old: serde_json::Value = serde_json::from_str(&text)
             .with_context(|| format!("{}: not a cache job file", job_path.display()))?;
         ensure!(
-            old == job,
+            &old == job,
             "{} holds a different job ({old}); use another --out",
             out.display()
         );
+        Ok(())
     } else {
         write_atomic_with(&job_path, |p| {
-            Ok(std::fs::write(p, serde_json::to_string_pretty(&job)?)?)
-        })?;
+            Ok(std::fs::write(p, serde_json::to_string_pretty(job)?)?)
+        })
     }
-    let n_shards = total.div_ceil(opts.shard_rows);
-    let mut bar = Progress::new(out.display().to_string(), total, opts.progress);
-    let mut shards = Vec::with_capacity(n_shards);
-    for s in 0..n_shards {
-        let range = s * opts.shard_rows..((s + 1) * opts.shard_rows).min(total);
-        let file = format!("shard-{s:05}.safetensors");
-        let path = out.join(&file);
-        let rows = if path.exists() {
-            bar.inc(range.len());
-            shard_rows(&path)?
-        } else {
-            let len = range.len();
-            let tensors = make(range)?;
-            let rows = tensors
-                .get("teacher")
-                .map(|t| t.dim(0))
-                .transpose()?
-                .unwrap_or(0);
-            write_atomic_with(&path, |p| Ok(candle_core::safetensors::save(&tensors, p)?))?;
-            bar.inc(len);
-            rows
-        };
-        shards.push(ShardEntry { file, rows });
-    }
-    bar.finish();
-    let index = Index {
-        job,
-        class_names,
-        shards,
-    };
-    let rows = index.shards.iter().map(|s| s.rows).sum();
-    write_atomic_with(&out.join("index.json"), |p| {
-        Ok(std::fs::write(p, serde_json::to_string_pretty(&index)?)?)
-    })?;
-    Ok(rows)
 }
 
 fn shard_rows(path: &Path) -> Result<usize> {
@@ -203,7 +242,9 @@ pub fn cache_images(
             Ok(t)
         },
     )?;
-    Ok((rows, skipped))
+    let mut skipped = [skipped as f64];
+    dist::collective().all_reduce_sum_f64(&mut skipped);
+    Ok((rows, skipped[0] as usize))
 }
 
 /// Runs the text teacher over `texts`, storing its features and the student's `max_len` ids.

@@ -17,7 +17,7 @@ mod shard;
 #[cfg(test)]
 pub(crate) mod threads;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 pub use digest::{ensure_same, Digest};
@@ -100,6 +100,49 @@ pub fn batch_norm_group() -> Option<&'static dyn Collective> {
     let c = collective();
     (c.size() > 1 && SYNC_BATCH_NORM.load(Ordering::Relaxed)).then_some(c)
 }
+
+/// Calls, bytes and time of one kind of collective since the process started: the cost model
+/// of many ranks (README's scaling table) is built from these counts per training step.
+#[derive(Debug, Default)]
+pub struct Tally {
+    calls: AtomicU64,
+    bytes: AtomicU64,
+    nanos: AtomicU64,
+}
+
+impl Tally {
+    pub const fn new() -> Self {
+        Self {
+            calls: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            nanos: AtomicU64::new(0),
+        }
+    }
+
+    /// Runs `f`, a collective over `bytes`, and counts it.
+    pub fn time<R>(&self, bytes: usize, f: impl FnOnce() -> R) -> R {
+        let start = std::time::Instant::now();
+        let r = f();
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.nanos
+            .fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        r
+    }
+
+    /// Calls, bytes and seconds so far.
+    pub fn read(&self) -> (u64, u64, f64) {
+        (
+            self.calls.load(Ordering::Relaxed),
+            self.bytes.load(Ordering::Relaxed),
+            self.nanos.load(Ordering::Relaxed) as f64 * 1e-9,
+        )
+    }
+}
+
+/// The all-reduces of synchronised BatchNorm (small, one per statistic and layer: their cost
+/// is the network's latency, not its bandwidth).
+pub static BATCH_NORM_TRAFFIC: Tally = Tally::new();
 
 /// What [`launch`] started; MPI is finalised when it is dropped, so `main` holds it to the end.
 pub struct Launch {

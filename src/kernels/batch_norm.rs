@@ -217,7 +217,8 @@ impl Stats {
 /// ([`crate::dist::batch_norm_group`]), as PyTorch's `SyncBatchNorm`; as they are otherwise.
 fn over_ranks(mut sums: Vec<f64>) -> Vec<f64> {
     if let Some(group) = crate::dist::batch_norm_group() {
-        group.all_reduce_sum_f64(&mut sums);
+        crate::dist::BATCH_NORM_TRAFFIC
+            .time(8 * sums.len(), || group.all_reduce_sum_f64(&mut sums));
     }
     sums
 }

@@ -75,6 +75,7 @@ fn train_step(
     let mut adam = Adam::new(params.clone(), AdamConfig::default());
     let slots = model.grad_slots();
     let (mut steps, mut bytes, mut reduce_s) = (0usize, 0usize, 0f64);
+    let bn_before = crate::dist::BATCH_NORM_TRAFFIC.read();
     let result = measure(budget, || {
         let mut loss = cosine_distillation(&features(&input)?, &targets)?;
         if job.size() > 1 {
@@ -89,11 +90,17 @@ fn train_step(
         Ok(())
     })?;
     if job.size() > 1 && crate::dist::is_writer() {
+        let bn = crate::dist::BATCH_NORM_TRAFFIC.read();
+        let per_step = |a: f64, b: f64| (a - b) / steps as f64;
         eprintln!(
-            "{} ranks: all-reduce {:.1} MB in {:.1} ms per step",
+            "{} ranks: all-reduce {:.1} MB in {:.1} ms per step; synchronised BatchNorm {:.0} \
+             all-reduces of {:.0} bytes in all, {:.1} ms per step",
             job.size(),
             bytes as f64 / steps as f64 / 1e6,
-            1e3 * reduce_s / steps as f64
+            1e3 * reduce_s / steps as f64,
+            per_step(bn.0 as f64, bn_before.0 as f64),
+            per_step(bn.1 as f64, bn_before.1 as f64),
+            1e3 * per_step(bn.2, bn_before.2),
         );
     }
     Ok(result.per_step(b))
