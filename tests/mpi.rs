@@ -258,6 +258,20 @@ fn several_steps_on_two_ranks_follow_one_process() {
     }
 }
 
+/// Copies directory `from` with everything under it to `to`.
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
 /// The process of `rank` among those `mpirun` started, once it is running.
 /// The parent of process `pid`, from `/proc/PID/stat` (the field after the parenthesised name).
 fn parent(pid: u32) -> Option<u32> {
@@ -362,11 +376,7 @@ fn a_killed_rank_ends_the_job_and_the_job_resumes_to_the_same_bytes() {
     // The same cut job resumed on one rank instead of two: the batches do not depend on the
     // count, so it follows the uninterrupted run as one process follows two ranks.
     let alone = dir.path().join("cut-alone");
-    std::fs::create_dir_all(&alone).unwrap();
-    for entry in std::fs::read_dir(&cut).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), alone.join(entry.file_name())).unwrap();
-    }
+    copy_tree(&cut, &alone);
     let alone_args = args(&alone);
     let resumed: Vec<&str> = alone_args
         .iter()
