@@ -186,6 +186,46 @@ fn one_step_on_two_ranks_has_the_loss_and_gradients_of_one_process() {
     }
 }
 
+/// Without synchronised BatchNorm each rank normalises its own half of the global batch: the
+/// job's loss is the mean of the two halves' losses, each normalised on its own, which one
+/// process gives as two steps of half the batch (the same permutation, `--lr 0` so that the
+/// second half meets the same weights). With synchronisation the loss is the whole batch's.
+/// Image distillation only: after so short a pre-training the tiny student's image features
+/// do not yet depend on the image, so fine-tuning's loss is the same for any batch.
+#[test]
+fn without_sync_two_ranks_normalise_each_half_as_one_process_would() {
+    let dir = tempfile::tempdir().unwrap();
+    let init = dir.path().join("init");
+    let init_s = init.to_str().unwrap();
+    run(0, &stage_args("distill-text", "32", "0", init_s, None));
+    let stage = "distill-image";
+    let out = |name: &str| dir.path().join(format!("{stage}-{name}"));
+    let (halves, apart, whole) = (out("halves"), out("apart"), out("whole"));
+    let mut args = stage_args(stage, "32", "1", halves.to_str().unwrap(), Some(init_s));
+    let batch = args.iter().position(|a| *a == "--batch-size").unwrap() + 1;
+    args[batch] = "16";
+    args.extend(["--lr", "0", "--eta-min", "0"]);
+    let halves = step_losses(&run(0, &args));
+    let mut args = stage_args(stage, "32", "1", apart.to_str().unwrap(), Some(init_s));
+    args.push("--no-sync-bn");
+    let apart = step_losses(&run(2, &args));
+    let whole = step_losses(&run(
+        2,
+        &stage_args(stage, "32", "1", whole.to_str().unwrap(), Some(init_s)),
+    ));
+    assert_eq!((halves.len(), apart.len()), (2, 1), "{stage}");
+    let mean = (halves[0] + halves[1]) / 2.0;
+    assert!(
+        (apart[0] - mean).abs() <= 1e-6,
+        "{stage}: {} on two ranks apart, {mean} from the halves alone",
+        apart[0]
+    );
+    assert!(
+        (whole[0] - mean).abs() > 1e-4,
+        "{stage}: synchronised BatchNorm gave the halves' loss {mean}"
+    );
+}
+
 /// A bias that feeds BatchNorm (`X_conv.bias` beside `X_bn`) and that BatchNorm's running
 /// mean: BatchNorm subtracts any constant, so the bias's gradient is zero but for rounding,
 /// and Adam, which divides a gradient by its own scale, turns that noise into steps of the
