@@ -296,6 +296,15 @@ fn several_steps_on_two_ranks_follow_one_process() {
         );
         init = Some(one_s.to_string());
     }
+    // Evaluation on two ranks: each scores part of every set, the counts are summed.
+    let checkpoint = init.unwrap();
+    let eval = |ranks| {
+        let out = run(ranks, &["eval", "--checkpoint", &checkpoint]);
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let (alone, pair) = (eval(0), eval(2));
+    assert!(alone.contains("(600 images)"), "{alone}");
+    assert_eq!(alone, pair, "eval on two ranks");
 }
 
 /// Copies directory `from` with everything under it to `to`.
