@@ -8,6 +8,7 @@ use anyhow::Context;
 
 use crate::data::prompts::PromptSet;
 use crate::serve::{self, BatchConfig, EngineConfig, Limits};
+use crate::teacher::ModelSpec;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -27,6 +28,11 @@ pub struct Args {
     /// The prompts file's dataset to use when a request names no labels.
     #[arg(long, requires = "prompts", conflicts_with = "labels")]
     prompt_set: Option<String>,
+    /// The teacher whose ranking each answer shows beside the student's (`clip:DIR`); without
+    /// it a checkpoint trained on the built-in world is shown beside the world's analytic
+    /// teacher, as `eval` scores it.
+    #[arg(long)]
+    teacher: Option<String>,
     /// Run a spiking image encoder on its dense path instead of the spike-driven one.
     #[arg(long)]
     dense: bool,
@@ -88,6 +94,7 @@ impl Args {
             dense: self.dense,
             constants: self.precision.parse()?,
             batch: self.batch.config(),
+            teacher: self.teacher.as_deref().map(ModelSpec::parse).transpose()?,
             ..EngineConfig::new(self.checkpoint.clone())
         })
     }
