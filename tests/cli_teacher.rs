@@ -9,25 +9,7 @@ use candle_core::Device;
 use spikeclip::data::cache::Cache;
 use spikeclip::data::ImageFeatureSet;
 
-fn fixture_dir() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/clip"))
-}
-
-/// The fixture checkpoint plus OpenAI's merges file, as a user's CLIP directory.
-fn clip_dir(root: &Path) -> PathBuf {
-    let dir = root.join("clip");
-    std::fs::create_dir_all(&dir).unwrap();
-    for f in [
-        "config.json",
-        "model.safetensors",
-        "preprocessor_config.json",
-    ] {
-        std::fs::copy(fixture_dir().join(f), dir.join(f)).unwrap();
-    }
-    let gz = common::shared_data("bpe_simple_vocab_16e6.txt.gz");
-    std::fs::copy(gz, dir.join("bpe_simple_vocab_16e6.txt.gz")).unwrap();
-    dir
-}
+use common::{clip_dir, clip_fixture_dir as fixture_dir};
 
 fn spikeclip(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_spikeclip"))

@@ -22,6 +22,27 @@ pub fn shared_data(name: &str) -> PathBuf {
     path
 }
 
+/// The tiny CLIP fixture (width 8, transformers' reference features beside it).
+pub fn clip_fixture_dir() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/clip"))
+}
+
+/// The fixture CLIP plus OpenAI's merges file, as a user's CLIP directory `root/clip`.
+pub fn clip_dir(root: &std::path::Path) -> PathBuf {
+    let dir = root.join("clip");
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+    ] {
+        std::fs::copy(clip_fixture_dir().join(f), dir.join(f)).unwrap();
+    }
+    let gz = shared_data("bpe_simple_vocab_16e6.txt.gz");
+    std::fs::copy(gz, dir.join("bpe_simple_vocab_16e6.txt.gz")).unwrap();
+    dir
+}
+
 /// Fails the test with the command's stderr unless it exited successfully.
 #[track_caller]
 pub fn assert_success(out: &std::process::Output) {
