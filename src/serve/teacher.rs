@@ -91,7 +91,7 @@ pub struct TeacherAnswer {
 
 enum Model {
     Clip {
-        clip: ClipTeacher,
+        clip: Box<ClipTeacher>,
         crop: (usize, usize),
     },
     World(Arc<Samples>),
@@ -113,7 +113,7 @@ impl Teacher {
     ) -> anyhow::Result<(Self, TeacherView)> {
         let (name, model, view) = match choice {
             TeacherChoice::Clip(dir) => {
-                let clip = ClipTeacher::load(dir, &Device::Cpu)?;
+                let clip = Box::new(ClipTeacher::load(dir, &Device::Cpu)?);
                 let pre = Preprocessor::from_dir_or_square(dir, clip.image_size() as u32)?;
                 let crop = (pre.crop_size.height as usize, pre.crop_size.width as usize);
                 let view = TeacherView::Clip(Arc::new(pre));
