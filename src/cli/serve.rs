@@ -55,8 +55,9 @@ pub(super) struct BatchArgs {
     /// How long the first request of a batch waits for others, in milliseconds.
     #[arg(long, default_value_t = 5)]
     window_ms: u64,
-    /// Most images run through the model together.
-    #[arg(long, default_value_t = 32)]
+    /// Most images run through the model together (8: at 32 clients batches of 8 served more
+    /// requests/s than batches of 32 on the demo checkpoint; see the README's serve section).
+    #[arg(long, default_value_t = BatchConfig::default().max_batch)]
     max_batch: usize,
     /// Most requests waiting or running; beyond it the server answers 503 with Retry-After.
     #[arg(long, default_value_t = 256)]

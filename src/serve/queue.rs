@@ -29,7 +29,7 @@ impl Default for BatchConfig {
     fn default() -> Self {
         Self {
             window: Duration::from_millis(5),
-            max_batch: 32,
+            max_batch: 8,
             queue_bound: 256,
         }
     }
