@@ -9,6 +9,8 @@ use candle_core::Device;
 use spikeclip::data::cache::Cache;
 use spikeclip::data::ImageFeatureSet;
 
+use common::{clip_dir, clip_fixture_dir as fixture_dir};
+
 fn spikeclip(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_spikeclip"))
         .args(args)
@@ -19,9 +21,9 @@ fn spikeclip(args: &[&str]) -> std::process::Output {
 #[test]
 fn embed_writes_transformers_features() {
     let tmp = tempfile::tempdir().unwrap();
-    let model = format!("clip:{}", common::user_clip_dir(tmp.path()).display());
+    let model = format!("clip:{}", clip_dir(tmp.path()).display());
     let out = tmp.path().join("feats.safetensors");
-    let image = common::clip_fixture_dir().join("rgb_32x32.png");
+    let image = fixture_dir().join("rgb_32x32.png");
     let run = spikeclip(&[
         "embed",
         "--model",
@@ -37,11 +39,9 @@ fn embed_writes_transformers_features() {
     ]);
     common::assert_success(&run);
     let got = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
-    let want = candle_core::safetensors::load(
-        common::clip_fixture_dir().join("reference.safetensors"),
-        &Device::Cpu,
-    )
-    .unwrap();
+    let want =
+        candle_core::safetensors::load(fixture_dir().join("reference.safetensors"), &Device::Cpu)
+            .unwrap();
     let diff = (&got["text_features"] - want["text_features"].narrow(0, 0, 2).unwrap()).unwrap();
     assert!(
         diff.abs()
@@ -83,12 +83,12 @@ fn embed_writes_transformers_features() {
 /// Caches a two-class image folder ("a", "b") and the D-text of `prompts_json` with the
 /// fixture CLIP under `root`; the `clip:DIR` spec, the cache and the prompts file.
 fn cached(root: &Path, prompts_json: &str) -> (String, PathBuf, PathBuf) {
-    let model = format!("clip:{}", common::user_clip_dir(root).display());
+    let model = format!("clip:{}", clip_dir(root).display());
     let data = root.join("data");
     for class in ["a", "b"] {
         std::fs::create_dir_all(data.join(class)).unwrap();
         std::fs::copy(
-            common::clip_fixture_dir().join("rgb_48x40.png"),
+            fixture_dir().join("rgb_48x40.png"),
             data.join(class).join("x.png"),
         )
         .unwrap();
@@ -153,11 +153,9 @@ fn cache_command_caches_a_folder_and_dtext() {
     common::assert_success(&run);
     let ours =
         candle_core::safetensors::load(student.join("model.safetensors"), &Device::Cpu).unwrap();
-    let clip = candle_core::safetensors::load(
-        common::clip_fixture_dir().join("model.safetensors"),
-        &Device::Cpu,
-    )
-    .unwrap();
+    let clip =
+        candle_core::safetensors::load(fixture_dir().join("model.safetensors"), &Device::Cpu)
+            .unwrap();
     let table = |map: &std::collections::HashMap<String, candle_core::Tensor>, name: &str| {
         map[name]
             .flatten_all()

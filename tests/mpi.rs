@@ -499,7 +499,7 @@ fn cache_files(dir: &Path) -> Vec<(String, Vec<u8>)> {
 #[test]
 fn ranks_cache_their_shards_into_the_single_process_cache() {
     let tmp = tempfile::tempdir().unwrap();
-    let teacher = format!("clip:{}", common::user_clip_dir(tmp.path()).display());
+    let teacher = format!("clip:{}", common::clip_dir(tmp.path()).display());
     let data = tmp.path().join("data");
     for (c, class) in ["ant", "bee"].iter().enumerate() {
         std::fs::create_dir_all(data.join(class)).unwrap();

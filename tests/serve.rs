@@ -435,3 +435,199 @@ fn per_image_spikes_of_a_batch_equal_the_image_run_alone() {
         assert!(fired > 0, "the test needs spikes");
     }
 }
+
+/// The name of the class a sample shows, from its caption ("red circle (seen pair)").
+fn sample_class(samples: &serve::page::Samples, id: usize) -> String {
+    let caption = samples.caption(id).unwrap();
+    caption.split(" (").next().unwrap().to_string()
+}
+
+fn teacher_labels(answer: &serde_json::Value) -> Vec<String> {
+    answer["teacher"]["ranked"]
+        .as_array()
+        .unwrap_or_else(|| panic!("a teacher ranking: {answer}"))
+        .iter()
+        .map(|r| r["label"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_world_checkpoint_is_answered_beside_the_worlds_analytic_teacher() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = serve::start(config(dir.path(), window(1, 8, 16)), Limits::default()).unwrap();
+    let server = start_default(state).await;
+    let addr = server.addr;
+    let card = client::get(addr, "/v1/model")
+        .await
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(card["teacher"], "the built-in world's analytic teacher");
+
+    // The analytic teacher is a perfect CLIP of the world: every sample's own class first,
+    // whatever the (untrained) student answers.
+    let samples = serve::page::Samples::of_world().unwrap();
+    for id in 0..samples.len() {
+        let (ct, body) = multipart(samples.png(id).unwrap(), &[]);
+        let a = client::post(addr, "/v1/classify", &ct, &body)
+            .await
+            .unwrap()
+            .json()
+            .unwrap();
+        let labels = teacher_labels(&a);
+        assert_eq!(labels.len(), 24);
+        assert_eq!(labels[0], sample_class(&samples, id), "sample {id}: {a}");
+        let probs: Vec<f64> = a["teacher"]["ranked"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["probability"].as_f64().unwrap())
+            .collect();
+        assert!((probs.iter().sum::<f64>() - 1.0).abs() < 1e-4, "{probs:?}");
+        assert!(probs.windows(2).all(|w| w[0] >= w[1]), "ranked: {probs:?}");
+    }
+    // Among labels the request names, too.
+    let own = sample_class(&samples, 0);
+    let names = spikeclip::data::world::World::class_names();
+    let other = names.iter().find(|n| **n != own).unwrap();
+    let (ct, body) = multipart(
+        samples.png(0).unwrap(),
+        &[("labels", &format!("{other}, {own}"))],
+    );
+    let a = client::post(addr, "/v1/classify", &ct, &body)
+        .await
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(teacher_labels(&a), [own, other.clone()]);
+
+    // An image the world never drew has no teacher ranking, and says why.
+    let other = client::post(addr, "/v1/classify", "image/png", &png(40, 30))
+        .await
+        .unwrap()
+        .json()
+        .unwrap();
+    assert!(other["teacher"]["ranked"].is_null(), "{other}");
+    assert!(
+        other["teacher"]["note"]
+            .as_str()
+            .unwrap()
+            .contains("sample images"),
+        "{other}"
+    );
+    assert_eq!(other["ranked"].as_array().unwrap().len(), 24);
+    server.stop.send(()).unwrap();
+    server.task.await.unwrap().unwrap();
+}
+
+/// `--teacher clip:DIR` ranks the labels as CLIP's own features do: the probabilities equal
+/// those computed from `spikeclip embed` (checked against transformers) on the same image file
+/// and the same prompt sentences.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_clip_teacher_the_answer_carries_clips_ranking_of_the_labels() {
+    let dir = tempfile::tempdir().unwrap();
+    let clip = common::clip_dir(dir.path());
+    let spec = format!("clip:{}", clip.display());
+    let config = EngineConfig {
+        teacher: Some(spikeclip::teacher::ModelSpec::parse(&spec).unwrap()),
+        ..config(dir.path(), window(1, 8, 16))
+    };
+    let state = serve::start(config, Limits::default()).unwrap();
+    let server = start_default(state).await;
+    let addr = server.addr;
+    let card = client::get(addr, "/v1/model")
+        .await
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(card["teacher"], format!("CLIP ({})", clip.display()));
+
+    let classes = ["red circle", "blue square", "green triangle"];
+    let image = common::clip_fixture_dir().join("rgb_48x40.png");
+    let a = client::post(
+        addr,
+        "/v1/classify?labels=red%20circle,blue%20square,green%20triangle",
+        "image/png",
+        &std::fs::read(&image).unwrap(),
+    )
+    .await
+    .unwrap()
+    .json()
+    .unwrap();
+    let got: Vec<(String, f64)> = a["teacher"]["ranked"]
+        .as_array()
+        .unwrap_or_else(|| panic!("a teacher ranking: {a}"))
+        .iter()
+        .map(|r| {
+            let label = r["label"].as_str().unwrap().to_string();
+            (label, r["probability"].as_f64().unwrap())
+        })
+        .collect();
+
+    // The same ranking from `spikeclip embed`'s features.
+    let prompts = DatasetPrompts {
+        classes: classes.iter().map(|c| vec![c.to_string()]).collect(),
+        templates: spikeclip::data::world::PROMPT_TEMPLATES
+            .iter()
+            .map(|t| t.to_string())
+            .collect(),
+    };
+    let feats = dir.path().join("feats.safetensors");
+    let mut args = vec![
+        "embed".to_string(),
+        "--model".to_string(),
+        spec.clone(),
+        "--normalize".to_string(),
+        "--image".to_string(),
+        image.display().to_string(),
+        "--out".to_string(),
+        feats.display().to_string(),
+    ];
+    for c in 0..classes.len() {
+        for s in prompts.class_sentences(c) {
+            args.extend(["--text".to_string(), s]);
+        }
+    }
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_spikeclip"))
+        .args(&args)
+        .output()
+        .unwrap();
+    common::assert_success(&run);
+    let f = candle_core::safetensors::load(&feats, &Device::Cpu).unwrap();
+    let text: Vec<Vec<f32>> = f["text_features"].to_vec2().unwrap();
+    let img: Vec<f32> = f["image_features"].get(0).unwrap().to_vec1().unwrap();
+    let per_class = text.len() / classes.len();
+    let logits: Vec<f64> = text
+        .chunks(per_class)
+        .map(|rows| {
+            let mean: Vec<f64> = (0..img.len())
+                .map(|d| rows.iter().map(|r| f64::from(r[d])).sum::<f64>() / per_class as f64)
+                .collect();
+            let norm = mean.iter().map(|x| x * x).sum::<f64>().sqrt();
+            100.0
+                * mean
+                    .iter()
+                    .zip(&img)
+                    .map(|(m, i)| m * f64::from(*i))
+                    .sum::<f64>()
+                / norm
+        })
+        .collect();
+    let top = logits.iter().copied().fold(f64::MIN, f64::max);
+    let exp: Vec<f64> = logits.iter().map(|l| (l - top).exp()).collect();
+    let sum: f64 = exp.iter().sum();
+    assert_eq!(got.len(), classes.len());
+    for (label, p) in &got {
+        let c = classes.iter().position(|c| c == label).unwrap();
+        assert!(
+            (p - exp[c] / sum).abs() < 1e-4,
+            "{label}: {p} vs {}",
+            exp[c] / sum
+        );
+    }
+    assert!(got.windows(2).all(|w| w[0].1 >= w[1].1), "ranked: {got:?}");
+    // The student's own answer is still there beside it.
+    assert_eq!(a["ranked"].as_array().unwrap().len(), 3);
+    server.stop.send(()).unwrap();
+    server.task.await.unwrap().unwrap();
+}

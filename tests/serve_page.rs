@@ -101,6 +101,15 @@ fn the_page_classifies_a_sample_in_headless_chromium_and_draws_the_raster() {
         10,
         "the top ten labels as bars"
     );
+    // Beside it, the world's analytic teacher's ranking, its top label sample 0's class.
+    let samples = serve::page::Samples::of_world().unwrap();
+    let shown = samples.caption(0).unwrap().split(" (").next().unwrap();
+    assert_eq!(
+        attribute(&dom, "data-teacher-answered"),
+        Some(shown),
+        "the teacher's answer shown"
+    );
+    assert_eq!(dom.matches("data-teacher-rank=").count(), 5);
     let drawn: usize = attribute(&dom, "data-spikes-drawn")
         .expect("the raster was drawn")
         .parse()

@@ -8,6 +8,7 @@ use anyhow::Context;
 
 use crate::data::prompts::PromptSet;
 use crate::serve::{self, BatchConfig, EngineConfig, Limits};
+use crate::teacher::ModelSpec;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -27,6 +28,11 @@ pub struct Args {
     /// The prompts file's dataset to use when a request names no labels.
     #[arg(long, requires = "prompts", conflicts_with = "labels")]
     prompt_set: Option<String>,
+    /// The teacher whose ranking each answer shows beside the student's (`clip:DIR`); without
+    /// it a checkpoint trained on the built-in world is shown beside the world's analytic
+    /// teacher, as `eval` scores it.
+    #[arg(long)]
+    teacher: Option<String>,
     /// Run a spiking image encoder on its dense path instead of the spike-driven one.
     #[arg(long)]
     dense: bool,
@@ -49,8 +55,9 @@ pub(super) struct BatchArgs {
     /// How long the first request of a batch waits for others, in milliseconds.
     #[arg(long, default_value_t = 5)]
     window_ms: u64,
-    /// Most images run through the model together.
-    #[arg(long, default_value_t = 32)]
+    /// Most images run through the model together (8: at 32 clients batches of 8 served more
+    /// requests/s than batches of 32 on the demo checkpoint; see the README's serve section).
+    #[arg(long, default_value_t = BatchConfig::default().max_batch)]
     max_batch: usize,
     /// Most requests waiting or running; beyond it the server answers 503 with Retry-After.
     #[arg(long, default_value_t = 256)]
@@ -88,6 +95,7 @@ impl Args {
             dense: self.dense,
             constants: self.precision.parse()?,
             batch: self.batch.config(),
+            teacher: self.teacher.as_deref().map(ModelSpec::parse).transpose()?,
             ..EngineConfig::new(self.checkpoint.clone())
         })
     }

@@ -28,6 +28,8 @@ pub struct ModelInfo {
     pub default_labels: Vec<String>,
     pub prompt_sets: Vec<String>,
     pub energy_precision: String,
+    /// The teacher whose ranking answers show beside the student's, if any.
+    pub teacher: Option<String>,
     /// The stages the checkpoint was trained through, with their scores, from the report of
     /// the `demo` run that wrote it; none for a checkpoint without one.
     pub training: Option<serde_json::Value>,
@@ -54,6 +56,7 @@ impl ModelInfo {
         config: &EngineConfig,
         default: &DatasetPrompts,
         image_path: &'static str,
+        teacher: Option<&str>,
     ) -> Self {
         let count = |prefix: &str| {
             named_vars(loaded.student.varmap())
@@ -94,6 +97,7 @@ impl ModelInfo {
                 .map(|p| p.datasets.keys().cloned().collect())
                 .unwrap_or_default(),
             energy_precision: config.constants.preset.clone(),
+            teacher: teacher.map(str::to_string),
             training: demo_stages(&config.checkpoint),
             batching: Batching {
                 window_ms: config.batch.window.as_secs_f64() * 1e3,

@@ -8,16 +8,20 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 use serde::Serialize;
 
 use super::card::ModelInfo;
+use super::page::Samples;
 use super::queue::{BatchConfig, Batcher, Startup};
+use super::teacher::{Teacher, TeacherAnswer, TeacherChoice, TeacherImage, TeacherView};
 use crate::data::prompts::{DatasetPrompts, PromptSet};
 use crate::energy::{EncoderEnergy, EncoderOps, EnergyConstants, FiringRates};
 use crate::neuron::SampleSpikes;
 use crate::recipe::classifier::{ranked_probabilities, Inference, LoadedStudent};
+use crate::teacher::ModelSpec;
 
 /// Neurons per layer in a response's raster.
 pub const RASTER_NEURONS: usize = 48;
@@ -40,6 +44,9 @@ pub struct EngineConfig {
     pub prompts: Option<PromptSet>,
     pub constants: EnergyConstants,
     pub batch: BatchConfig,
+    /// `--teacher`: the CLIP whose ranking each answer shows beside the student's (none: the
+    /// world's analytic teacher for a world-trained checkpoint, see [`TeacherChoice`]).
+    pub teacher: Option<ModelSpec>,
 }
 
 /// Where a request's labels come from.
@@ -58,6 +65,8 @@ pub enum Job {
     Classify {
         /// `[1, 3, 32, 32]`.
         image: Tensor,
+        /// The image as the server's teacher reads it, when it has one.
+        teacher_image: Option<TeacherImage>,
         labels: Labels,
         raster: bool,
     },
@@ -119,6 +128,8 @@ pub struct Classification {
     pub raster: Option<Vec<LayerRaster>>,
     /// Whether the label set's class embeddings came from the cache.
     pub cached_labels: bool,
+    /// The teacher's ranking of the same labels, when the server has a teacher.
+    pub teacher: Option<TeacherAnswer>,
 }
 
 /// A job's answer, or why the job's input was refused.
@@ -133,43 +144,61 @@ pub enum Answer {
 /// The service's handle on the model thread.
 pub type Engine = Batcher<Job, Answer>;
 
-/// Loads the checkpoint on a new model thread and returns the queue to it with the model card.
-pub fn start(config: EngineConfig) -> anyhow::Result<(Engine, ModelInfo)> {
-    Batcher::start(
-        config.batch,
-        move |startup: Startup<Job, Answer, ModelInfo>| {
-            let dev = Device::Cpu;
-            let loaded = LoadedStudent::open(&config.checkpoint, &dev)?;
-            let inference = loaded.for_inference(config.dense)?;
-            let default = match &config.default_prompt_set {
-                Some(set) => config
-                    .prompts
-                    .as_ref()
-                    .and_then(|p| p.datasets.get(set))
-                    .cloned()
-                    .ok_or_else(|| anyhow::anyhow!("no prompt set {set:?} in the prompts file"))?,
-                None => loaded.prompts_for_labels(&config.default_labels)?,
+/// What the model thread reports once it is ready: the model card, and how the handlers
+/// prepare an upload for the teacher, when there is one.
+pub struct Ready {
+    pub info: ModelInfo,
+    pub teacher: Option<TeacherView>,
+}
+
+/// Loads the checkpoint (and its teacher) on a new model thread and returns the queue to it.
+pub fn start(config: EngineConfig, samples: Arc<Samples>) -> anyhow::Result<(Engine, Ready)> {
+    Batcher::start(config.batch, move |startup: Startup<Job, Answer, Ready>| {
+        let dev = Device::Cpu;
+        let loaded = LoadedStudent::open(&config.checkpoint, &dev)?;
+        let inference = loaded.for_inference(config.dense)?;
+        let (teacher, view) =
+            match TeacherChoice::resolve(config.teacher.as_ref(), &loaded.card.tokenizer) {
+                Some(choice) => {
+                    let (teacher, view) = Teacher::load(&choice, samples)?;
+                    (Some(teacher), Some(view))
+                }
+                None => (None, None),
             };
-            let mut model = Model {
-                loaded: &loaded,
-                image_ops: image_ops(&loaded),
-                inference,
-                default,
-                config: &config,
-                cache: HashMap::new(),
-            };
-            // Fails here, at startup, if the default labels cannot be embedded.
-            model.class_embeddings(&Labels::Default)?;
-            let info = ModelInfo::of(
-                &loaded,
-                &config,
-                &model.default,
-                model.inference.image_path(),
-            );
-            startup.serve(info, |jobs| model.run(jobs));
-            Ok(())
-        },
-    )
+        let default = match &config.default_prompt_set {
+            Some(set) => config
+                .prompts
+                .as_ref()
+                .and_then(|p| p.datasets.get(set))
+                .cloned()
+                .ok_or_else(|| anyhow::anyhow!("no prompt set {set:?} in the prompts file"))?,
+            None => loaded.prompts_for_labels(&config.default_labels)?,
+        };
+        let mut model = Model {
+            loaded: &loaded,
+            image_ops: image_ops(&loaded),
+            inference,
+            default,
+            config: &config,
+            cache: HashMap::new(),
+            teacher,
+        };
+        // Fails here, at startup, if the default labels cannot be embedded.
+        model.class_embeddings(&Labels::Default)?;
+        let info = ModelInfo::of(
+            &loaded,
+            &config,
+            &model.default,
+            model.inference.image_path(),
+            model.teacher.as_ref().map(Teacher::name),
+        );
+        let ready = Ready {
+            info,
+            teacher: view,
+        };
+        startup.serve(ready, |jobs| model.run(jobs));
+        Ok(())
+    })
 }
 
 /// The image encoder's ops and monitors, for a spiking student.
@@ -189,6 +218,7 @@ struct Model<'a> {
     config: &'a EngineConfig,
     /// Class names and unit class embeddings `[C, D]` per label set.
     cache: HashMap<Labels, (Vec<String>, Tensor)>,
+    teacher: Option<Teacher>,
 }
 
 impl Model<'_> {
@@ -200,7 +230,21 @@ impl Model<'_> {
                 Job::EmbedText { .. } => None,
             })
             .collect();
-        let features = match self.image_features(&images) {
+        let teacher_images: Vec<Option<&TeacherImage>> = jobs
+            .iter()
+            .map(|j| match j {
+                Job::Classify { teacher_image, .. } => teacher_image.as_ref(),
+                _ => None,
+            })
+            .collect();
+        let features = self.image_features(&images).and_then(|f| {
+            let teacher = match &self.teacher {
+                Some(t) => t.image_features(&teacher_images)?,
+                None => vec![None; jobs.len()],
+            };
+            Ok((f, teacher))
+        });
+        let ((features, spikes), teacher_features) = match features {
             Ok(f) => f,
             Err(e) => {
                 let msg = format!("{e:#}");
@@ -209,17 +253,23 @@ impl Model<'_> {
         };
         let mut next_image = 0;
         jobs.into_iter()
-            .map(|job| {
+            .zip(teacher_features)
+            .map(|(job, teacher_feature)| {
                 let answer = match job {
                     Job::EmbedText { texts } => self.text_features(&texts),
                     Job::EmbedImage { .. } => {
                         next_image += 1;
-                        row(&features.0, next_image - 1).map(|f| Answer::Features(vec![f]))
+                        row(&features, next_image - 1).map(|f| Answer::Features(vec![f]))
                     }
                     Job::Classify { labels, raster, .. } => {
                         next_image += 1;
-                        let spikes = features.1.get(next_image - 1);
-                        self.classify(&features.0, next_image - 1, &labels, spikes, raster)
+                        let image = Image {
+                            features: &features,
+                            index: next_image - 1,
+                            spikes: spikes.get(next_image - 1),
+                            teacher: teacher_feature.as_ref(),
+                        };
+                        self.classify(image, &labels, raster)
                     }
                 };
                 answer.unwrap_or_else(|e| Answer::Failed(format!("{e:#}")))
@@ -259,20 +309,13 @@ impl Model<'_> {
         Ok(Answer::Features(feats.to_vec2()?))
     }
 
-    fn classify(
-        &mut self,
-        features: &Tensor,
-        index: usize,
-        labels: &Labels,
-        spikes: Option<&BTreeMap<String, SampleSpikes>>,
-        raster: bool,
-    ) -> anyhow::Result<Answer> {
+    fn classify(&mut self, image: Image, labels: &Labels, raster: bool) -> anyhow::Result<Answer> {
         let cached_labels = self.cache.contains_key(labels);
         let (names, classes) = match self.class_embeddings(labels) {
             Ok(c) => c,
             Err(e) => return Ok(Answer::Rejected(format!("{e:#}"))),
         };
-        let probs = ranked_probabilities(&features.narrow(0, index, 1)?, &classes)?;
+        let probs = ranked_probabilities(&image.features.narrow(0, image.index, 1)?, &classes)?;
         let ranked = probs[0]
             .iter()
             .map(|&(c, p)| Ranked {
@@ -287,8 +330,16 @@ impl Model<'_> {
             energy: None,
             raster: None,
             cached_labels,
+            teacher: None,
         };
-        if let (Some(ops), Some(spikes)) = (&self.image_ops, spikes) {
+        if let Some(teacher) = self.teacher.as_mut() {
+            let (default, prompts) = (&self.default, self.config.prompts.as_ref());
+            let loaded = self.loaded;
+            out.teacher = Some(teacher.answer(image.teacher, labels, || {
+                label_prompts(labels, default, prompts, loaded)
+            })?);
+        }
+        if let (Some(ops), Some(spikes)) = (&self.image_ops, image.spikes) {
             let counts: FiringRates = spikes
                 .iter()
                 .map(|(k, s)| (k.clone(), s.counts.clone()))
@@ -334,17 +385,12 @@ impl Model<'_> {
         if let Some(hit) = self.cache.get(labels) {
             return Ok(hit.clone());
         }
-        let prompts = match labels {
-            Labels::Default => self.default.clone(),
-            Labels::Names(names) => self.loaded.prompts_for_labels(names)?,
-            Labels::PromptSet(name) => self
-                .config
-                .prompts
-                .as_ref()
-                .and_then(|p| p.datasets.get(name))
-                .cloned()
-                .ok_or_else(|| anyhow::anyhow!("unknown prompt set {name:?}"))?,
-        };
+        let prompts = label_prompts(
+            labels,
+            &self.default,
+            self.config.prompts.as_ref(),
+            self.loaded,
+        )?;
         let classes = self.loaded.class_embeddings(&prompts, &Device::Cpu)?;
         let names: Vec<String> = prompts.classes.iter().map(|c| c[0].clone()).collect();
         if self.cache.len() >= LABEL_CACHE {
@@ -353,6 +399,31 @@ impl Model<'_> {
         self.cache
             .insert(labels.clone(), (names.clone(), classes.clone()));
         Ok((names, classes))
+    }
+}
+
+/// One image of a batch: its row of the student's features, its spikes, the teacher's feature.
+struct Image<'a> {
+    features: &'a Tensor,
+    index: usize,
+    spikes: Option<&'a BTreeMap<String, SampleSpikes>>,
+    teacher: Option<&'a Tensor>,
+}
+
+/// The prompts of the label set `labels` names.
+fn label_prompts(
+    labels: &Labels,
+    default: &DatasetPrompts,
+    prompts: Option<&PromptSet>,
+    loaded: &LoadedStudent,
+) -> anyhow::Result<DatasetPrompts> {
+    match labels {
+        Labels::Default => Ok(default.clone()),
+        Labels::Names(names) => loaded.prompts_for_labels(names),
+        Labels::PromptSet(name) => prompts
+            .and_then(|p| p.datasets.get(name))
+            .cloned()
+            .ok_or_else(|| anyhow::anyhow!("unknown prompt set {name:?}")),
     }
 }
 

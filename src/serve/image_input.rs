@@ -4,7 +4,7 @@
 use std::io::Cursor;
 
 use candle_core::{Device, Tensor};
-use image::{ImageReader, Limits};
+use image::{DynamicImage, ImageReader, Limits};
 
 use crate::recipe::classifier::{clip_pixels, student_inputs};
 
@@ -34,6 +34,17 @@ pub enum BadImage {
 
 /// The student input `[1, 3, 32, 32]` of an uploaded PNG or JPEG.
 pub fn student_input(bytes: &[u8], max_pixels: u64) -> Result<Tensor, BadImage> {
+    student_input_of(&decode(bytes, max_pixels)?)
+}
+
+/// The student input `[1, 3, 32, 32]` of a decoded image.
+pub fn student_input_of(image: &DynamicImage) -> Result<Tensor, BadImage> {
+    student_inputs(vec![clip_pixels(image)], &Device::Cpu)
+        .map_err(|e| BadImage::Corrupt(format!("{e:#}")))
+}
+
+/// An uploaded PNG or JPEG, decoded once its header has passed the size checks.
+pub fn decode(bytes: &[u8], max_pixels: u64) -> Result<DynamicImage, BadImage> {
     if bytes.is_empty() {
         return Err(BadImage::Empty);
     }
@@ -68,11 +79,9 @@ pub fn student_input(bytes: &[u8], max_pixels: u64) -> Result<Tensor, BadImage> 
     limits.max_image_width = Some(width);
     limits.max_image_height = Some(height);
     decoder.limits(limits);
-    let image = decoder
+    decoder
         .decode()
-        .map_err(|e| BadImage::Corrupt(e.to_string()))?;
-    student_inputs(vec![clip_pixels(&image)], &Device::Cpu)
-        .map_err(|e| BadImage::Corrupt(format!("{e:#}")))
+        .map_err(|e| BadImage::Corrupt(e.to_string()))
 }
 
 #[cfg(test)]

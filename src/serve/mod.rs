@@ -22,6 +22,7 @@ pub mod load;
 pub mod page;
 pub mod queue;
 pub mod routes;
+pub mod teacher;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -45,17 +46,20 @@ impl EngineConfig {
             prompts: None,
             constants: EnergyConstants::fp32(),
             batch: BatchConfig::default(),
+            teacher: None,
         }
     }
 }
 
-/// Loads the model on its thread and returns what the routes share.
+/// Loads the model (and its teacher) on its thread and returns what the routes share.
 pub fn start(config: EngineConfig, limits: Limits) -> anyhow::Result<AppState> {
-    let (engine, info) = engine::start(config)?;
+    let samples = Arc::new(page::Samples::of_world()?);
+    let (engine, ready) = engine::start(config, samples.clone())?;
     Ok(AppState {
         engine,
-        info: Arc::new(info),
-        samples: Arc::new(page::Samples::of_world()?),
+        info: Arc::new(ready.info),
+        teacher: ready.teacher,
+        samples,
         limits,
     })
 }

@@ -11,9 +11,19 @@ pub const PAGE: &str = include_str!("page.html");
 /// Seed of the world the samples are drawn from (any other than training's would do).
 const SAMPLE_SEED: u64 = 2024;
 
-/// Sample images as PNG bytes with captions.
+/// Sample images as PNG bytes with captions, and what the world's analytic teacher sees in
+/// them: that teacher reads an image's drawn attributes, not its pixels, so these are the only
+/// uploads it can rank labels for.
 pub struct Samples {
-    images: Vec<(String, Vec<u8>)>,
+    world: World,
+    images: Vec<SampleImage>,
+}
+
+struct SampleImage {
+    caption: String,
+    png: Vec<u8>,
+    rgb: image::RgbImage,
+    teacher_feature: Vec<f32>,
 }
 
 impl Samples {
@@ -38,11 +48,15 @@ impl Samples {
                 if names.contains(&name) {
                     continue;
                 }
+                let rgb = sample.rgb_image();
                 let mut png = Vec::new();
-                sample
-                    .rgb_image()
-                    .write_to(&mut Cursor::new(&mut png), image::ImageFormat::Png)?;
-                images.push((format!("{name} ({note})"), png));
+                rgb.write_to(&mut Cursor::new(&mut png), image::ImageFormat::Png)?;
+                images.push(SampleImage {
+                    caption: format!("{name} ({note})"),
+                    png,
+                    rgb,
+                    teacher_feature: world.image_feature(split, i, &sample),
+                });
                 names.push(name);
             }
             anyhow::ensure!(
@@ -50,7 +64,7 @@ impl Samples {
                 "too few distinct {note}s in the world"
             );
         }
-        Ok(Self { images })
+        Ok(Self { world, images })
     }
 
     pub fn len(&self) -> usize {
@@ -62,10 +76,25 @@ impl Samples {
     }
 
     pub fn caption(&self, id: usize) -> Option<&str> {
-        self.images.get(id).map(|(c, _)| c.as_str())
+        self.images.get(id).map(|s| s.caption.as_str())
     }
 
     pub fn png(&self, id: usize) -> Option<&[u8]> {
-        self.images.get(id).map(|(_, png)| png.as_slice())
+        self.images.get(id).map(|s| s.png.as_slice())
+    }
+
+    /// The world the samples were drawn from, whose analytic teacher describes them.
+    pub fn world(&self) -> &World {
+        &self.world
+    }
+
+    /// The sample whose pixels `rgb` are, however it was re-encoded on the way.
+    pub fn find(&self, rgb: &image::RgbImage) -> Option<usize> {
+        self.images.iter().position(|s| &s.rgb == rgb)
+    }
+
+    /// The analytic teacher's (unnormalised) feature of sample `id`.
+    pub fn teacher_feature(&self, id: usize) -> Option<&[f32]> {
+        self.images.get(id).map(|s| s.teacher_feature.as_slice())
     }
 }

@@ -20,9 +20,10 @@ use tower_http::catch_panic::CatchPanicLayer;
 
 use super::card::ModelInfo;
 use super::engine::{Answer, Engine, Job, Labels};
-use super::image_input::student_input;
+use super::image_input::{decode as decode_image, student_input_of, BadImage};
 use super::page::{Samples, PAGE};
 use super::queue::Refusal;
+use super::teacher::{TeacherImage, TeacherView};
 
 /// Size limits on what a request may carry.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -47,6 +48,8 @@ impl Default for Limits {
 pub struct AppState {
     pub engine: Engine,
     pub info: Arc<ModelInfo>,
+    /// How uploads become the teacher's input, when the server has a teacher.
+    pub teacher: Option<TeacherView>,
     pub samples: Arc<Samples>,
     pub limits: Limits,
 }
@@ -258,15 +261,24 @@ fn labels(state: &AppState, options: &ClassifyOptions) -> Result<Labels, ApiErro
     }
 }
 
-/// The student input of an upload, decoded off the async threads.
-async fn decode(state: &AppState, image: Bytes) -> Result<Tensor, ApiError> {
+/// The student input of an upload, and the input of `teacher` when given, decoded off the
+/// async threads.
+async fn decode(
+    state: &AppState,
+    image: Bytes,
+    teacher: Option<TeacherView>,
+) -> Result<(Tensor, Option<TeacherImage>), ApiError> {
     let max = state.limits.pixels;
-    let decoded = tokio::task::spawn_blocking(move || student_input(&image, max))
-        .await
-        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "decoding failed"))?;
+    let decoded = tokio::task::spawn_blocking(move || {
+        let image = decode_image(&image, max)?;
+        let student = student_input_of(&image)?;
+        Ok::<_, BadImage>((student, teacher.map(|t| t.image(&image))))
+    })
+    .await
+    .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "decoding failed"))?;
     decoded.map_err(|e| {
         let status = match e {
-            super::image_input::BadImage::TooManyPixels { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            BadImage::TooManyPixels { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             _ => StatusCode::BAD_REQUEST,
         };
         ApiError::new(status, e.to_string())
@@ -295,9 +307,10 @@ async fn classify(
     let start = Instant::now();
     let Upload { image, options } = upload(&state, request).await?;
     let labels = labels(&state, &options)?;
-    let image = decode(&state, image).await?;
+    let (image, teacher_image) = decode(&state, image, state.teacher.clone()).await?;
     let job = Job::Classify {
         image,
+        teacher_image,
         labels,
         raster: options.raster,
     };
@@ -340,7 +353,7 @@ async fn embed(State(state): State<AppState>, request: Request) -> Result<Json<V
         (Job::EmbedText { texts }, "text")
     } else {
         let Upload { image, .. } = upload(&state, request).await?;
-        let image = decode(&state, image).await?;
+        let (image, _) = decode(&state, image, None).await?;
         (Job::EmbedImage { image }, "image")
     };
     let (answer, timing) = answer(&state, job).await?;

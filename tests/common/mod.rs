@@ -22,13 +22,13 @@ pub fn shared_data(name: &str) -> PathBuf {
     path
 }
 
-/// The tiny CLIP checkpoint of the fixtures (`scripts/clip_fixtures.py`).
+/// The tiny CLIP fixture (width 8, transformers' reference features beside it).
 pub fn clip_fixture_dir() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/clip"))
 }
 
-/// The fixture checkpoint plus OpenAI's merges file in `root/clip`, as a user's CLIP directory.
-pub fn user_clip_dir(root: &std::path::Path) -> PathBuf {
+/// The fixture CLIP plus OpenAI's merges file, as a user's CLIP directory `root/clip`.
+pub fn clip_dir(root: &std::path::Path) -> PathBuf {
     let dir = root.join("clip");
     std::fs::create_dir_all(&dir).unwrap();
     for f in [
