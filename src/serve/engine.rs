@@ -40,6 +40,8 @@ pub struct EngineConfig {
     pub prompts: Option<PromptSet>,
     pub constants: EnergyConstants,
     pub batch: BatchConfig,
+    /// Where the model runs; uploads are decoded and prepared on the CPU.
+    pub device: Device,
 }
 
 /// Where a request's labels come from.
@@ -138,8 +140,7 @@ pub fn start(config: EngineConfig) -> anyhow::Result<(Engine, ModelInfo)> {
     Batcher::start(
         config.batch,
         move |startup: Startup<Job, Answer, ModelInfo>| {
-            let dev = Device::Cpu;
-            let loaded = LoadedStudent::open(&config.checkpoint, &dev)?;
+            let loaded = LoadedStudent::open(&config.checkpoint, &config.device)?;
             let inference = loaded.for_inference(config.dense)?;
             let default = match &config.default_prompt_set {
                 Some(set) => config
@@ -239,7 +240,7 @@ impl Model<'_> {
                 vec![],
             ));
         }
-        let x = Tensor::cat(images, 0)?;
+        let x = Tensor::cat(images, 0)?.to_device(&self.config.device)?;
         let student = self.inference.student();
         match &self.image_ops {
             Some(ops) => ops
@@ -254,7 +255,7 @@ impl Model<'_> {
     fn text_features(&self, texts: &[String]) -> anyhow::Result<Answer> {
         let len = self.loaded.card.config.text.context_length;
         let ids = self.loaded.tokenizer.encode(texts, len)?;
-        let ids = Tensor::from_vec(ids.concat(), (texts.len(), len), &Device::Cpu)?;
+        let ids = Tensor::from_vec(ids.concat(), (texts.len(), len), &self.config.device)?;
         let feats = self.inference.student().text_features(&ids, false)?;
         Ok(Answer::Features(feats.to_vec2()?))
     }
@@ -345,7 +346,9 @@ impl Model<'_> {
                 .cloned()
                 .ok_or_else(|| anyhow::anyhow!("unknown prompt set {name:?}"))?,
         };
-        let classes = self.loaded.class_embeddings(&prompts, &Device::Cpu)?;
+        let classes = self
+            .loaded
+            .class_embeddings(&prompts, &self.config.device)?;
         let names: Vec<String> = prompts.classes.iter().map(|c| c[0].clone()).collect();
         if self.cache.len() >= LABEL_CACHE {
             self.cache.clear();

@@ -35,7 +35,7 @@ use crate::energy::EnergyConstants;
 
 impl EngineConfig {
     /// A checkpoint served with the defaults: spike-driven, its default labels, fp32 energy,
-    /// the default batching.
+    /// the default batching, on the CPU.
     pub fn new(checkpoint: PathBuf) -> Self {
         Self {
             checkpoint,
@@ -45,6 +45,7 @@ impl EngineConfig {
             prompts: None,
             constants: EnergyConstants::fp32(),
             batch: BatchConfig::default(),
+            device: candle_core::Device::Cpu,
         }
     }
 }
