@@ -3,6 +3,7 @@
 
 use std::time::Instant;
 
+use candle_core::Device;
 use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
 
@@ -41,16 +42,28 @@ impl BenchResult {
 /// Runs `step` `warmup` times untimed, then `iters` times timed.
 pub fn measure(
     budget: Budget,
+    step: impl FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<BenchResult> {
+    measure_on(&Device::Cpu, budget, step)
+}
+
+/// [`measure`] of a step whose work runs on `device`: each step ends when the device has
+/// finished it, not when its kernels were queued (a GPU runs them asynchronously).
+pub fn measure_on(
+    device: &Device,
+    budget: Budget,
     mut step: impl FnMut() -> anyhow::Result<()>,
 ) -> anyhow::Result<BenchResult> {
     reset_peak_rss();
     for _ in 0..budget.warmup {
         step()?;
     }
+    device.synchronize()?;
     let mut times = Vec::with_capacity(budget.iters);
     for _ in 0..budget.iters.max(1) {
         let start = Instant::now();
         step()?;
+        device.synchronize()?;
         times.push(start.elapsed().as_secs_f64());
     }
     times.sort_by(f64::total_cmp);

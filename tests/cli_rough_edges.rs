@@ -1,6 +1,6 @@
 //! What a user meets at the command line: a missing checkpoint named as given, logs without
 //! colour codes and with plain progress lines when stderr is not a terminal, and `bench`
-//! measuring each case's memory on its own.
+//! measuring each case's memory on its own, and `--device` reported or refused with its reason.
 
 mod common;
 
@@ -103,4 +103,27 @@ fn bench_cases_measure_their_own_peak_memory_in_child_processes() {
     let table = String::from_utf8_lossy(&run.stdout);
     let rows = table.lines().skip_while(|l| !l.starts_with("case "));
     assert_eq!(rows.count(), 3, "{table}");
+}
+
+/// `--device`: `info` says where it built the model; on a build without the `cuda` feature a
+/// CUDA device is refused with the reason, before any work; a device name that is none is
+/// refused with the forms that are.
+#[test]
+fn the_device_flag_is_reported_and_cuda_without_the_feature_says_so() {
+    let out = spikeclip(&["--device", "cpu", "info", "--preset", "tiny"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("device: cpu, ops: fused"), "{text}");
+    if !cfg!(feature = "cuda") {
+        for device in ["cuda", "cuda:1"] {
+            let out = spikeclip(&["--device", device, "info", "--preset", "tiny"]);
+            assert!(!out.status.success(), "{device}");
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(err.contains("lacks the `cuda` feature"), "{device}: {err}");
+        }
+    }
+    let out = spikeclip(&["info", "--device", "gpu"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("expected cpu, cuda, cuda:N"), "{err}");
 }

@@ -5,6 +5,7 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
+use candle_core::Device;
 use spikeclip::data::world::{Split, World, WorldConfig};
 use spikeclip::recipe::demo::{train_and_save, DemoConfig};
 use spikeclip::recipe::world_recipe::{Arch, WorldRecipe};
@@ -171,7 +172,7 @@ fn classify_with_the_default_demo_model_ranks_the_true_label_first_on_most_image
     let dir = tempfile::tempdir().unwrap();
     let cfg = DemoConfig::standard(0);
     let arch = Arch::spiking(&cfg.model);
-    let recipe = WorldRecipe::new(cfg, dir.path(), false);
+    let recipe = WorldRecipe::new(cfg, dir.path(), false, &Device::Cpu);
     let (_, report) = train_and_save(&recipe, arch, "spikeclip").unwrap();
     let right = classify_seen_images(&dir.path().join("spikeclip"), &dir.path().join("seen"));
     assert!(

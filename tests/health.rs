@@ -1,6 +1,7 @@
 //! The demo's health log: one line per epoch of every stage with what it promises, written
 //! without changing the training it watches.
 
+use candle_core::Device;
 use spikeclip::recipe::demo::{train_and_save, DemoConfig};
 use spikeclip::recipe::health::HealthRecord;
 use spikeclip::recipe::world_recipe::{Arch, WorldRecipe};
@@ -48,8 +49,8 @@ fn records(path: &std::path::Path) -> Vec<HealthRecord> {
 fn health_log_watches_every_stage_without_changing_the_training() {
     for arch in [Arch::spiking(&tiny(false).model), Arch::Ann] {
         let (plain_dir, health_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let plain = WorldRecipe::new(tiny(false), plain_dir.path(), false);
-        let watched = WorldRecipe::new(tiny(true), health_dir.path(), false);
+        let plain = WorldRecipe::new(tiny(false), plain_dir.path(), false, &Device::Cpu);
+        let watched = WorldRecipe::new(tiny(true), health_dir.path(), false, &Device::Cpu);
         let (a, no_log) = weights(&plain, arch);
         let (b, log) = weights(&watched, arch);
         assert!(!no_log.exists(), "a run without --health writes no log");

@@ -1,9 +1,20 @@
 //! Three training steps of each stage of the recipe with `--ops portable` and with the fused
 //! kernels, on the tiny preset and the built-in world: the losses of all three steps equal
-//! within 1e-5, and after distillation every weight and BatchNorm statistic within 1e-3 of its
-//! tensor's largest magnitude. Fine-tuning's weights are not compared: its cosine logits at
-//! scale 100 turn feature differences of 2e-7 into gradient differences of 5e-5, which Adam's
-//! sign-like first steps make visible in the BatchNorm shifts.
+//! within 1e-5, and after distillation every weight and BatchNorm statistic within 3e-4 of its
+//! tensor's largest magnitude.
+//!
+//! Why not 1e-5 for the weights (measured on these seeds): the distillation losses agree to
+//! 1.2e-7 (the plain text MLP's bit for bit), yet after three Adam steps a weight differs by up
+//! to 1.4e-4 of its tensor's largest magnitude (image `mlp2_conv.weight`; text 5e-5). Each op's
+//! gradient agrees within 1e-5 of its largest magnitude (tests/portable_ops.rs), but Adam
+//! divides every element's gradient by its own running magnitude, so an element whose gradient
+//! is 1e-3 of the largest sees that rounding as a 1e-2 relative change of its step. That is
+//! rounding amplified by the optimiser; the losses show no sign of a spike flipped.
+//! Fine-tuning's weights are not compared: its losses of steps 0 and 1 are bit-identical and
+//! step 2's differs by 7.9e-6, but its weights differ by up to 1.4e-1 (BatchNorm shifts) and
+//! 1.8e-2 (weights) of their magnitude: its cosine logits at scale 100 make the image
+//! gradients 100 times more sensitive to the features, and the cause of the jump at step 2 (a
+//! spike at the threshold or this amplification) is not yet isolated.
 
 mod common;
 
@@ -21,8 +32,9 @@ use spikeclip::train::stage::{StageConfig, StageRun};
 /// The losses' tolerance, relative.
 const LOSS_TOL: f64 = 1e-5;
 /// The weights' tolerance after three Adam steps: Adam's first steps divide each gradient by
-/// its own magnitude, so a gradient near zero turns rounding into a visible step.
-const WEIGHT_TOL: f32 = 1e-3;
+/// its own magnitude, so a gradient near zero turns rounding into a visible step (measured:
+/// 1.4e-4 at most, see the module's comment).
+const WEIGHT_TOL: f32 = 3e-4;
 const BATCH: usize = 16;
 
 /// One batch of everything: three epochs are three steps, each with its loss recorded.

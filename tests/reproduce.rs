@@ -17,7 +17,7 @@ use spikeclip::model::config::{ReadoutKind, TextEncoderKind};
 use spikeclip::recipe::student::trainable;
 
 fn lab(dir: &std::path::Path) -> Lab {
-    Lab::new(ReproConfig::quick(0).demo, dir, false).unwrap()
+    Lab::new(ReproConfig::quick(0).demo, dir, false, &Device::Cpu).unwrap()
 }
 
 #[test]

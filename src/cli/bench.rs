@@ -11,13 +11,14 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
 use image::RgbImage;
 
-use crate::bench::{measure, BenchResult, Budget};
+use crate::bench::{measure, measure_on, BenchResult, Budget};
 use crate::data::cache::{cache_images, Cache, CacheOptions};
 use crate::data::sources::ImageSource;
 use crate::data::world::{Split, World, WorldConfig};
 use crate::data::ImageFeatureSet;
 use crate::kernels::simd;
 use crate::neuron::{LifConfig, MultiStepLif};
+use crate::ops::device;
 use crate::teacher::clip::{ClipConfig, ClipModel};
 use crate::teacher::preprocess::Preprocessor;
 use crate::teacher::ImageTeacher;
@@ -47,15 +48,36 @@ pub struct Args {
     warmup: Option<usize>,
 }
 
-type Case = (&'static str, fn(Budget) -> anyhow::Result<BenchResult>);
+/// How a case runs, which decides where: the cases that time our fused CPU kernels run on the
+/// CPU only, the others on the run's `--device`.
+#[derive(Clone, Copy)]
+pub enum Run {
+    Cpu(fn(Budget) -> anyhow::Result<BenchResult>),
+    OnDevice(fn(Budget, &Device) -> anyhow::Result<BenchResult>),
+}
+
+impl Run {
+    fn run(self, name: &str, budget: Budget, dev: &Device) -> anyhow::Result<BenchResult> {
+        match self {
+            Run::OnDevice(case) => case(budget, dev),
+            Run::Cpu(case) if dev.is_cpu() => case(budget),
+            Run::Cpu(_) => bail!(
+                "bench case {name} times a fused CPU kernel; run it with --device cpu, not {}",
+                device::name(dev)
+            ),
+        }
+    }
+}
+
+type Case = (&'static str, Run);
 
 const CASES: &[Case] = &[
-    ("lif_fwd_bwd", lif_fwd_bwd),
-    ("world_batch", world_batch),
-    ("adam_step", adam_step),
-    ("clip_b16_images", clip_b16_images),
-    ("clip_b16_texts", clip_b16_texts),
-    ("cache_read", cache_read),
+    ("lif_fwd_bwd", Run::Cpu(lif_fwd_bwd)),
+    ("world_batch", Run::OnDevice(world_batch)),
+    ("adam_step", Run::OnDevice(adam_step)),
+    ("clip_b16_images", Run::OnDevice(clip_b16_images)),
+    ("clip_b16_texts", Run::OnDevice(clip_b16_texts)),
+    ("cache_read", Run::OnDevice(cache_read)),
 ];
 
 /// Default budget of the cases that take milliseconds per step.
@@ -74,7 +96,7 @@ fn all_cases() -> impl Iterator<Item = (&'static Case, Budget)> {
         .chain(model::CASES.iter().map(|c| (c, model::BUDGET)))
 }
 
-pub fn run(args: Args) -> anyhow::Result<()> {
+pub fn run(args: Args, dev: &Device) -> anyhow::Result<()> {
     let selected: Vec<_> = if args.case.is_empty() {
         all_cases().collect()
     } else {
@@ -93,6 +115,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .collect::<anyhow::Result<_>>()?
     };
     print_kernel_paths();
+    println!("device: {}", device::name(dev));
     println!(
         "{:<20} {:>11} {:>11} {:>11} {:>12} {:>12}  (threads: {})",
         "case",
@@ -105,15 +128,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     );
     let in_children = selected.len() > 1;
     let mut results = serde_json::Map::new();
-    for ((name, case), default) in selected {
+    for (&(name, case), default) in selected {
         let r = if in_children {
-            child::run_case(name, args.iters, args.warmup)?
+            child::run_case(name, args.iters, args.warmup, dev)?
         } else {
             let budget = Budget {
                 warmup: args.warmup.unwrap_or(default.warmup),
                 iters: args.iters.unwrap_or(default.iters).max(1),
             };
-            case(budget).with_context(|| format!("bench case {name}"))?
+            case.run(name, budget, dev)
+                .with_context(|| format!("bench case {name}"))?
         };
         let throughput = r
             .throughput_per_s
@@ -123,6 +147,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             name, r.median_s, r.min_s, r.max_s, r.peak_rss_mib, throughput
         );
         results.insert(name.to_string(), serde_json::to_value(&r)?);
+        // Each case says where it ran: the fused-kernel cases only ever run on the CPU.
+        results[name]["device"] = match case {
+            Run::Cpu(_) => "cpu".into(),
+            Run::OnDevice(_) => device::name(dev).into(),
+        };
     }
     if let Some(path) = args.json.filter(|_| crate::dist::is_writer()) {
         let text = serde_json::to_string_pretty(&results)?;
@@ -159,21 +188,20 @@ fn lif_fwd_bwd(budget: Budget) -> anyhow::Result<BenchResult> {
 
 /// Generating one training batch of the built-in world (256 images with teacher features):
 /// the world is rendered on the fly every epoch, so this bounds the demo's data cost.
-fn world_batch(budget: Budget) -> anyhow::Result<BenchResult> {
+fn world_batch(budget: Budget, dev: &Device) -> anyhow::Result<BenchResult> {
     let images = World::new(WorldConfig::default()).images(Split::Train);
     let indices: Vec<usize> = (0..256).collect();
-    measure(budget, || {
-        images.batch(&indices, &Device::Cpu)?;
+    measure_on(dev, budget, || {
+        images.batch(&indices, dev)?;
         Ok(())
     })
 }
 
 /// One AMSGrad step over 4M parameters (about a small Spikingformer), the optimiser's share
 /// of every training step.
-fn adam_step(budget: Budget) -> anyhow::Result<BenchResult> {
-    let dev = Device::Cpu;
+fn adam_step(budget: Budget, dev: &Device) -> anyhow::Result<BenchResult> {
     let params: Vec<(String, Var)> = (0..4)
-        .map(|i| Ok((format!("w{i}"), Var::randn(0f32, 1.0, (1024, 1024), &dev)?)))
+        .map(|i| Ok((format!("w{i}"), Var::randn(0f32, 1.0, (1024, 1024), dev)?)))
         .collect::<anyhow::Result<_>>()?;
     let squares = params
         .iter()
@@ -186,33 +214,33 @@ fn adam_step(budget: Budget) -> anyhow::Result<BenchResult> {
     };
     let mut adam = Adam::new(params, amsgrad);
     let grads = Gradients::from(grads);
-    measure(budget, || Ok(adam.step(&grads)?))
+    measure_on(dev, budget, || Ok(adam.step(&grads)?))
 }
 
 /// CLIP ViT-B/16 (the paper's teacher) with random weights.
-fn clip_b16() -> anyhow::Result<ClipModel> {
+fn clip_b16(dev: &Device) -> anyhow::Result<ClipModel> {
     let varmap = VarMap::new();
-    let vb = seeded_var_builder(&varmap, 0, DType::F32, &Device::Cpu);
+    let vb = seeded_var_builder(&varmap, 0, DType::F32, dev);
     ClipModel::new(vb, &ClipConfig::vit_b16())
 }
 
 /// Teacher image features for 8 images at 224x224: images/s = 8 / median_s. Bounds the
 /// one-off cost of `spikeclip cache` over a dataset.
-fn clip_b16_images(budget: Budget) -> anyhow::Result<BenchResult> {
-    let model = clip_b16()?;
-    let pixels = Tensor::randn(0f32, 1.0, (8, 3, 224, 224), &Device::Cpu)?;
-    measure(budget, || {
+fn clip_b16_images(budget: Budget, dev: &Device) -> anyhow::Result<BenchResult> {
+    let model = clip_b16(dev)?;
+    let pixels = Tensor::randn(0f32, 1.0, (8, 3, 224, 224), dev)?;
+    measure_on(dev, budget, || {
         model.image_features(&pixels)?;
         Ok(())
     })
 }
 
 /// Teacher text features for 32 sentences of 77 tokens: texts/s = 32 / median_s (D-text).
-fn clip_b16_texts(budget: Budget) -> anyhow::Result<BenchResult> {
-    let model = clip_b16()?;
+fn clip_b16_texts(budget: Budget, dev: &Device) -> anyhow::Result<BenchResult> {
+    let model = clip_b16(dev)?;
     let ids: Vec<u32> = (0..32 * 77).map(|i| (i * 7919 % 49405) as u32).collect();
-    let ids = Tensor::from_vec(ids, (32, 77), &Device::Cpu)?;
-    measure(budget, || {
+    let ids = Tensor::from_vec(ids, (32, 77), dev)?;
+    measure_on(dev, budget, || {
         model.text_features(&ids, 49407)?;
         Ok(())
     })
@@ -255,7 +283,7 @@ impl ImageTeacher for RandomTeacher {
 
 /// One training batch of 256 random rows from an 8192-image cache (2 shards): the per-step
 /// data cost of training on a real dataset.
-fn cache_read(budget: Budget) -> anyhow::Result<BenchResult> {
+fn cache_read(budget: Budget, dev: &Device) -> anyhow::Result<BenchResult> {
     let dir = std::env::temp_dir().join(format!("spikeclip-bench-cache-{}", std::process::id()));
     let source = BlankImages((0..10).map(|i| format!("c{i}")).collect());
     let opts = CacheOptions {
@@ -273,9 +301,9 @@ fn cache_read(budget: Budget) -> anyhow::Result<BenchResult> {
     )?;
     let cache = Cache::open(&dir)?;
     let mut rng = Rng::new(0);
-    let result = measure(budget, || {
+    let result = measure_on(dev, budget, || {
         let indices: Vec<usize> = (0..256).map(|_| rng.below(8192)).collect();
-        ImageFeatureSet::batch(&cache, &indices, &Device::Cpu)?;
+        ImageFeatureSet::batch(&cache, &indices, dev)?;
         Ok(())
     });
     std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;

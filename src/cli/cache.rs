@@ -42,13 +42,13 @@ pub struct Args {
     batch: usize,
 }
 
-pub fn run(args: Args) -> Result<()> {
+pub fn run(args: Args, dev: &Device) -> Result<()> {
     ensure!(
         args.dataset.is_some() || args.dtext.is_some(),
         "nothing to cache: give --dataset and/or --dtext"
     );
     let ModelSpec::Clip(dir) = ModelSpec::parse(&args.teacher)?;
-    let teacher = ClipTeacher::load(&dir, &Device::Cpu)?;
+    let teacher = ClipTeacher::load(&dir, dev)?;
     let opts = CacheOptions {
         shard_rows: args.shard_rows,
         batch: args.batch,

@@ -94,19 +94,18 @@ pub(crate) fn student_images(files: &[PathBuf], device: &Device) -> anyhow::Resu
     student_inputs(pixels, device)
 }
 
-pub fn run(args: Args) -> anyhow::Result<()> {
-    let dev = Device::Cpu;
-    let loaded = LoadedStudent::open(&args.checkpoint, &dev)?;
+pub fn run(args: Args, dev: &Device) -> anyhow::Result<()> {
+    let loaded = LoadedStudent::open(&args.checkpoint, dev)?;
     let prompts = label_prompts(&loaded, &args.labels)?;
-    let classes = loaded.class_embeddings(&prompts, &dev)?;
+    let classes = loaded.class_embeddings(&prompts, dev)?;
     let files = image_files(&args.image)?;
     let inference = loaded.for_inference(args.dense)?;
     // Probabilities as CLIP reports them: softmax over cosine similarities times 100.
     for (i, chunk) in files.chunks(64).enumerate() {
-        let images = student_images(chunk, &dev)?;
+        let images = student_images(chunk, dev)?;
         if i == 0 {
             let student = inference.student();
-            warn_each(&loaded.feature_warnings(student, &images, &prompts, &classes, &dev)?);
+            warn_each(&loaded.feature_warnings(student, &images, &prompts, &classes, dev)?);
         }
         let feats = inference.student().image_features(&images, false)?;
         let probs = candle_nn::ops::softmax(

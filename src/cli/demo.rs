@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use candle_core::Device;
 
 use crate::recipe::demo::{markdown, run_demo, DemoConfig, DemoReport};
 use crate::recipe::seeds;
@@ -47,11 +48,11 @@ fn write(path: &Path, text: &str) -> anyhow::Result<()> {
     std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
 }
 
-pub fn run(args: Args) -> anyhow::Result<()> {
+pub fn run(args: Args, dev: &Device) -> anyhow::Result<()> {
     let start = std::time::Instant::now();
     if args.seeds.len() <= 1 {
         let seed = args.seeds.first().copied().unwrap_or(args.seed);
-        let report = run_demo(&config(&args, seed)?, &args.out, true)?;
+        let report = run_demo(&config(&args, seed)?, &args.out, true, dev)?;
         print!("{}", markdown(&report));
     } else {
         let reports = args
@@ -59,7 +60,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .iter()
             .map(|&seed| {
                 let out = args.out.join(format!("seed-{seed}"));
-                run_demo(&config(&args, seed)?, &out, true)
+                run_demo(&config(&args, seed)?, &out, true, dev)
                     .with_context(|| format!("demo with seed {seed}"))
             })
             .collect::<anyhow::Result<Vec<DemoReport>>>()?;

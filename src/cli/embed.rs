@@ -47,9 +47,9 @@ pub struct Args {
     normalize: bool,
 }
 
-pub fn run(args: Args) -> Result<()> {
+pub fn run(args: Args, dev: &Device) -> Result<()> {
     if let Some(dir) = args.model.strip_prefix("spikeclip:") {
-        return student::run(&args, dir.as_ref());
+        return student::run(&args, dir.as_ref(), dev);
     }
     if args.pixels.is_some() || args.ids.is_some() || args.dense {
         anyhow::bail!("--pixels, --ids and --dense are for a spikeclip:DIR model");
@@ -60,11 +60,14 @@ pub fn run(args: Args) -> Result<()> {
         "nothing to embed: give --text, --texts-file or --image"
     );
     let ModelSpec::Clip(dir) = ModelSpec::parse(&args.model)?;
-    let teacher = ClipTeacher::load(&dir, &Device::Cpu)?;
+    let teacher = ClipTeacher::load(&dir, dev)?;
     let finish = |x: Tensor| finish(&args, x);
     let mut out = HashMap::new();
     if !texts.is_empty() {
-        out.insert("input_ids".to_string(), teacher.token_ids(&texts)?);
+        out.insert(
+            "input_ids".to_string(),
+            teacher.token_ids(&texts)?.to_device(&Device::Cpu)?,
+        );
         out.insert(
             "text_features".to_string(),
             finish(teacher.text_features(&texts)?)?,
@@ -108,7 +111,12 @@ fn finish(args: &Args, x: Tensor) -> candle_core::Result<Tensor> {
     }
 }
 
+/// Writes `out` from host memory, wherever its tensors were computed.
 fn save(out: HashMap<String, Tensor>, path: &Path) -> Result<()> {
+    let out = out
+        .into_iter()
+        .map(|(name, t)| Ok((name, t.to_device(&Device::Cpu)?)))
+        .collect::<candle_core::Result<HashMap<_, _>>>()?;
     write_atomic_with(path, |tmp| Ok(candle_core::safetensors::save(&out, tmp)?))
         .with_context(|| format!("writing {}", path.display()))
 }

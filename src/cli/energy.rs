@@ -37,17 +37,16 @@ pub struct Args {
     out: PathBuf,
 }
 
-pub fn run(args: Args) -> anyhow::Result<()> {
-    let dev = Device::Cpu;
-    let loaded = LoadedStudent::open(&args.checkpoint, &dev)?;
+pub fn run(args: Args, dev: &Device) -> anyhow::Result<()> {
+    let loaded = LoadedStudent::open(&args.checkpoint, dev)?;
     let constants: EnergyConstants = args.precision.parse()?;
     let idx: Vec<usize> = (0..args.samples.max(1)).collect();
     let images = if args.dataset == "world" {
         let set = World::new(WorldConfig::default()).images(Split::TestSeen);
-        set.batch(&idx[..idx.len().min(set.len())], &dev)?.inputs
+        set.batch(&idx[..idx.len().min(set.len())], dev)?.inputs
     } else if let Some(dir) = args.dataset.strip_prefix("cache:") {
         let set = Cache::open_images(&PathBuf::from(dir))?;
-        set.batch(&idx[..idx.len().min(set.len())], &dev)?.inputs
+        set.batch(&idx[..idx.len().min(set.len())], dev)?.inputs
     } else {
         bail!("--dataset {:?}: expected world or cache:DIR", args.dataset);
     };
@@ -57,7 +56,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         loaded.tokenizer.as_ref(),
         loaded.card.config.text.context_length,
         args.samples,
-        &dev,
+        dev,
     )?;
     let Some(report) =
         measure_energy(loaded.student.as_ref(), &images, &ids, constants, &args.out)?

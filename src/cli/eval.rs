@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use candle_core::{Device, Tensor};
+
+use crate::ops::device;
 use serde_json::json;
 
 use super::prompt_args::PromptFileArgs;
@@ -57,11 +59,11 @@ fn warn_if_dead(
     set: &dyn ImageFeatureSet,
     prompts: &DatasetPrompts,
     classes: &Tensor,
+    dev: &Device,
 ) -> anyhow::Result<()> {
-    let dev = Device::Cpu;
     let first: Vec<usize> = (0..set.len().min(PROBE_SIZE)).collect();
-    let images = set.batch(&first, &dev)?.inputs;
-    warn_each(&loaded.feature_warnings(student, &images, prompts, classes, &dev)?);
+    let images = set.batch(&first, dev)?.inputs;
+    warn_each(&loaded.feature_warnings(student, &images, prompts, classes, dev)?);
     Ok(())
 }
 
@@ -71,15 +73,17 @@ fn student_zero_shot(
     set: &dyn ImageFeatureSet,
     classes: &Tensor,
     name: &str,
+    dev: &Device,
 ) -> anyhow::Result<TopK> {
     let mut progress = Progress::new(format!("eval {name}"), set.len(), true);
-    let acc = zero_shot_with_progress(student, set, classes, &Device::Cpu, &mut progress)?;
+    let acc = zero_shot_with_progress(student, set, classes, dev, &mut progress)?;
     progress.finish();
     Ok(acc)
 }
 
-/// The row of a result, printed by rank 0 (under MPI every rank holds the same sums).
-fn row(name: &str, acc: &TopK) -> serde_json::Value {
+/// The row of a result, printed by rank 0 (under MPI every rank holds the same sums), with the
+/// device that computed it.
+fn row(name: &str, acc: &TopK, dev: &Device) -> serde_json::Value {
     if crate::dist::is_writer() {
         println!(
             "{name:<28} top-1 {:6.2}%  top-5 {:6.2}%  ({} images)",
@@ -88,16 +92,22 @@ fn row(name: &str, acc: &TopK) -> serde_json::Value {
             acc.total
         );
     }
-    json!({"set": name, "top1": acc.top1(), "top5": acc.top5(), "images": acc.total})
+    json!({
+        "set": name, "top1": acc.top1(), "top5": acc.top5(), "images": acc.total,
+        "device": device::name(dev),
+    })
 }
 
-pub fn run(args: Args) -> anyhow::Result<()> {
-    let dev = Device::Cpu;
-    let loaded = LoadedStudent::open(&args.checkpoint, &dev)?;
+pub fn run(args: Args, dev: &Device) -> anyhow::Result<()> {
+    let loaded = LoadedStudent::open(&args.checkpoint, dev)?;
     let inference = loaded.for_inference(args.dense)?;
     let student = inference.student();
     if crate::dist::is_writer() {
-        println!("image encoder: {} path", inference.image_path());
+        println!(
+            "image encoder: {} path, on {}",
+            inference.image_path(),
+            device::name(dev)
+        );
     }
     let mut rows = Vec::new();
     if args.data == "world" {
@@ -106,38 +116,45 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             ..WorldConfig::default()
         });
         let prompts = &World::prompts().datasets[crate::data::world::DATASET];
-        let classes = loaded.class_embeddings(prompts, &dev)?;
+        let classes = loaded.class_embeddings(prompts, dev)?;
         warn_if_dead(
             &loaded,
             student,
             &world.images(Split::TestSeen),
             prompts,
             &classes,
+            dev,
         )?;
         let teacher = class_embeddings(prompts, |t| world.teacher().text_features(t))?;
         for (name, split) in [("seen", Split::TestSeen), ("unseen", Split::TestUnseen)] {
             let set = world.images(split);
             rows.push(row(
                 &format!("student {name}"),
-                &student_zero_shot(student, &set, &classes, name)?,
+                &student_zero_shot(student, &set, &classes, name, dev)?,
+                dev,
             ));
             rows.push(row(
                 &format!("teacher {name}"),
-                &teacher_zero_shot(&set, &teacher, &dev)?,
+                &teacher_zero_shot(&set, &teacher, dev)?,
+                dev,
             ));
         }
     } else if let Some(dir) = args.data.strip_prefix("cache:") {
         let set = Cache::open_images(&PathBuf::from(dir))?;
         let prompts = args.prompts.for_images(&set, "evaluating")?;
-        let classes = loaded.class_embeddings(&prompts, &dev)?;
-        warn_if_dead(&loaded, student, &set, &prompts, &classes)?;
-        let acc = student_zero_shot(student, &set, &classes, "images")?;
-        rows.push(row("student", &acc));
+        let classes = loaded.class_embeddings(&prompts, dev)?;
+        warn_if_dead(&loaded, student, &set, &prompts, &classes, dev)?;
+        let acc = student_zero_shot(student, &set, &classes, "images", dev)?;
+        rows.push(row("student", &acc, dev));
         if let Some(spec) = &args.teacher {
             let ModelSpec::Clip(tdir) = ModelSpec::parse(spec)?;
-            let clip = ClipTeacher::load(&tdir, &dev)?;
+            let clip = ClipTeacher::load(&tdir, dev)?;
             let teacher = class_embeddings(&prompts, |t| clip.text_features(t))?;
-            rows.push(row("teacher", &teacher_zero_shot(&set, &teacher, &dev)?));
+            rows.push(row(
+                "teacher",
+                &teacher_zero_shot(&set, &teacher, dev)?,
+                dev,
+            ));
         }
     } else {
         bail!("--data {:?}: expected world or cache:DIR", args.data);

@@ -7,6 +7,7 @@ use candle_core::Device;
 use crate::model::config::SpikeClipConfig;
 use crate::model::summary::{render, total};
 use crate::model::{SpikeClip, INPUT_SIDE};
+use crate::ops::device;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -18,11 +19,11 @@ pub struct Args {
     sets: Vec<String>,
 }
 
-pub fn run(args: Args) -> Result<()> {
+pub fn run(args: Args, dev: &Device) -> Result<()> {
     let cfg = SpikeClipConfig::preset(&args.preset)?.with_overrides(&args.sets)?;
     println!("{}", serde_json::to_string_pretty(&cfg)?);
     // The tables come from a built model, so they show what is built, not what is intended.
-    let model = SpikeClip::new(&cfg, 0, &Device::Cpu)?;
+    let model = SpikeClip::new(&cfg, 0, dev)?;
     let towers = [
         (
             "image encoder",
@@ -43,5 +44,10 @@ pub fn run(args: Args) -> Result<()> {
     println!();
     println!("image encoder parameters: {}", towers[0].2);
     println!("text encoder parameters:  {}", towers[1].2);
+    println!(
+        "device: {}, ops: {}",
+        device::name(dev),
+        model.image.op_impl().name()
+    );
     Ok(())
 }

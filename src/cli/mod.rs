@@ -21,6 +21,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use crate::ops::device::DeviceArg;
 use crate::ops::Ops;
 
 #[derive(Parser)]
@@ -31,9 +32,14 @@ use crate::ops::Ops;
 )]
 struct Cli {
     /// How the student's ops run: our fused CPU kernels, or candle's portable tensor ops (the
-    /// reference the fused kernels are checked against; no spike-driven inference).
-    #[arg(long, global = true, value_enum, default_value_t = Ops::Fused)]
-    ops: Ops,
+    /// reference the fused kernels are checked against; no spike-driven inference). Default:
+    /// fused on the CPU, portable on a GPU.
+    #[arg(long, global = true, value_enum)]
+    ops: Option<Ops>,
+    /// Where the tensors live: cpu, cuda (GPU 0), cuda:N, or auto (the GPU when the build has
+    /// `cuda` and one is present). Preprocessing stays on the CPU.
+    #[arg(long, global = true, default_value_t = DeviceArg::Cpu)]
+    device: DeviceArg,
     #[command(subcommand)]
     command: Command,
 }
@@ -98,22 +104,26 @@ pub fn main() -> ExitCode {
             .value(),
         crate::dist::collective(),
     );
-    let chosen = same_args.and_then(|()| cli.ops.choose_for_run(&candle_core::Device::Cpu));
-    let result = chosen.and_then(|()| match cli.command {
-        Command::Bench(args) => bench::run(args),
-        Command::Train(args) => train::run(args),
-        Command::Energy(args) => energy::run(args),
-        Command::Classify(args) => classify::run(args),
-        Command::Eval(args) => eval::run(args),
-        Command::Demo(args) => demo::run(args),
-        Command::Reproduce(args) => reproduce::run(args),
-        Command::Cache(args) => cache::run(args),
-        Command::Embed(args) => embed::run(args),
+    let device = same_args.and_then(|()| {
+        let device = cli.device.open()?;
+        Ops::choose_for_run(cli.ops, &device)?;
+        Ok(device)
+    });
+    let result = device.and_then(|dev| match cli.command {
+        Command::Bench(args) => bench::run(args, &dev),
+        Command::Train(args) => train::run(args, &dev),
+        Command::Energy(args) => energy::run(args, &dev),
+        Command::Classify(args) => classify::run(args, &dev),
+        Command::Eval(args) => eval::run(args, &dev),
+        Command::Demo(args) => demo::run(args, &dev),
+        Command::Reproduce(args) => reproduce::run(args, &dev),
+        Command::Cache(args) => cache::run(args, &dev),
+        Command::Embed(args) => embed::run(args, &dev),
         Command::Import(args) => import::run(args),
         Command::World(args) => world::run(args),
-        Command::Info(args) => info::run(args),
-        Command::Serve(args) => serve::run(args),
-        Command::ServeBench(args) => serve_bench::run(args),
+        Command::Info(args) => info::run(args, &dev),
+        Command::Serve(args) => serve::run(args, &dev),
+        Command::ServeBench(args) => serve_bench::run(args, &dev),
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

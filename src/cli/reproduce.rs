@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
+use candle_core::Device;
 
 use crate::experiments::real_data::{run_real_data, RealDataConfig, SUPPORTED, WITH_FINETUNING};
 use crate::experiments::report::Report;
@@ -139,7 +140,7 @@ fn real_data_config(args: &Args, teacher: &str) -> anyhow::Result<RealDataConfig
     })
 }
 
-fn run_world(args: &Args, only: &[Experiment]) -> anyhow::Result<Report> {
+fn run_world(args: &Args, only: &[Experiment], dev: &Device) -> anyhow::Result<Report> {
     let real_only = args.data.is_some()
         || !args.evals.is_empty()
         || args.prompts.is_some()
@@ -155,10 +156,10 @@ fn run_world(args: &Args, only: &[Experiment]) -> anyhow::Result<Report> {
     } else {
         ReproConfig::standard(args.seed)
     };
-    run_reproduce(&cfg, only, &args.out, true)
+    run_reproduce(&cfg, only, &args.out, true, dev)
 }
 
-pub fn run(args: Args) -> anyhow::Result<()> {
+pub fn run(args: Args, dev: &Device) -> anyhow::Result<()> {
     let mut only = match (&args.only, &args.teacher) {
         (Some(list), _) => Experiment::parse_list(list)?,
         (None, Some(_)) if args.finetune.is_some() => [SUPPORTED, WITH_FINETUNING].concat(),
@@ -167,8 +168,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     only.sort_unstable();
     let report = match &args.teacher {
-        Some(teacher) => run_real_data(&real_data_config(&args, teacher)?, &only, &args.out, true)?,
-        None => run_world(&args, &only)?,
+        Some(teacher) => run_real_data(
+            &real_data_config(&args, teacher)?,
+            &only,
+            &args.out,
+            true,
+            dev,
+        )?,
+        None => run_world(&args, &only, dev)?,
     };
     print!("{}", report.markdown());
     println!(

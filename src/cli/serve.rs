@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
+use candle_core::Device;
 
 use crate::data::prompts::PromptSet;
 use crate::serve::{self, BatchConfig, EngineConfig, Limits};
@@ -75,7 +76,7 @@ impl BatchArgs {
 }
 
 impl Args {
-    fn engine(&self) -> anyhow::Result<EngineConfig> {
+    fn engine(&self, dev: &Device) -> anyhow::Result<EngineConfig> {
         let prompts = self
             .prompts
             .as_deref()
@@ -96,17 +97,18 @@ impl Args {
             constants: self.precision.parse()?,
             batch: self.batch.config(),
             teacher: self.teacher.as_deref().map(ModelSpec::parse).transpose()?,
+            device: dev.clone(),
             ..EngineConfig::new(self.checkpoint.clone())
         })
     }
 }
 
-pub fn run(args: Args) -> anyhow::Result<()> {
+pub fn run(args: Args, dev: &Device) -> anyhow::Result<()> {
     let limits = Limits {
         body_bytes: args.max_body_mib << 20,
         pixels: args.max_pixels,
     };
-    let state = serve::start(args.engine()?, limits)?;
+    let state = serve::start(args.engine(dev)?, limits)?;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(args.addr)
@@ -114,9 +116,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .with_context(|| format!("listening on {}", args.addr))?;
         let addr = listener.local_addr()?;
         tracing::info!(
-            "serving {} ({} image path) on http://{addr}/",
+            "serving {} ({} image path, on {}) on http://{addr}/",
             args.checkpoint.display(),
-            state.info.image_path
+            state.info.image_path,
+            state.info.device
         );
         serve::serve(listener, serve::router(state), shutdown_signal()).await?;
         tracing::info!("stopped: every request in flight was answered");

@@ -37,14 +37,14 @@ pub struct Args {
     json: Option<PathBuf>,
 }
 
-pub fn run(args: Args) -> anyhow::Result<()> {
+pub fn run(args: Args, dev: &Device) -> anyhow::Result<()> {
     let samples = serve::page::Samples::of_world()?;
     let images: Arc<Vec<Vec<u8>>> = Arc::new(
         (0..samples.len())
             .filter_map(|i| samples.png(i).map(<[u8]>::to_vec))
             .collect(),
     );
-    let sequential = one_at_a_time(&args.checkpoint, &images, args.requests)?;
+    let sequential = one_at_a_time(&args.checkpoint, &images, args.requests, dev)?;
     println!(
         "one-at-a-time classify (in process, batch of 1, no HTTP): {:.1} images/s, p50 {:.2} ms, \
          p99 {:.2} ms",
@@ -72,6 +72,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         };
         let config = EngineConfig {
             batch,
+            device: dev.clone(),
             ..EngineConfig::new(args.checkpoint.clone())
         };
         let r = runtime.block_on(measure(config, clients, args.requests, images.clone()))?;
@@ -89,7 +90,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         results.push(serde_json::json!({ "queue_bound": bound, "result": r }));
     }
     if let Some(path) = &args.json {
-        let json = serde_json::json!({ "one_at_a_time": sequential, "served": results });
+        let json = serde_json::json!({
+            "device": crate::ops::device::name(dev),
+            "one_at_a_time": sequential,
+            "served": results,
+        });
         std::fs::write(path, serde_json::to_string_pretty(&json)?)
             .with_context(|| format!("writing {}", path.display()))?;
     }
@@ -124,17 +129,18 @@ fn one_at_a_time(
     checkpoint: &std::path::Path,
     images: &[Vec<u8>],
     requests: usize,
+    dev: &Device,
 ) -> anyhow::Result<LoadResult> {
-    let dev = Device::Cpu;
-    let loaded = LoadedStudent::open(checkpoint, &dev)?;
-    let classes = loaded.class_embeddings(&loaded.prompts_for_labels(&[])?, &dev)?;
+    let loaded = LoadedStudent::open(checkpoint, dev)?;
+    let classes = loaded.class_embeddings(&loaded.prompts_for_labels(&[])?, dev)?;
     let inference = loaded.for_inference(false)?;
     let mut latencies = Vec::with_capacity(requests);
     let start = Instant::now();
     for i in 0..requests {
         let t = Instant::now();
         let x =
-            image_input::student_input(&images[i % images.len()], image_input::DEFAULT_MAX_PIXELS)?;
+            image_input::student_input(&images[i % images.len()], image_input::DEFAULT_MAX_PIXELS)?
+                .to_device(dev)?;
         let feats = inference.student().image_features(&x, false)?;
         ranked_probabilities(&feats, &classes)?;
         latencies.push(t.elapsed().as_secs_f64() * 1e3);

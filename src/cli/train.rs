@@ -181,8 +181,7 @@ fn student(
     LoadedStudent::open(&dir, dev)
 }
 
-pub fn run(args: Args) -> anyhow::Result<()> {
-    let dev = Device::Cpu;
+pub fn run(args: Args, dev: &Device) -> anyhow::Result<()> {
     dist::set_sync_batch_norm(!args.no_sync_bn);
     let world = (args.data == "world").then(|| World::new(WorldConfig::default()));
     let cache_dir = match args.data.strip_prefix("cache:") {
@@ -198,7 +197,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         (None, _) => None,
     }
     .and_then(|c| c.teacher_dim());
-    let loaded = student(&args, world.as_ref(), teacher_dim, &dev)?;
+    let loaded = student(&args, world.as_ref(), teacher_dim, dev)?;
     if let Some(dim) = teacher_dim.filter(|&d| d != loaded.card.config.out_dim) {
         bail!(
             "the cache's teacher features are {dim}-d but the student's out_dim is {}",
@@ -212,14 +211,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Stage::Finetune => "finetune",
     };
     let probe = match (&world, &cache_dir) {
-        (Some(w), _) => Probe::from_sets(Some(&w.images(Split::TestSeen)), Some(&w.dtext()), &dev)?,
+        (Some(w), _) => Probe::from_sets(Some(&w.images(Split::TestSeen)), Some(&w.dtext()), dev)?,
         (None, Some(d)) => {
             let images = Cache::open_images(d).ok();
             let texts = Cache::open(&d.join("texts")).ok();
             Probe::from_sets(
                 images.as_ref().map(|c| c as &dyn ImageFeatureSet),
                 texts.as_ref().map(|c| c as &dyn TextFeatureSet),
-                &dev,
+                dev,
             )?
         }
         (None, None) => unreachable!("data is world or a cache"),
@@ -242,35 +241,31 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let s = loaded.student.as_ref();
     let items = args.items;
     let outcome = match (args.stage, &world, &cache_dir) {
-        (Stage::DistillText, Some(w), _) => distill_text(
-            s,
-            &training_texts(&w.dtext(), items, &dev)?,
-            run,
-            &dev,
-            None,
-        )?,
+        (Stage::DistillText, Some(w), _) => {
+            distill_text(s, &training_texts(&w.dtext(), items, dev)?, run, dev, None)?
+        }
         (Stage::DistillText, None, Some(d)) => {
             let set = Cache::open(&d.join("texts"))?;
-            distill_text(s, &training_texts(&set, items, &dev)?, run, &dev, None)?
+            distill_text(s, &training_texts(&set, items, dev)?, run, dev, None)?
         }
         (Stage::DistillImage, Some(w), _) => distill_image(
             s,
-            &training_images(&w.images(Split::Pretrain), items, &dev)?,
+            &training_images(&w.images(Split::Pretrain), items, dev)?,
             run,
-            &dev,
+            dev,
             None,
         )?,
         (Stage::DistillImage, None, Some(d)) => distill_image(
             s,
-            &training_images(&Cache::open_images(d)?, items, &dev)?,
+            &training_images(&Cache::open_images(d)?, items, dev)?,
             run,
-            &dev,
+            dev,
             None,
         )?,
         (Stage::Finetune, Some(w), _) => {
             let prompts = &World::split_prompts(Split::Train);
             let targets = FinetuneTargets {
-                student_classes: loaded.class_embeddings(prompts, &dev)?,
+                student_classes: loaded.class_embeddings(prompts, dev)?,
                 teacher_classes: class_embeddings(prompts, |t| w.teacher().text_features(t))?,
                 teacher_logit_scale: 100.0,
             };
@@ -281,11 +276,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             let set = w.images(Split::Train);
             finetune(
                 s,
-                &training_images(&set, items, &dev)?,
+                &training_images(&set, items, dev)?,
                 &targets,
                 &loss,
                 run,
-                &dev,
+                dev,
                 None,
             )?
         }
@@ -294,12 +289,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 bail!("fine-tuning on a cache needs --prompts FILE --prompt-set NAME --teacher clip:DIR");
             };
             let set = Cache::open_images(d)?;
-            let images = training_images(&set, items, &dev)?;
+            let images = training_images(&set, items, dev)?;
             let prompts = args.prompts.for_images(&set, "fine-tuning")?;
             let ModelSpec::Clip(tdir) = ModelSpec::parse(teacher)?;
-            let clip = ClipTeacher::load(&tdir, &dev)?;
+            let clip = ClipTeacher::load(&tdir, dev)?;
             let targets = FinetuneTargets {
-                student_classes: loaded.class_embeddings(&prompts, &dev)?,
+                student_classes: loaded.class_embeddings(&prompts, dev)?,
                 teacher_classes: class_embeddings(&prompts, |t| clip.text_features(t))?,
                 teacher_logit_scale: 100.0,
             };
@@ -307,7 +302,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 lambda: args.lambda,
                 ..DualLossConfig::default()
             };
-            finetune(s, &images, &targets, &loss, run, &dev, None)?
+            finetune(s, &images, &targets, &loss, run, dev, None)?
         }
         _ => unreachable!("data is world or a cache"),
     };

@@ -5,7 +5,7 @@
 use std::ops::Deref;
 use std::path::Path;
 
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 
 use super::weights::Snapshot;
 use crate::data::prompts::DatasetPrompts;
@@ -66,8 +66,13 @@ impl Deref for Lab {
 }
 
 impl Lab {
-    pub fn new(demo: DemoConfig, out: &Path, progress: bool) -> anyhow::Result<Self> {
-        let recipe = WorldRecipe::new(demo, out, progress);
+    pub fn new(
+        demo: DemoConfig,
+        out: &Path,
+        progress: bool,
+        device: &Device,
+    ) -> anyhow::Result<Self> {
+        let recipe = WorldRecipe::new(demo, out, progress, device);
         let prompts = World::prompts().datasets[DATASET].clone();
         let teacher_classes =
             class_embeddings(&prompts, |t| recipe.world.teacher().text_features(t))?;

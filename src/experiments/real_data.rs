@@ -153,9 +153,9 @@ fn pretrain(
     (teacher, texts, images): (&ClipTeacher, &Cache, &Cache),
     out: &Path,
     progress: bool,
+    dev: &Device,
 ) -> anyhow::Result<Trained> {
-    let dev = Device::Cpu;
-    let student = card.build_seeded(cfg.pretrain_stage.seed, &dev)?;
+    let student = card.build_seeded(cfg.pretrain_stage.seed, dev)?;
     copy_clip_embeddings(
         student.varmap(),
         teacher.model.token_embedding(),
@@ -173,9 +173,9 @@ fn pretrain(
             progress,
         )
     };
-    distill_text(student.as_ref(), texts, run("distill_text"), &dev, None)
+    distill_text(student.as_ref(), texts, run("distill_text"), dev, None)
         .with_context(|| format!("{name}: text distillation"))?;
-    distill_image(student.as_ref(), images, run("distill_image"), &dev, None)
+    distill_image(student.as_ref(), images, run("distill_image"), dev, None)
         .with_context(|| format!("{name}: image distillation"))?;
     checkpoint::save(&dir, student.as_ref(), card)?;
     Ok(Trained {
@@ -192,6 +192,7 @@ pub fn run_real_data(
     only: &[Experiment],
     out: &Path,
     progress: bool,
+    dev: &Device,
 ) -> anyhow::Result<Report> {
     if let Some(e) = only.iter().find(|e| !SUPPORTED.contains(e)) {
         if !WITH_FINETUNING.contains(e) {
@@ -210,9 +211,8 @@ pub fn run_real_data(
         );
     }
     let start = Instant::now();
-    let dev = Device::Cpu;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let teacher = ClipTeacher::load(&cfg.teacher, &dev)?;
+    let teacher = ClipTeacher::load(&cfg.teacher, dev)?;
     let file = PromptSet::from_file(&cfg.prompts)?;
     let evals = eval_sets(cfg, &file)?;
     let tokenizer = TokenizerSpec::Clip {
@@ -246,13 +246,14 @@ pub fn run_real_data(
             tokenizer: tokenizer.clone(),
         };
         let data = (&teacher, &texts, &images);
-        students.push(pretrain(cfg, &card, name, data, out, progress)?);
+        students.push(pretrain(cfg, &card, name, data, out, progress, dev)?);
     }
     let scorer = Scorer {
         teacher: &teacher,
         tokenizer: tok.as_ref(),
         context: config.text.context_length,
         students: &students,
+        device: dev,
     };
     let mut ablations = match &cfg.finetune {
         Some(set) => Some(Ablations {
@@ -313,6 +314,7 @@ struct Scorer<'a> {
     tokenizer: &'a dyn Tokenize,
     context: usize,
     students: &'a [Trained],
+    device: &'a Device,
 }
 
 impl Scorer<'_> {
@@ -325,7 +327,7 @@ impl Scorer<'_> {
         student: &dyn Student,
         prompts: &DatasetPrompts,
     ) -> anyhow::Result<Tensor> {
-        student_class_embeddings(student, self.tokenizer, prompts, self.context, &Device::Cpu)
+        student_class_embeddings(student, self.tokenizer, prompts, self.context, self.device)
     }
 
     fn student_top1(
@@ -335,13 +337,13 @@ impl Scorer<'_> {
         prompts: &DatasetPrompts,
     ) -> anyhow::Result<f64> {
         let classes = self.student_classes(student, prompts)?;
-        Ok(zero_shot(student, &set.images, &classes, &Device::Cpu)?.top1())
+        Ok(zero_shot(student, &set.images, &classes, self.device)?.top1())
     }
 
     /// Top-1 of the teacher, then of each student, on `set` with label set `prompts`.
     fn top1(&self, set: &EvalSet, prompts: &DatasetPrompts) -> anyhow::Result<Vec<f64>> {
         let teacher = self.teacher_classes(prompts)?;
-        let mut out = vec![teacher_zero_shot(&set.images, &teacher, &Device::Cpu)?.top1()];
+        let mut out = vec![teacher_zero_shot(&set.images, &teacher, self.device)?.top1()];
         for t in self.students {
             out.push(self.student_top1(t.student.as_ref(), set, prompts)?);
         }
@@ -528,7 +530,7 @@ impl Ablations<'_> {
             &targets,
             &loss,
             run,
-            &Device::Cpu,
+            self.scorer.device,
             None,
         )
         .with_context(|| format!("{}: fine-tuning (lambda {lambda})", t.name))?;

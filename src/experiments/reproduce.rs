@@ -8,6 +8,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
+use candle_core::Device;
 use serde::Serialize;
 
 use super::lab::{Arch, Features, Lab, Trained};
@@ -485,10 +486,11 @@ pub fn run_reproduce(
     only: &[Experiment],
     out: &Path,
     progress: bool,
+    device: &Device,
 ) -> anyhow::Result<Report> {
     let start = Instant::now();
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let lab = Lab::new(cfg.demo.clone(), out, progress)?;
+    let lab = Lab::new(cfg.demo.clone(), out, progress, device)?;
     let wants = |e: Experiment| only.contains(&e);
     let fine_tune = [
         Experiment::Table2,

@@ -8,6 +8,7 @@
 //! On the CPU the fused kernels are the default and `--ops portable` selects the others (how CI
 //! checks that both agree); every other device takes the portable ops.
 
+pub mod device;
 pub mod portable;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -53,13 +54,17 @@ pub enum Then<'a> {
 type ThenGrad = PackedGrad;
 
 impl Ops {
-    /// Makes every model built from now on in this process run the portable ops on the CPU:
-    /// the run-wide `--ops portable`. Refuses the fused ops off the CPU.
-    pub fn choose_for_run(self, device: &Device) -> anyhow::Result<()> {
-        if self == Ops::Fused && !device.is_cpu() {
-            anyhow::bail!("--ops fused: the fused kernels run on the CPU only; use --ops portable")
+    /// Sets the run-wide `--ops` for the run's `device`: `Some(Portable)` makes every model
+    /// built from now on in this process run the portable ops on the CPU too; `None` takes the
+    /// device's own (see [`Ops::for_device`]). Refuses the fused ops off the CPU.
+    pub fn choose_for_run(ops: Option<Self>, device: &Device) -> anyhow::Result<()> {
+        if ops == Some(Ops::Fused) && !device.is_cpu() {
+            anyhow::bail!(
+                "--ops fused: the fused kernels run on the CPU only, not on {}; use --ops portable",
+                device::name(device)
+            )
         }
-        PORTABLE_ON_CPU.store(self == Ops::Portable, Ordering::Relaxed);
+        PORTABLE_ON_CPU.store(ops == Some(Ops::Portable), Ordering::Relaxed);
         Ok(())
     }
 

@@ -7,6 +7,8 @@ use std::path::Path;
 
 use anyhow::Context;
 use candle_core::Device;
+
+use crate::ops::{device, Ops};
 use serde::{Deserialize, Serialize};
 
 use super::energy::{measure_energy, prompt_token_ids};
@@ -145,25 +147,32 @@ pub struct DemoReport {
     /// Energy of SpikeCLIP's encoders against the ANN twin's, per sample.
     pub energy: Option<EnergyReport>,
     pub config: DemoConfig,
+    /// Where the students trained and were scored (`cpu`, `cuda:0`), and how their ops ran.
+    pub device: String,
+    pub ops: &'static str,
 }
 
 /// Runs the recipe for SpikeCLIP and its ANN twin, then writes `report.md`, `report.json`,
 /// `curves.png`, the energy files (`energy/`) and each model's checkpoint
 /// (`spikeclip/model.safetensors` + `model.json`, likewise `scratchclip/`) to `out`.
-pub fn run_demo(cfg: &DemoConfig, out: &Path, show_progress: bool) -> anyhow::Result<DemoReport> {
-    let dev = Device::Cpu;
-    let recipe = WorldRecipe::new(cfg.clone(), out, show_progress);
+pub fn run_demo(
+    cfg: &DemoConfig,
+    out: &Path,
+    show_progress: bool,
+    dev: &Device,
+) -> anyhow::Result<DemoReport> {
+    let recipe = WorldRecipe::new(cfg.clone(), out, show_progress, dev);
     let world = &recipe.world;
     let prompts = &World::prompts().datasets[DATASET];
     let teacher_classes = class_embeddings(prompts, |t| world.teacher().text_features(t))?;
     let teacher = StageScore::new(
         "teacher",
-        teacher_zero_shot(&world.images(Split::TestSeen), &teacher_classes, &dev)?,
-        teacher_zero_shot(&world.images(Split::TestUnseen), &teacher_classes, &dev)?,
+        teacher_zero_shot(&world.images(Split::TestSeen), &teacher_classes, dev)?,
+        teacher_zero_shot(&world.images(Split::TestUnseen), &teacher_classes, dev)?,
     );
     let (spiking, spikeclip) = train_and_save(&recipe, Arch::spiking(&cfg.model), "spikeclip")?;
     let (_, scratchclip) = train_and_save(&recipe, Arch::Ann, "scratchclip")?;
-    let energy = world_energy(spiking.as_ref(), world, &out.join("energy"))?;
+    let energy = world_energy(spiking.as_ref(), world, &out.join("energy"), dev)?;
     let report = DemoReport {
         chance: 1.0 / World::class_names().len() as f64,
         teacher,
@@ -171,6 +180,8 @@ pub fn run_demo(cfg: &DemoConfig, out: &Path, show_progress: bool) -> anyhow::Re
         scratchclip,
         energy,
         config: cfg.clone(),
+        device: device::name(dev),
+        ops: Ops::for_device(dev).name(),
     };
     write_files(&report, out)?;
     Ok(report)
@@ -240,19 +251,13 @@ fn world_energy(
     student: &dyn Student,
     world: &World,
     dir: &Path,
+    dev: &Device,
 ) -> anyhow::Result<Option<EnergyReport>> {
-    let dev = Device::Cpu;
     let images = world.images(Split::TestSeen);
     let idx: Vec<usize> = (0..images.len().min(256)).collect();
-    let batch = images.batch(&idx, &dev)?;
+    let batch = images.batch(&idx, dev)?;
     let prompts = &World::prompts().datasets[DATASET];
-    let ids = prompt_token_ids(
-        prompts,
-        world.tokenizer(),
-        world.config().max_len,
-        256,
-        &dev,
-    )?;
+    let ids = prompt_token_ids(prompts, world.tokenizer(), world.config().max_len, 256, dev)?;
     measure_energy(student, &batch.inputs, &ids, EnergyConstants::fp32(), dir)
 }
 
@@ -306,6 +311,11 @@ pub fn markdown(r: &DemoReport) -> String {
          training, only in text.\n",
         World::class_names().len(),
         pct(r.chance)
+    );
+    let _ = writeln!(
+        s,
+        "Trained and scored on {} with the {} ops.\n",
+        r.device, r.ops
     );
     let _ = writeln!(s, "| model | after stage | seen top-1 | unseen top-1 |");
     let _ = writeln!(s, "|---|---|---|---|");

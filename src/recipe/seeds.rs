@@ -52,6 +52,9 @@ pub struct SeedsReport {
     pub rows: Vec<SeedRow>,
     /// SpikeCLIP's image-encoder energy reduction against its ANN twin.
     pub image_energy_reduction: Option<Spread>,
+    /// Where every seed trained and how its ops ran (one run: the same for all).
+    pub device: String,
+    pub ops: &'static str,
 }
 
 /// The figures of `reports` (one per seed, in `seeds` order) as mean ± sd.
@@ -97,6 +100,8 @@ pub fn summarise(seeds: &[u64], reports: &[DemoReport]) -> anyhow::Result<SeedsR
         chance: reports[0].chance,
         rows,
         image_energy_reduction: reductions.map(Spread::of),
+        device: reports[0].device.clone(),
+        ops: reports[0].ops,
     })
 }
 
@@ -112,9 +117,11 @@ pub fn markdown(r: &SeedsReport) -> String {
     let _ = writeln!(
         s,
         "Zero-shot top-1 (%) on the test splits, mean ± sample sd over seeds {} (chance {:.1} %); \
-         each seed's own report is in `seed-N/`.\n",
+         each seed's own report is in `seed-N/`. Trained on {} with the {} ops.\n",
         seeds.join(", "),
-        100.0 * r.chance
+        100.0 * r.chance,
+        r.device,
+        r.ops
     );
     let _ = writeln!(s, "| model | after stage | seen top-1 | unseen top-1 |");
     let _ = writeln!(s, "|---|---|---|---|");
@@ -176,6 +183,8 @@ mod tests {
             scratchclip: model(seen + 0.1, unseen),
             energy: None,
             config: DemoConfig::quick(0),
+            device: "cpu".into(),
+            ops: "fused",
         }
     }
 

@@ -94,7 +94,9 @@ pub fn finetune(
             data.class_names().len()
         );
     }
-    let student_classes = targets.student_classes.detach();
+    // Teachers give their class embeddings on the CPU (see [`crate::teacher::TextTeacher`]).
+    let student_classes = targets.student_classes.detach().to_device(device)?;
+    let teacher_classes = targets.teacher_classes.to_device(device)?;
     run.run(
         trainable(student, "image."),
         &student.grad_slots(),
@@ -103,7 +105,7 @@ pub fn finetune(
             let batch = data.batch(idx, device)?;
             let teacher_logits = cosine_logits(
                 &batch.teacher,
-                &targets.teacher_classes,
+                &teacher_classes,
                 Some(targets.teacher_logit_scale),
             )?;
             let teacher_probs = candle_nn::ops::softmax(&teacher_logits, D::Minus1)?;
@@ -151,9 +153,10 @@ pub fn zero_shot_with_progress(
     device: &Device,
     progress: &mut Progress,
 ) -> anyhow::Result<TopK> {
+    let classes = classes.to_device(device)?;
     score_batches(data, device, progress, |batch| {
         let feats = student.image_features(&batch.inputs, false)?;
-        Ok(cosine_logits(&feats, classes, None)?)
+        Ok(cosine_logits(&feats, &classes, None)?)
     })
 }
 
@@ -164,8 +167,10 @@ pub fn teacher_zero_shot(
     classes: &Tensor,
     device: &Device,
 ) -> anyhow::Result<TopK> {
+    // Teachers give their class embeddings on the CPU (see [`crate::teacher::TextTeacher`]).
+    let classes = classes.to_device(device)?;
     score_batches(data, device, &mut Progress::hidden(), |batch| {
-        Ok(cosine_logits(&batch.teacher, classes, None)?)
+        Ok(cosine_logits(&batch.teacher, &classes, None)?)
     })
 }
 

@@ -53,13 +53,13 @@ pub struct WorldRecipe {
 }
 
 impl WorldRecipe {
-    pub fn new(demo: DemoConfig, out: &Path, progress: bool) -> Self {
+    pub fn new(demo: DemoConfig, out: &Path, progress: bool, device: &Device) -> Self {
         Self {
             world: World::new(demo.world.clone()),
             demo,
             out: out.to_path_buf(),
             progress,
-            device: Device::Cpu,
+            device: device.clone(),
         }
     }
 

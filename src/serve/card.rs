@@ -24,6 +24,8 @@ pub struct ModelInfo {
     pub tokenizer: String,
     /// The image path requests run: `spike-driven` or `dense`.
     pub image_path: &'static str,
+    /// Where the model runs: `cpu`, `cuda:0`.
+    pub device: String,
     pub time_steps: usize,
     pub default_labels: Vec<String>,
     pub prompt_sets: Vec<String>,
@@ -89,6 +91,7 @@ impl ModelInfo {
                 TokenizerSpec::Clip { path } => format!("CLIP BPE ({})", path.display()),
             },
             image_path,
+            device: crate::ops::device::name(&config.device),
             time_steps: loaded.student.time_steps(),
             default_labels: default.classes.iter().map(|c| c[0].clone()).collect(),
             prompt_sets: config

@@ -47,6 +47,8 @@ pub struct EngineConfig {
     /// `--teacher`: the CLIP whose ranking each answer shows beside the student's (none: the
     /// world's analytic teacher for a world-trained checkpoint, see [`TeacherChoice`]).
     pub teacher: Option<ModelSpec>,
+    /// Where the model runs; uploads are decoded and prepared on the CPU.
+    pub device: Device,
 }
 
 /// Where a request's labels come from.
@@ -154,8 +156,7 @@ pub struct Ready {
 /// Loads the checkpoint (and its teacher) on a new model thread and returns the queue to it.
 pub fn start(config: EngineConfig, samples: Arc<Samples>) -> anyhow::Result<(Engine, Ready)> {
     Batcher::start(config.batch, move |startup: Startup<Job, Answer, Ready>| {
-        let dev = Device::Cpu;
-        let loaded = LoadedStudent::open(&config.checkpoint, &dev)?;
+        let loaded = LoadedStudent::open(&config.checkpoint, &config.device)?;
         let inference = loaded.for_inference(config.dense)?;
         let (teacher, view) =
             match TeacherChoice::resolve(config.teacher.as_ref(), &loaded.card.tokenizer) {
@@ -289,7 +290,7 @@ impl Model<'_> {
                 vec![],
             ));
         }
-        let x = Tensor::cat(images, 0)?;
+        let x = Tensor::cat(images, 0)?.to_device(&self.config.device)?;
         let student = self.inference.student();
         match &self.image_ops {
             Some(ops) => ops
@@ -304,7 +305,7 @@ impl Model<'_> {
     fn text_features(&self, texts: &[String]) -> anyhow::Result<Answer> {
         let len = self.loaded.card.config.text.context_length;
         let ids = self.loaded.tokenizer.encode(texts, len)?;
-        let ids = Tensor::from_vec(ids.concat(), (texts.len(), len), &Device::Cpu)?;
+        let ids = Tensor::from_vec(ids.concat(), (texts.len(), len), &self.config.device)?;
         let feats = self.inference.student().text_features(&ids, false)?;
         Ok(Answer::Features(feats.to_vec2()?))
     }
@@ -391,7 +392,7 @@ impl Model<'_> {
             self.config.prompts.as_ref(),
             self.loaded,
         )?;
-        let classes = self.loaded.class_embeddings(&prompts, &Device::Cpu)?;
+        let classes = self.loaded.class_embeddings(&prompts, &self.config.device)?;
         let names: Vec<String> = prompts.classes.iter().map(|c| c[0].clone()).collect();
         if self.cache.len() >= LABEL_CACHE {
             self.cache.clear();

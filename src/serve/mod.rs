@@ -36,7 +36,7 @@ use crate::energy::EnergyConstants;
 
 impl EngineConfig {
     /// A checkpoint served with the defaults: spike-driven, its default labels, fp32 energy,
-    /// the default batching.
+    /// the default batching, on the CPU.
     pub fn new(checkpoint: PathBuf) -> Self {
         Self {
             checkpoint,
@@ -47,6 +47,7 @@ impl EngineConfig {
             constants: EnergyConstants::fp32(),
             batch: BatchConfig::default(),
             teacher: None,
+            device: candle_core::Device::Cpu,
         }
     }
 }

@@ -475,8 +475,10 @@ impl TextTeacher for ClipTeacher {
     }
 
     fn text_features(&self, texts: &[String]) -> Result<Tensor> {
-        self.model
-            .text_features(&self.token_ids(texts)?, self.tokenizer.end_id())
+        Ok(self
+            .model
+            .text_features(&self.token_ids(texts)?, self.tokenizer.end_id())?
+            .to_device(&Device::Cpu)?)
     }
 }
 
@@ -486,6 +488,10 @@ impl ImageTeacher for ClipTeacher {
     }
 
     fn image_features(&self, pixels: &Tensor) -> Result<Tensor> {
-        self.model.image_features(pixels)
+        let device = self.model.token_embedding().device();
+        Ok(self
+            .model
+            .image_features(&pixels.to_device(device)?)?
+            .to_device(&Device::Cpu)?)
     }
 }

@@ -18,7 +18,9 @@ pub trait Tokenize: Send + Sync {
 /// The teacher's text tower, for D-text targets and zero-shot class embeddings.
 pub trait TextTeacher: Send + Sync {
     fn embed_dim(&self) -> usize;
-    /// Features before normalisation, `[N, embed_dim]` f32.
+    /// Features before normalisation, `[N, embed_dim]` f32, on the CPU whatever device the
+    /// teacher runs on: they are data (cached, compared, moved to a student's device by whoever
+    /// needs them there).
     fn text_features(&self, texts: &[String]) -> anyhow::Result<Tensor>;
 }
 
@@ -26,7 +28,8 @@ pub trait TextTeacher: Send + Sync {
 pub trait ImageTeacher: Send + Sync {
     /// Side of the square, CLIP-normalised input it reads.
     fn image_size(&self) -> usize;
-    /// Features before normalisation, `[B, embed_dim]` f32, from pixels `[B, 3, S, S]`.
+    /// Features before normalisation, `[B, embed_dim]` f32 on the CPU, from pixels
+    /// `[B, 3, S, S]` on any device (preprocessing runs on the CPU).
     fn image_features(&self, pixels: &Tensor) -> anyhow::Result<Tensor>;
 }
 

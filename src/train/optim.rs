@@ -2,6 +2,8 @@
 //! written here because candle-nn's AdamW has neither AMSGrad nor an exportable state, and a
 //! bit-identical `--resume` needs the moments saved by parameter name.
 
+mod tensor_ops;
+
 use std::collections::HashMap;
 use std::ops::Range;
 use std::path::Path;
@@ -15,6 +17,7 @@ use super::grads::{Grad, Gradients};
 use crate::kernels::grad_slot::{OuterGrad, RowGrad};
 use crate::kernels::simd::{self, Level};
 use crate::kernels::{with_f32, with_f32_mut};
+use tensor_ops::DeviceMoments;
 
 /// Hyper-parameters as in `torch.optim.Adam`.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -51,6 +54,53 @@ struct Moments {
     m: Vec<f32>,
     v: Vec<f32>,
     vmax: Option<Vec<f32>>,
+}
+
+/// Where a parameter's moments live, which decides how it is updated: on the host, updated in
+/// place with the parameter by the fused loop (a CPU parameter), or as tensors on the
+/// parameter's device, updated by tensor ops ([`tensor_ops`]); those are made at the first
+/// update or load, so that building an optimiser cannot fail.
+#[derive(Debug, Clone)]
+enum State {
+    Host(Moments),
+    Device(Option<DeviceMoments>),
+}
+
+impl State {
+    fn step(&self) -> u64 {
+        match self {
+            State::Host(st) => st.step,
+            State::Device(st) => st.as_ref().map_or(0, |st| st.step),
+        }
+    }
+
+    /// The moments `m`, `v` and (AMSGrad) `vmax` as host tensors shaped as `var`.
+    fn host_tensors(&self, var: &Var, amsgrad: bool) -> Result<[Option<Tensor>; 3]> {
+        let host = |values: &Vec<f32>| Tensor::from_vec(values.clone(), var.shape(), &Device::Cpu);
+        Ok(match self {
+            State::Host(st) => [
+                Some(host(&st.m)?),
+                Some(host(&st.v)?),
+                st.vmax.as_ref().map(host).transpose()?,
+            ],
+            State::Device(Some(st)) => [
+                Some(st.m.to_device(&Device::Cpu)?),
+                Some(st.v.to_device(&Device::Cpu)?),
+                st.vmax
+                    .as_ref()
+                    .map(|t| t.to_device(&Device::Cpu))
+                    .transpose()?,
+            ],
+            State::Device(None) => {
+                let zeros = || Tensor::zeros(var.shape(), DType::F32, &Device::Cpu);
+                [
+                    Some(zeros()?),
+                    Some(zeros()?),
+                    amsgrad.then(zeros).transpose()?,
+                ]
+            }
+        })
+    }
 }
 
 fn host_values(t: &Tensor) -> candle_core::Result<Vec<f32>> {
@@ -230,23 +280,37 @@ impl<'a> Update<'a> {
 pub struct Adam {
     cfg: AdamConfig,
     params: Vec<(String, Var)>,
-    moments: Vec<Moments>,
+    moments: Vec<State>,
 }
 
 impl Adam {
+    /// CPU parameters are updated in place by the fused loop, the others by tensor ops.
     pub fn new(params: Vec<(String, Var)>, cfg: AdamConfig) -> Self {
+        Self::with_placement(params, cfg, |var| var.device().is_cpu())
+    }
+
+    /// [`Self::new`] with the moments of the parameters for which `on_host` holds kept on the
+    /// host (those must be CPU parameters); the tests force the tensor-op path with it.
+    fn with_placement(
+        params: Vec<(String, Var)>,
+        cfg: AdamConfig,
+        on_host: impl Fn(&Var) -> bool,
+    ) -> Self {
         let moments = params
             .iter()
             .map(|(_, var)| {
+                if !on_host(var) {
+                    return State::Device(None);
+                }
                 // Each moment zeroed on its own: fresh zeroed memory is not touched until the
                 // first update writes it, where copies of one zero buffer would be at once.
                 let zeros = || vec![0f32; var.elem_count()];
-                Moments {
+                State::Host(Moments {
                     step: 0,
                     m: zeros(),
                     v: zeros(),
                     vmax: cfg.amsgrad.then(zeros),
-                }
+                })
             })
             .collect();
         Self {
@@ -279,12 +343,24 @@ impl Adam {
             let Some(grad) = grads.get(var.as_tensor()) else {
                 continue;
             };
-            let step = st.step + 1;
+            let step = st.step() + 1;
             let update = Update::new(&self.cfg, step);
-            with_f32_mut(var.as_tensor(), "Adam", |p| {
-                update.apply(name, (p, st), grad)
-            })?;
-            st.step = step;
+            match st {
+                State::Host(st) => {
+                    with_f32_mut(var.as_tensor(), "Adam", |p| {
+                        update.apply(name, (p, st), grad)
+                    })?;
+                    st.step = step;
+                }
+                State::Device(st) => {
+                    let st = match st {
+                        Some(st) => st,
+                        None => st.insert(DeviceMoments::zeros(var, self.cfg.amsgrad)?),
+                    };
+                    update.tensors(name, (var, st), grad)?;
+                    st.step = step;
+                }
+            }
         }
         Ok(())
     }
@@ -293,14 +369,13 @@ impl Adam {
     pub fn state_tensors(&self) -> candle_core::Result<HashMap<String, Tensor>> {
         let mut out = HashMap::new();
         for ((name, var), st) in self.params.iter().zip(&self.moments) {
-            let tensor =
-                |values: &Vec<f32>| Tensor::from_vec(values.clone(), var.shape(), &Device::Cpu);
-            out.insert(format!("{name}.m"), tensor(&st.m)?);
-            out.insert(format!("{name}.v"), tensor(&st.v)?);
-            if let Some(vmax) = &st.vmax {
-                out.insert(format!("{name}.vmax"), tensor(vmax)?);
+            let [m, v, vmax] = st.host_tensors(var, self.cfg.amsgrad)?;
+            for (suffix, t) in [("m", m), ("v", v), ("vmax", vmax)] {
+                if let Some(t) = t {
+                    out.insert(format!("{name}.{suffix}"), t);
+                }
             }
-            let step = Tensor::new(&[st.step as i64], &Device::Cpu)?;
+            let step = Tensor::new(&[st.step() as i64], &Device::Cpu)?;
             out.insert(format!("{name}.step"), step);
         }
         Ok(out)
@@ -340,7 +415,7 @@ impl Adam {
             };
             let mut moment =
                 |suffix: &str| -> anyhow::Result<Vec<f32>> { Ok(host_values(&take(suffix)?)?) };
-            loaded.push(Moments {
+            let host = Moments {
                 step: u64::try_from(step)
                     .with_context(|| format!("optimiser state {source}: negative step"))?,
                 m: moment("m")?,
@@ -349,6 +424,20 @@ impl Adam {
                     true => Some(moment("vmax")?),
                     false => None,
                 },
+            };
+            loaded.push(match &self.moments[loaded.len()] {
+                State::Host(_) => State::Host(host),
+                State::Device(_) => {
+                    let on_device = |values: Vec<f32>| {
+                        Tensor::from_vec(values, var.shape(), &Device::Cpu)?.to_device(var.device())
+                    };
+                    State::Device(Some(DeviceMoments {
+                        step: host.step,
+                        m: on_device(host.m)?,
+                        v: on_device(host.v)?,
+                        vmax: host.vmax.map(on_device).transpose()?,
+                    }))
+                }
             });
         }
         if let Some(extra) = state.keys().min() {

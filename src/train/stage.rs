@@ -115,6 +115,10 @@ pub struct EpochRecord {
     pub loss: f64,
     pub metric: Option<f64>,
     pub items_per_s: f64,
+    /// Where the stage trained (`cpu`, `cuda:0`): the device of its parameters. Empty in
+    /// metrics written before it was recorded.
+    #[serde(default)]
+    pub device: String,
 }
 
 /// What a finished stage leaves behind.
@@ -184,6 +188,7 @@ impl StageRun<'_> {
                 rng: Rng::new(cfg.seed),
             }
         };
+        let device = crate::ops::device::name(trainable[0].1.device());
         let mut dp = DataParallel::start(self.name, cfg, len, self.varmap)?;
         let writer = crate::dist::is_writer();
         let metrics = self.out_dir.join("metrics.jsonl");
@@ -253,6 +258,7 @@ impl StageRun<'_> {
                 loss: summary.mean_loss,
                 metric: score,
                 items_per_s: summary.items_per_s,
+                device: device.clone(),
             };
             if let Some(log) = log.as_mut() {
                 log.write(&record)?;

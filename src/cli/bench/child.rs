@@ -3,8 +3,10 @@
 //! one process a large case's high-water mark carries over to every case after it.
 
 use anyhow::{bail, Context};
+use candle_core::Device;
 
 use crate::bench::BenchResult;
+use crate::ops::{device, Ops};
 
 /// Runs bench case `name` in a child process with the given budget overrides and returns its
 /// result.
@@ -12,6 +14,7 @@ pub fn run_case(
     name: &str,
     iters: Option<usize>,
     warmup: Option<usize>,
+    dev: &Device,
 ) -> anyhow::Result<BenchResult> {
     let exe = std::env::current_exe().context("finding the spikeclip executable")?;
     let json = std::env::temp_dir().join(format!(
@@ -19,6 +22,9 @@ pub fn run_case(
         std::process::id()
     ));
     let mut cmd = std::process::Command::new(&exe);
+    // The run-wide choices travel with the case: where it runs and how its ops run.
+    cmd.args(["--device", &device::name(dev)]);
+    cmd.args(["--ops", Ops::for_device(dev).name()]);
     cmd.args(["bench", "--case", name, "--json"]).arg(&json);
     for (flag, value) in [("--iters", iters), ("--warmup", warmup)] {
         if let Some(v) = value {

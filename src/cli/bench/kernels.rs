@@ -5,45 +5,48 @@
 use anyhow::Context;
 use candle_core::{Device, Tensor, Var};
 
-use super::Case;
+use super::{Case, Run};
 use crate::bench::{measure, BenchResult, Budget};
 use crate::kernels::spikes::{self, SpikeBits};
 use crate::kernels::{conv, lif_linear, spike_grad};
 use crate::neuron::{LifConfig, MultiStepLif};
 
 pub const CASES: &[Case] = &[
-    ("conv_tokenizer", conv_tokenizer),
-    ("conv_tokenizer_candle", conv_tokenizer_candle),
-    ("conv_pointwise", conv_pointwise),
-    ("conv_pointwise_candle", conv_pointwise_candle),
-    ("dense_linear", dense_linear),
-    ("spike_linear_r05", spike_linear_r05),
-    ("spike_linear_r10", spike_linear_r10),
-    ("spike_linear_r20", spike_linear_r20),
-    ("spike_linear_r40", spike_linear_r40),
-    ("dense_conv3x3", dense_conv3x3),
-    ("spike_conv3x3_r05", spike_conv3x3_r05),
-    ("spike_conv3x3_r10", spike_conv3x3_r10),
-    ("spike_conv3x3_r20", spike_conv3x3_r20),
-    ("spike_conv3x3_r40", spike_conv3x3_r40),
-    ("dense_weight_grad", dense_weight_grad),
-    ("spike_weight_grad_r05", spike_weight_grad_r05),
-    ("spike_weight_grad_r10", spike_weight_grad_r10),
-    ("spike_weight_grad_r20", spike_weight_grad_r20),
-    ("spike_weight_grad_r40", spike_weight_grad_r40),
-    ("dense_conv3x3_grads", dense_conv3x3_grads),
-    ("spike_conv3x3_grads_r05", spike_conv3x3_grads_r05),
-    ("spike_conv3x3_grads_r10", spike_conv3x3_grads_r10),
-    ("spike_conv3x3_grads_r20", spike_conv3x3_grads_r20),
-    ("spike_conv3x3_grads_r40", spike_conv3x3_grads_r40),
-    ("dense_attention", dense_attention),
-    ("spike_attention_r05", spike_attention_r05),
-    ("spike_attention_r10", spike_attention_r10),
-    ("spike_attention_r20", spike_attention_r20),
-    ("spike_attention_r40", spike_attention_r40),
-    ("spike_pack", spike_pack),
-    ("lif_linear_fwd_bwd", lif_linear_fwd_bwd),
-    ("lif_linear_fwd_bwd_composed", lif_linear_fwd_bwd_composed),
+    ("conv_tokenizer", Run::Cpu(conv_tokenizer)),
+    ("conv_tokenizer_candle", Run::Cpu(conv_tokenizer_candle)),
+    ("conv_pointwise", Run::Cpu(conv_pointwise)),
+    ("conv_pointwise_candle", Run::Cpu(conv_pointwise_candle)),
+    ("dense_linear", Run::Cpu(dense_linear)),
+    ("spike_linear_r05", Run::Cpu(spike_linear_r05)),
+    ("spike_linear_r10", Run::Cpu(spike_linear_r10)),
+    ("spike_linear_r20", Run::Cpu(spike_linear_r20)),
+    ("spike_linear_r40", Run::Cpu(spike_linear_r40)),
+    ("dense_conv3x3", Run::Cpu(dense_conv3x3)),
+    ("spike_conv3x3_r05", Run::Cpu(spike_conv3x3_r05)),
+    ("spike_conv3x3_r10", Run::Cpu(spike_conv3x3_r10)),
+    ("spike_conv3x3_r20", Run::Cpu(spike_conv3x3_r20)),
+    ("spike_conv3x3_r40", Run::Cpu(spike_conv3x3_r40)),
+    ("dense_weight_grad", Run::Cpu(dense_weight_grad)),
+    ("spike_weight_grad_r05", Run::Cpu(spike_weight_grad_r05)),
+    ("spike_weight_grad_r10", Run::Cpu(spike_weight_grad_r10)),
+    ("spike_weight_grad_r20", Run::Cpu(spike_weight_grad_r20)),
+    ("spike_weight_grad_r40", Run::Cpu(spike_weight_grad_r40)),
+    ("dense_conv3x3_grads", Run::Cpu(dense_conv3x3_grads)),
+    ("spike_conv3x3_grads_r05", Run::Cpu(spike_conv3x3_grads_r05)),
+    ("spike_conv3x3_grads_r10", Run::Cpu(spike_conv3x3_grads_r10)),
+    ("spike_conv3x3_grads_r20", Run::Cpu(spike_conv3x3_grads_r20)),
+    ("spike_conv3x3_grads_r40", Run::Cpu(spike_conv3x3_grads_r40)),
+    ("dense_attention", Run::Cpu(dense_attention)),
+    ("spike_attention_r05", Run::Cpu(spike_attention_r05)),
+    ("spike_attention_r10", Run::Cpu(spike_attention_r10)),
+    ("spike_attention_r20", Run::Cpu(spike_attention_r20)),
+    ("spike_attention_r40", Run::Cpu(spike_attention_r40)),
+    ("spike_pack", Run::Cpu(spike_pack)),
+    ("lif_linear_fwd_bwd", Run::Cpu(lif_linear_fwd_bwd)),
+    (
+        "lif_linear_fwd_bwd_composed",
+        Run::Cpu(lif_linear_fwd_bwd_composed),
+    ),
 ];
 
 /// Images (B*T) per convolution bench step: T = 4 time steps of 8 images.

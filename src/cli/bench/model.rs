@@ -6,11 +6,12 @@
 use candle_core::{Device, Tensor};
 use serde::Serialize;
 
-use super::Case;
-use crate::bench::{measure, set_batch_norm_shift, BenchResult, Budget};
+use super::{Case, Run};
+use crate::bench::{measure_on, set_batch_norm_shift, BenchResult, Budget};
 use crate::model::config::SpikeClipConfig;
 use crate::model::spikingformer::SparseWeights;
 use crate::model::SpikeClip;
+use crate::ops::Ops;
 use crate::recipe::student::{trainable, Student};
 use crate::train::grads::Gradients;
 use crate::train::loss::cosine_distillation;
@@ -18,13 +19,13 @@ use crate::train::optim::{Adam, AdamConfig};
 use crate::train::rng::Rng;
 
 pub const CASES: &[Case] = &[
-    ("img_train_b32", img_train_b32),
-    ("img_train_b64", img_train_b64),
-    ("img_infer_b64", img_infer_b64),
-    ("img_infer_b64_dense", img_infer_b64_dense),
-    ("sparse_sweep", sparse_sweep),
-    ("txt_train_b256", txt_train_b256),
-    ("txt_infer_b1024", txt_infer_b1024),
+    ("img_train_b32", Run::OnDevice(img_train_b32)),
+    ("img_train_b64", Run::OnDevice(img_train_b64)),
+    ("img_infer_b64", Run::OnDevice(img_infer_b64)),
+    ("img_infer_b64_dense", Run::OnDevice(img_infer_b64_dense)),
+    ("sparse_sweep", Run::Cpu(sparse_sweep)),
+    ("txt_train_b256", Run::OnDevice(txt_train_b256)),
+    ("txt_infer_b1024", Run::OnDevice(txt_infer_b1024)),
 ];
 
 /// Default budget of these cases.
@@ -34,24 +35,24 @@ pub const BUDGET: Budget = Budget {
 };
 
 /// The paper's model with fresh weights.
-fn paper_model() -> anyhow::Result<SpikeClip> {
+fn paper_model(dev: &Device) -> anyhow::Result<SpikeClip> {
     let cfg = SpikeClipConfig::preset("paper")?;
-    Ok(SpikeClip::new(&cfg, 0, &Device::Cpu)?)
+    Ok(SpikeClip::new(&cfg, 0, dev)?)
 }
 
 /// Random CLIP-normalised-like images `[b, 3, 32, 32]`.
-fn images(b: usize) -> anyhow::Result<Tensor> {
-    Ok(Tensor::randn(0f32, 1.0, (b, 3, 32, 32), &Device::Cpu)?)
+fn images(b: usize, dev: &Device) -> anyhow::Result<Tensor> {
+    Ok(Tensor::randn(0f32, 1.0, (b, 3, 32, 32), dev)?)
 }
 
 /// Random token ids `[b, L]` in the model's vocabulary.
-fn token_ids(model: &SpikeClip, b: usize) -> anyhow::Result<Tensor> {
+fn token_ids(model: &SpikeClip, b: usize, dev: &Device) -> anyhow::Result<Tensor> {
     let c = &model.config.text;
     let mut rng = Rng::new(0);
     let ids: Vec<u32> = (0..b * c.context_length)
         .map(|_| rng.below(c.vocab_size) as u32)
         .collect();
-    Ok(Tensor::from_vec(ids, (b, c.context_length), &Device::Cpu)?)
+    Ok(Tensor::from_vec(ids, (b, c.context_length), dev)?)
 }
 
 /// One distillation step of the tower under `prefix`: features in training mode, `1 - cos`
@@ -66,17 +67,18 @@ fn train_step(
     features: impl Fn(&Tensor) -> candle_core::Result<Tensor>,
 ) -> anyhow::Result<BenchResult> {
     let b = input.dim(0)?;
+    let dev = input.device();
     let job = crate::dist::collective();
     let rows: Vec<usize> = (0..b).collect();
     let mine = crate::dist::shard(&rows, job);
     let input = input.narrow(0, mine.first().copied().unwrap_or(0), mine.len())?;
-    let targets = Tensor::randn(0f32, 1.0, (mine.len(), model.config.out_dim), &Device::Cpu)?;
+    let targets = Tensor::randn(0f32, 1.0, (mine.len(), model.config.out_dim), dev)?;
     let params = trainable(model, prefix);
     let mut adam = Adam::new(params.clone(), AdamConfig::default());
     let slots = model.grad_slots();
     let (mut steps, mut bytes, mut reduce_s) = (0usize, 0usize, 0f64);
     let bn_before = crate::dist::BATCH_NORM_TRAFFIC.read();
-    let result = measure(budget, || {
+    let result = measure_on(dev, budget, || {
         let mut loss = cosine_distillation(&features(&input)?, &targets)?;
         if job.size() > 1 {
             loss = (loss * (mine.len() as f64 / b as f64))?;
@@ -106,19 +108,19 @@ fn train_step(
     Ok(result.per_step(b))
 }
 
-fn img_train(budget: Budget, b: usize) -> anyhow::Result<BenchResult> {
-    let model = paper_model()?;
-    train_step(budget, &model, "image.", &images(b)?, |x| {
+fn img_train(budget: Budget, b: usize, dev: &Device) -> anyhow::Result<BenchResult> {
+    let model = paper_model(dev)?;
+    train_step(budget, &model, "image.", &images(b, dev)?, |x| {
         model.image_features(x, true)
     })
 }
 
-fn img_train_b32(budget: Budget) -> anyhow::Result<BenchResult> {
-    img_train(budget, 32)
+fn img_train_b32(budget: Budget, dev: &Device) -> anyhow::Result<BenchResult> {
+    img_train(budget, 32, dev)
 }
 
-fn img_train_b64(budget: Budget) -> anyhow::Result<BenchResult> {
-    img_train(budget, 64)
+fn img_train_b64(budget: Budget, dev: &Device) -> anyhow::Result<BenchResult> {
+    img_train(budget, 64, dev)
 }
 
 /// BatchNorm shift of the inference cases: a fresh model's spikes die out after a few layers,
@@ -156,7 +158,7 @@ impl<'a> ImageInference<'a> {
     }
 
     fn time(&self, budget: Budget, x: &Tensor) -> anyhow::Result<BenchResult> {
-        let result = measure(budget, || {
+        let result = measure_on(x.device(), budget, || {
             self.features(x)?;
             Ok(())
         })?;
@@ -183,24 +185,29 @@ impl<'a> ImageInference<'a> {
 
 /// Eval-mode features of 64 images on `path`, the paper's model shifted to fire at inference
 /// rates (printed).
-fn img_infer_b64_on(budget: Budget, path: ImagePath) -> anyhow::Result<BenchResult> {
-    let model = paper_model()?;
+fn img_infer_b64_on(budget: Budget, path: ImagePath, dev: &Device) -> anyhow::Result<BenchResult> {
+    let model = paper_model(dev)?;
     set_batch_norm_shift(model.varmap(), INFER_SHIFT)?;
-    let x = images(64)?;
+    let x = images(64, dev)?;
     let infer = ImageInference::new(&model, path)?;
     println!("  firing rate {:.3}", infer.firing_rate(&x)?);
     infer.time(budget, &x)
 }
 
-/// Eval-mode image features of 64 images on the path `eval` and `classify` take: spike-driven,
-/// BatchNorm folded from the running statistics.
-fn img_infer_b64(budget: Budget) -> anyhow::Result<BenchResult> {
-    img_infer_b64_on(budget, ImagePath::Sparse)
+/// Eval-mode image features of 64 images on the path `eval` and `classify` take: with the
+/// fused ops spike-driven, BatchNorm folded from the running statistics; with the portable
+/// ones (a GPU, `--ops portable`) dense, as they have no spike-driven path.
+fn img_infer_b64(budget: Budget, dev: &Device) -> anyhow::Result<BenchResult> {
+    let path = match Ops::for_device(dev) {
+        Ops::Fused => ImagePath::Sparse,
+        Ops::Portable => ImagePath::Dense,
+    };
+    img_infer_b64_on(budget, path, dev)
 }
 
 /// The same through the dense path (`--dense`).
-fn img_infer_b64_dense(budget: Budget) -> anyhow::Result<BenchResult> {
-    img_infer_b64_on(budget, ImagePath::Dense)
+fn img_infer_b64_dense(budget: Budget, dev: &Device) -> anyhow::Result<BenchResult> {
+    img_infer_b64_on(budget, ImagePath::Dense, dev)
 }
 
 /// One point of the firing-rate sweep.
@@ -224,8 +231,8 @@ const SWEEP_BATCH: usize = 16;
 /// BatchNorm), with the rate where the sparse path stops paying off. The case's own timing is
 /// the dense one at the middle shift; the table is in `details`.
 fn sparse_sweep(budget: Budget) -> anyhow::Result<BenchResult> {
-    let model = paper_model()?;
-    let x = images(SWEEP_BATCH)?;
+    let model = paper_model(&Device::Cpu)?;
+    let x = images(SWEEP_BATCH, &Device::Cpu)?;
     let mut points = Vec::new();
     let mut middle = None;
     println!(
@@ -291,18 +298,18 @@ fn crossover(points: &[SweepPoint]) -> Option<f64> {
 }
 
 /// A text training step on 256 random sentences; the embeddings are trained too.
-fn txt_train_b256(budget: Budget) -> anyhow::Result<BenchResult> {
-    let model = paper_model()?;
-    let ids = token_ids(&model, 256)?;
+fn txt_train_b256(budget: Budget, dev: &Device) -> anyhow::Result<BenchResult> {
+    let model = paper_model(dev)?;
+    let ids = token_ids(&model, 256, dev)?;
     train_step(budget, &model, "text.", &ids, |ids| {
         model.text_features(ids, true)
     })
 }
 
-fn txt_infer_b1024(budget: Budget) -> anyhow::Result<BenchResult> {
-    let model = paper_model()?;
-    let ids = token_ids(&model, 1024)?;
-    let result = measure(budget, || {
+fn txt_infer_b1024(budget: Budget, dev: &Device) -> anyhow::Result<BenchResult> {
+    let model = paper_model(dev)?;
+    let ids = token_ids(&model, 1024, dev)?;
+    let result = measure_on(dev, budget, || {
         model.text_features(&ids, false)?;
         Ok(())
     })?;

@@ -18,9 +18,8 @@ use crate::recipe::classifier::LoadedStudent;
 /// Samples per forward pass, so that a large input file runs in bounded memory.
 const CHUNK: usize = 64;
 
-pub(super) fn run(args: &Args, dir: &Path) -> Result<()> {
-    let dev = Device::Cpu;
-    let loaded = LoadedStudent::open(dir, &dev)?;
+pub(super) fn run(args: &Args, dir: &Path, dev: &Device) -> Result<()> {
+    let loaded = LoadedStudent::open(dir, dev)?;
     let config = &loaded.card.config;
     let texts = texts(args)?;
     if args.ids.is_some() && !texts.is_empty() {
@@ -30,24 +29,23 @@ pub(super) fn run(args: &Args, dir: &Path) -> Result<()> {
         bail!("give either --pixels or --image, not both");
     }
     let ids = match &args.ids {
-        Some(f) => Some(read_token_ids(
-            f,
-            config.text.context_length,
-            config.text.vocab_size,
-        )?),
+        Some(f) => Some(
+            read_token_ids(f, config.text.context_length, config.text.vocab_size)?
+                .to_device(dev)?,
+        ),
         None if !texts.is_empty() => {
             let rows = loaded
                 .tokenizer
                 .encode(&texts, config.text.context_length)?;
             let len = config.text.context_length;
             let flat: Vec<u32> = rows.concat();
-            Some(Tensor::from_vec(flat, (texts.len(), len), &dev)?)
+            Some(Tensor::from_vec(flat, (texts.len(), len), dev)?)
         }
         None => None,
     };
     let pixels = match &args.pixels {
-        Some(f) => Some(read_pixels(f, config.image.in_channels)?),
-        None if !args.image.is_empty() => Some(student_images(&args.image, &dev)?),
+        Some(f) => Some(read_pixels(f, config.image.in_channels)?.to_device(dev)?),
+        None if !args.image.is_empty() => Some(student_images(&args.image, dev)?),
         None => None,
     };
     if ids.is_none() && pixels.is_none() {
