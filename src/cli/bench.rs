@@ -164,10 +164,11 @@ pub fn run(args: Args, dev: &Device) -> anyhow::Result<()> {
 /// says what it measured.
 fn print_kernel_paths() {
     println!("cpu: {}", simd::cpu_model());
-    let paths: Vec<String> = simd::KERNELS
+    let mut paths: Vec<String> = simd::KERNELS
         .iter()
         .map(|k| format!("{} {}", k.name, k.level()))
         .collect();
+    paths.push(format!("matmul {}", simd::matmul_level()));
     println!("simd: {}", paths.join(", "));
 }
 

@@ -11,8 +11,8 @@
 use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::contiguous_f32;
 use super::simd::{self, Level};
+use super::{contiguous_f32, with_f32};
 
 /// Geometry of a square-stride, square-padding convolution window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,6 +126,28 @@ fn col2im(level: Level, cols: &[f32], d: Nhwc, win: Window, (ho, wo): (usize, us
     x
 }
 
+/// Pixels per tile of [`nhwc_into_nchw`]: one 64-byte line of each channel plane written per
+/// tile, the tile's `C`-long pixel rows read from L1.
+const TRANSPOSE_PIXELS: usize = 16;
+
+/// Writes channels-last images `src [n, hw, c]` channels-first into `dst [n, c, hw]`: the
+/// layout change a convolution's output and input gradient take on their way out, done in one
+/// pass over each image (one task per image) instead of a strided copy and two more.
+fn nhwc_into_nchw(src: &[f32], dst: &mut [f32], hw: usize, c: usize) {
+    dst.par_chunks_mut(hw * c)
+        .zip(src.par_chunks(hw * c))
+        .for_each(|(planes, image)| {
+            for p0 in (0..hw).step_by(TRANSPOSE_PIXELS) {
+                let pixels = p0..(p0 + TRANSPOSE_PIXELS).min(hw);
+                for (ch, plane) in planes.chunks_exact_mut(hw).enumerate() {
+                    for p in pixels.clone() {
+                        plane[p] = image[p * c + ch];
+                    }
+                }
+            }
+        });
+}
+
 /// Weight `[O, C, kh, kw]` as the `[O, kh*kw*C]` matrix matching the patch columns' order.
 pub fn weight_matrix(weight: &Tensor) -> Result<Tensor> {
     let o = weight.dim(0)?;
@@ -223,11 +245,15 @@ impl CustomOp2 for Conv2d {
         let w = Tensor::from_slice(contiguous_f32(ws, wl, "conv2d")?, wl.shape(), &dev)?;
         let wt = weight_matrix(&w)?.t()?;
         let (ho, wo) = plan.out_hw;
-        let mut out = Vec::with_capacity(plan.d.b * plan.o * ho * wo);
+        let image_len = plan.o * ho * wo;
+        let mut out = vec![0f32; plan.d.b * image_len];
         for (first, n) in Self::chunks(&plan) {
             let y = self.patches(&x, &plan, first, n)?.matmul(&wt)?;
-            let y = y.reshape((n, ho * wo, plan.o))?.transpose(1, 2)?;
-            out.extend(y.flatten_all()?.to_vec1::<f32>()?);
+            let dst = &mut out[first * image_len..(first + n) * image_len];
+            with_f32(&y, "conv2d", |y| {
+                nhwc_into_nchw(y, dst, ho * wo, plan.o);
+                Ok(())
+            })?;
         }
         Ok((
             CpuStorage::F32(out),
@@ -266,7 +292,9 @@ impl Conv2d {
             Some(_) => Some(Tensor::zeros(wm.shape(), DType::F32, w.device())?),
             None => None,
         };
-        let mut grad_x = Vec::with_capacity(x_dims.iter().product());
+        let Nhwc { h, w: width, c, .. } = plan.d;
+        let image_len = h * width * c;
+        let mut grad_x = vec![0f32; plan.d.b * image_len];
         for (first, n) in Self::chunks(&plan) {
             let g = grad.narrow(0, first, n)?.reshape((n, plan.o, ho * wo))?;
             let g = g.transpose(1, 2)?.reshape((n * ho * wo, plan.o))?;
@@ -276,21 +304,17 @@ impl Conv2d {
             }
             let grad_cols = g.matmul(&wm)?;
             let d = Nhwc { b: n, ..plan.d };
-            let grad_nhwc = if self.window.is_pointwise() {
-                grad_cols.reshape((n, d.h, d.w, d.c))?
-            } else {
-                let cols = grad_cols.flatten_all()?.to_vec1()?;
-                let image = col2im(simd::COL2IM.level(), &cols, d, self.window, plan.out_hw);
-                Tensor::from_vec(image, (n, d.h, d.w, d.c), w.device())?
-            };
-            grad_x.extend(
-                grad_nhwc
-                    .permute((0, 3, 1, 2))?
-                    .flatten_all()?
-                    .to_vec1::<f32>()?,
-            );
+            let dst = &mut grad_x[first * image_len..(first + n) * image_len];
+            with_f32(&grad_cols, "conv2d backward", |cols| {
+                if self.window.is_pointwise() {
+                    nhwc_into_nchw(cols, dst, h * width, c);
+                } else {
+                    let image = col2im(simd::COL2IM.level(), cols, d, self.window, plan.out_hw);
+                    nhwc_into_nchw(&image, dst, h * width, c);
+                }
+                Ok(())
+            })?;
         }
-        let Nhwc { c, .. } = plan.d;
         let grad_w = grad_wm
             .map(|gw| {
                 gw.reshape((plan.o, self.window.kh, self.window.kw, c))?

@@ -174,6 +174,22 @@ pub const KERNELS: [Kernel; 7] = [
     ADAM,
 ];
 
+/// The path candle's and our matrix products take: gemm's micro-kernels, chosen by gemm itself
+/// at its first product (AVX-512 where the CPU has AVX-512 F, built in by gemm's `x86-v4`
+/// feature; AVX2 + FMA where it has FMA; scalar otherwise). [`ENV`] does not reach it.
+pub fn matmul_level() -> Level {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx512f") {
+            return Level::Avx512;
+        }
+        if std::is_x86_feature_detected!("fma") {
+            return Level::Avx2;
+        }
+    }
+    Level::Portable
+}
+
 /// Runs `f` compiled for `level`: its body, and every `#[inline(always)]` function it calls,
 /// are inlined into a function with that level's target features. Call it inside a parallel
 /// loop's work item, not around the loop: rayon's workers run their closures elsewhere.
