@@ -392,7 +392,9 @@ impl Model<'_> {
             self.config.prompts.as_ref(),
             self.loaded,
         )?;
-        let classes = self.loaded.class_embeddings(&prompts, &self.config.device)?;
+        let classes = self
+            .loaded
+            .class_embeddings(&prompts, &self.config.device)?;
         let names: Vec<String> = prompts.classes.iter().map(|c| c[0].clone()).collect();
         if self.cache.len() >= LABEL_CACHE {
             self.cache.clear();
