@@ -189,8 +189,9 @@ fn one_step_on_two_ranks_has_the_loss_and_gradients_of_one_process() {
 /// Without synchronised BatchNorm each rank normalises its own half of the global batch: the
 /// job's loss is the mean of the two halves' losses, each normalised on its own, which one
 /// process gives as two steps of half the batch (the same permutation, `--lr 0` so that the
-/// second half meets the same weights). With synchronisation the loss is the whole batch's.
-/// Image distillation only: after so short a pre-training the tiny student's image features
+/// second half meets the same weights), and the ranks' gradient is the mean of the halves'
+/// ([`halves_gap`]). With synchronisation the loss is the whole batch's. Image distillation
+/// only: after so short a pre-training the tiny student's image features
 /// do not yet depend on the image, so fine-tuning's loss is the same for any batch.
 #[test]
 fn without_sync_two_ranks_normalise_each_half_as_one_process_would() {
@@ -224,6 +225,46 @@ fn without_sync_two_ranks_normalise_each_half_as_one_process_would() {
         (whole[0] - mean).abs() > 1e-4,
         "{stage}: synchronised BatchNorm gave the halves' loss {mean}"
     );
+    let (a, b) = (
+        weights(&last(&out("halves"), stage)),
+        weights(&last(&out("apart"), stage)),
+    );
+    let gap = halves_gap(&a, &b);
+    assert!(
+        gap <= 1e-3,
+        "{stage}: the halves' gradients are not the ranks' ({gap})"
+    );
+}
+
+/// How far the two ranks' gradient, without sync, is from the mean of one process's two
+/// half-batch gradients, read off Adam's moments (beta 0.9, 0.999). The process's two steps
+/// (`a`) hold `m = 0.09 g0 + 0.1 g1` and `v = 0.000999 g0^2 + 0.001 g1^2`; the ranks' one step
+/// (`b`) holds `m = 0.1 (g0 + g1) / 2`. The two `m`s give `g0` and `g1`; the gap is how far
+/// the `v` they predict is from the process's, relative to each tensor's largest `v`.
+fn halves_gap(a: &HashMap<String, Tensor>, b: &HashMap<String, Tensor>) -> f32 {
+    let values = |t: &Tensor| -> Vec<f64> {
+        let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+        v.into_iter().map(f64::from).collect()
+    };
+    let mut gap = 0f64;
+    for name in a.keys().filter_map(|k| k.strip_suffix(".m")) {
+        if feeds_batch_norm(&name.replacen("optim.", "model.", 1), a) {
+            continue;
+        }
+        let (ma, va, mb) = (
+            values(&a[&format!("{name}.m")]),
+            values(&a[&format!("{name}.v")]),
+            values(&b[&format!("{name}.m")]),
+        );
+        let largest = va.iter().copied().fold(1e-30, f64::max);
+        for ((ma, va), mb) in ma.iter().zip(&va).zip(&mb) {
+            let g0 = (2.0 * mb - ma) / 0.01;
+            let g1 = 20.0 * mb - g0;
+            let v = 0.000999 * g0 * g0 + 0.001 * g1 * g1;
+            gap = gap.max((v - va).abs() / largest);
+        }
+    }
+    gap as f32
 }
 
 /// A bias that feeds BatchNorm (`X_conv.bias` beside `X_bn`) and that BatchNorm's running

@@ -437,6 +437,20 @@ fn per_image_spikes_of_a_batch_equal_the_image_run_alone() {
 }
 
 /// The name of the class a sample shows, from its caption ("red circle (seen pair)").
+/// `GET path`'s JSON body.
+async fn get_json(addr: SocketAddr, path: &str) -> serde_json::Value {
+    client::get(addr, path).await.unwrap().json().unwrap()
+}
+
+/// `POST path` with `body` of type `ct`: the answer's JSON body.
+async fn post_json(addr: SocketAddr, path: &str, ct: &str, body: &[u8]) -> serde_json::Value {
+    client::post(addr, path, ct, body)
+        .await
+        .unwrap()
+        .json()
+        .unwrap()
+}
+
 fn sample_class(samples: &serve::page::Samples, id: usize) -> String {
     let caption = samples.caption(id).unwrap();
     caption.split(" (").next().unwrap().to_string()
@@ -457,11 +471,7 @@ async fn a_world_checkpoint_is_answered_beside_the_worlds_analytic_teacher() {
     let state = serve::start(config(dir.path(), window(1, 8, 16)), Limits::default()).unwrap();
     let server = start_default(state).await;
     let addr = server.addr;
-    let card = client::get(addr, "/v1/model")
-        .await
-        .unwrap()
-        .json()
-        .unwrap();
+    let card = get_json(addr, "/v1/model").await;
     assert_eq!(card["teacher"], "the built-in world's analytic teacher");
 
     // The analytic teacher is a perfect CLIP of the world: every sample's own class first,
@@ -469,11 +479,7 @@ async fn a_world_checkpoint_is_answered_beside_the_worlds_analytic_teacher() {
     let samples = serve::page::Samples::of_world().unwrap();
     for id in 0..samples.len() {
         let (ct, body) = multipart(samples.png(id).unwrap(), &[]);
-        let a = client::post(addr, "/v1/classify", &ct, &body)
-            .await
-            .unwrap()
-            .json()
-            .unwrap();
+        let a = post_json(addr, "/v1/classify", &ct, &body).await;
         let labels = teacher_labels(&a);
         assert_eq!(labels.len(), 24);
         assert_eq!(labels[0], sample_class(&samples, id), "sample {id}: {a}");
@@ -494,19 +500,11 @@ async fn a_world_checkpoint_is_answered_beside_the_worlds_analytic_teacher() {
         samples.png(0).unwrap(),
         &[("labels", &format!("{other}, {own}"))],
     );
-    let a = client::post(addr, "/v1/classify", &ct, &body)
-        .await
-        .unwrap()
-        .json()
-        .unwrap();
+    let a = post_json(addr, "/v1/classify", &ct, &body).await;
     assert_eq!(teacher_labels(&a), [own, other.clone()]);
 
     // An image the world never drew has no teacher ranking, and says why.
-    let other = client::post(addr, "/v1/classify", "image/png", &png(40, 30))
-        .await
-        .unwrap()
-        .json()
-        .unwrap();
+    let other = post_json(addr, "/v1/classify", "image/png", &png(40, 30)).await;
     assert!(other["teacher"]["ranked"].is_null(), "{other}");
     assert!(
         other["teacher"]["note"]
@@ -535,25 +533,18 @@ async fn with_a_clip_teacher_the_answer_carries_clips_ranking_of_the_labels() {
     let state = serve::start(config, Limits::default()).unwrap();
     let server = start_default(state).await;
     let addr = server.addr;
-    let card = client::get(addr, "/v1/model")
-        .await
-        .unwrap()
-        .json()
-        .unwrap();
+    let card = get_json(addr, "/v1/model").await;
     assert_eq!(card["teacher"], format!("CLIP ({})", clip.display()));
 
     let classes = ["red circle", "blue square", "green triangle"];
     let image = common::clip_fixture_dir().join("rgb_48x40.png");
-    let a = client::post(
+    let a = post_json(
         addr,
         "/v1/classify?labels=red%20circle,blue%20square,green%20triangle",
         "image/png",
         &std::fs::read(&image).unwrap(),
     )
-    .await
-    .unwrap()
-    .json()
-    .unwrap();
+    .await;
     let got: Vec<(String, f64)> = a["teacher"]["ranked"]
         .as_array()
         .unwrap_or_else(|| panic!("a teacher ranking: {a}"))
