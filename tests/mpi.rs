@@ -234,6 +234,12 @@ fn without_sync_two_ranks_normalise_each_half_as_one_process_would() {
         gap <= 1e-3,
         "{stage}: the halves' gradients are not the ranks' ({gap})"
     );
+    // The measure tells the two apart: the synchronised gradient is not the halves' mean.
+    let synced = halves_gap(&a, &weights(&last(&out("whole"), stage)));
+    assert!(
+        synced > 1e-2,
+        "{stage}: synchronised, the gap is only {synced}"
+    );
 }
 
 /// How far the two ranks' gradient, without sync, is from the mean of one process's two
@@ -542,16 +548,7 @@ fn ranks_cache_their_shards_into_the_single_process_cache() {
     let tmp = tempfile::tempdir().unwrap();
     let teacher = format!("clip:{}", common::clip_dir(tmp.path()).display());
     let data = tmp.path().join("data");
-    for (c, class) in ["ant", "bee"].iter().enumerate() {
-        std::fs::create_dir_all(data.join(class)).unwrap();
-        for i in 0..7u8 {
-            let img = image::RgbImage::from_fn(40, 36, |x, y| {
-                image::Rgb([x as u8 * 6, y as u8 * 3 + i * 20, c as u8 * 90])
-            });
-            img.save(data.join(class).join(format!("{i}.png"))).unwrap();
-        }
-    }
-    std::fs::write(data.join("bee").join("corrupt.png"), b"\x89PNG garbage").unwrap();
+    common::image_folder(&data, 7);
     let prompts = tmp.path().join("prompts.json");
     std::fs::write(
         &prompts,

@@ -26,23 +26,6 @@ fn teacher() -> ClipTeacher {
     }
 }
 
-fn image_folder(root: &Path) {
-    for (c, class) in ["ant", "bee"].iter().enumerate() {
-        std::fs::create_dir_all(root.join(class)).unwrap();
-        for i in 0..3u8 {
-            let img = image::RgbImage::from_fn(40, 36, |x, y| {
-                image::Rgb([x as u8 * 6, y as u8 * 3 + i * 20, c as u8 * 90])
-            });
-            img.save(root.join(class).join(format!("{i}.png"))).unwrap();
-        }
-    }
-    std::fs::write(
-        root.join("bee").join("corrupt.png"),
-        b"\x89PNG\r\n\x1a\n garbage",
-    )
-    .unwrap();
-}
-
 fn opts() -> CacheOptions {
     CacheOptions {
         shard_rows: 4,
@@ -55,7 +38,7 @@ fn opts() -> CacheOptions {
 fn image_cache_holds_teacher_features_and_survives_a_kill() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
-    image_folder(&data);
+    common::image_folder(&data, 3);
     let spec = format!("folder:{}:train:0", data.display());
     let source = DatasetSpec::parse(&spec).unwrap().open().unwrap();
     let t = teacher();

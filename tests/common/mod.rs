@@ -43,6 +43,25 @@ pub fn clip_dir(root: &std::path::Path) -> PathBuf {
     dir
 }
 
+/// A two-class image folder under `root` (`ant/`, `bee/`), `per_class` 40x36 images each that
+/// differ from one another, and one file, `bee/corrupt.png`, that is not an image.
+pub fn image_folder(root: &std::path::Path, per_class: u8) {
+    for (c, class) in ["ant", "bee"].iter().enumerate() {
+        std::fs::create_dir_all(root.join(class)).unwrap();
+        for i in 0..per_class {
+            let img = image::RgbImage::from_fn(40, 36, |x, y| {
+                image::Rgb([x as u8 * 6, y as u8 * 3 + i * 20, c as u8 * 90])
+            });
+            img.save(root.join(class).join(format!("{i}.png"))).unwrap();
+        }
+    }
+    std::fs::write(
+        root.join("bee").join("corrupt.png"),
+        b"\x89PNG\r\n\x1a\n garbage",
+    )
+    .unwrap();
+}
+
 /// Fails the test with the command's stderr unless it exited successfully.
 #[track_caller]
 pub fn assert_success(out: &std::process::Output) {
