@@ -3,7 +3,7 @@
 mod common;
 use common::max_abs_diff;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use candle_core::Device;
 use spikeclip::data::cache::{cache_images, cache_texts, Cache, CacheOptions};
