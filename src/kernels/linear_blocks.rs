@@ -14,7 +14,7 @@ use candle_core::{Device, Result, Tensor};
 
 use super::columns::by_column_blocks;
 use super::lif_linear::Drive;
-use super::spikes::{SpikeBits, SpikeLayer, BLOCK, WORD_BITS};
+use super::spikes::{sparse_linear_sliced, SpikeBits, SpikeLayer, BLOCK, WORD_BITS};
 use super::with_f32;
 use crate::neuron::MultiStepLif;
 
@@ -42,10 +42,11 @@ pub(crate) fn sparse_linear(
         true => outputs / BLOCK * BLOCK,
         false => outputs,
     };
-    by_column_blocks((bits.rows(), o), outputs, |outs| {
+    let out = sparse_linear_sliced(bits, o, outputs, |outs| {
         let slice = |t: &Tensor| t.narrow(0, outs.start, outs.len());
-        SpikeLayer::new(&slice(w)?, Some(&slice(b)?))?.linear(bits, &Device::Cpu)
-    })
+        SpikeLayer::new(&slice(w)?, Some(&slice(b)?))
+    })?;
+    Tensor::from_vec(out, (bits.rows(), o), &Device::Cpu)
 }
 
 /// The gradient of the input columns `cols` of a linear layer whose LIF reads its input as

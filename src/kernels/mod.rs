@@ -8,6 +8,7 @@ mod columns;
 pub mod conv;
 pub mod embedding;
 pub mod grad_slot;
+pub mod layout;
 pub mod lif_linear;
 mod linear_blocks;
 pub mod maxpool;
@@ -37,7 +38,7 @@ fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Res
 
 /// `f` on the f32 data of `t`, a CPU tensor, in place (made contiguous first if it is not).
 pub(crate) fn with_f32<R>(t: &Tensor, op: &str, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
-    let t = t.contiguous()?;
+    let t = layout::contiguous(t)?;
     let (storage, layout) = t.storage_and_layout();
     match &*storage {
         Storage::Cpu(s) => f(contiguous_f32(s, layout, op)?),

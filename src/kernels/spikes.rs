@@ -5,6 +5,7 @@
 //! between two spike tensors is a popcount of ANDed words. Work then scales with the firing
 //! rate instead of the layer size, which is what turns sparsity into wall-clock time.
 
+use std::mem::MaybeUninit;
 use std::ops::Range;
 
 use candle_core::{DType, Device, Result, Tensor};
@@ -310,7 +311,7 @@ pub(super) fn for_each_active(words: &[u64], mut f: impl FnMut(usize)) {
 /// Output lanes kept in registers while the active weight rows stream past: 8 AVX registers.
 pub(crate) const BLOCK: usize = 64;
 
-/// Inputs per weight tile: `TILE` rows of `BLOCK` lanes, 16 KB, half of an L1 data cache.
+/// Inputs per weight tile: `TILE` rows of `BLOCK` lanes, 24 KB, within an L1 data cache.
 const TILE: usize = 96;
 
 /// One block's accumulators.
@@ -319,8 +320,9 @@ type Lanes = [f32; BLOCK];
 /// Adds (subtracts, if `SUB`) the rows `active` of a blocked weight slice (`BLOCK` lanes per
 /// row) to `acc`, in order.
 #[inline(always)]
-fn add_rows<const SUB: bool>(block: &[f32], active: &[usize], acc: &mut Lanes) {
+fn add_rows<const SUB: bool>(block: &[f32], active: &[u32], acc: &mut Lanes) {
     for &r in active {
+        let r = r as usize;
         let w: &Lanes = block[r * BLOCK..(r + 1) * BLOCK]
             .try_into()
             .expect("blocks hold BLOCK lanes per input");
@@ -563,13 +565,30 @@ const LAYER: Schedule = Schedule {
     rows_per_task: ROWS_PER_TASK,
 };
 
+/// The weight rows one task's output pixels accumulate: pixel `p`'s rows within tile `t` are
+/// `active[splits[p * (tiles + 1) + t]..splits[p * (tiles + 1) + t + 1]]`, to be subtracted
+/// from the all-on sums if `subtract[p]`. It depends on the spikes alone, so a layer run a
+/// slice of outputs at a time ([`sparse_linear_sliced`]) chooses it once for every slice.
+pub(super) struct Selection {
+    active: Vec<u32>,
+    splits: Vec<usize>,
+    subtract: Vec<bool>,
+}
+
+/// Where a [`Gather`] writes: rows of `stride` values, its outputs from column `offset` on.
+#[derive(Clone, Copy)]
+struct Placement {
+    stride: usize,
+    offset: usize,
+}
+
 impl Gather<'_> {
     /// Appends the weight rows output pixel `p` accumulates to `active`, in increasing order,
     /// and returns whether they are to be subtracted. Rows of active inputs are added; when
     /// more than half of a whole window's inputs fire, the rows of its silent inputs are
     /// subtracted from the all-on sum instead, so the work is that of the smaller set.
     #[inline(always)]
-    fn select(&self, p: usize, active: &mut Vec<usize>) -> bool {
+    fn select(&self, p: usize, active: &mut Vec<u32>) -> bool {
         let c = self.windows.dims.3;
         let mut firing = 0;
         let whole = self.windows.for_each_tap(p, |_, row| {
@@ -577,17 +596,66 @@ impl Gather<'_> {
         });
         let complement = whole && self.weights.full.is_some() && 2 * firing > self.weights.inputs;
         self.windows.for_each_tap(p, |base, row| {
+            // Window lengths are far below 2^32 (`Windows::window_len`).
+            let base = base as u32;
             if complement {
-                for_each_silent(row, c, |ch| active.push(base + ch))
+                for_each_silent(row, c, |ch| active.push(base + ch as u32))
             } else {
-                for_each_active(row, |ch| active.push(base + ch))
+                for_each_active(row, |ch| active.push(base + ch as u32))
             }
         });
         complement
     }
 
-    /// Output pixels `first..` into `rows` (`O` floats each); `sum` adds a pixel's selected
-    /// rows of a weight tile to its accumulators.
+    /// The selection of the output pixels `pixels`.
+    #[inline(always)]
+    fn select_pixels(&self, pixels: Range<usize>) -> Selection {
+        let tiles = self.weights.inputs.div_ceil(self.schedule.tile);
+        let mut sel = Selection {
+            active: Vec::new(),
+            splits: Vec::with_capacity(pixels.len() * (tiles + 1)),
+            subtract: Vec::with_capacity(pixels.len()),
+        };
+        for p in pixels {
+            let start = sel.active.len();
+            sel.subtract.push(self.select(p, &mut sel.active));
+            // The rows are in increasing order: one walk finds where each tile's begin.
+            let mut at = start;
+            for t in 0..tiles {
+                let edge = (t * self.schedule.tile) as u32;
+                while at < sel.active.len() && sel.active[at] < edge {
+                    at += 1;
+                }
+                sel.splits.push(at);
+            }
+            sel.splits.push(sel.active.len());
+        }
+        sel
+    }
+
+    /// The output pixels of task `task`.
+    fn task_pixels(&self, task: usize) -> Range<usize> {
+        let per_task = self.schedule.rows_per_task.max(1);
+        task * per_task..((task + 1) * per_task).min(self.windows.pixels())
+    }
+
+    /// Every task's selection, for gathers over other weights of the same inputs (see
+    /// [`Selection`]).
+    pub fn selections(&self) -> Vec<Selection> {
+        let level = simd::SPIKE_GATHER.level();
+        let tasks = self
+            .windows
+            .pixels()
+            .div_ceil(self.schedule.rows_per_task.max(1));
+        (0..tasks)
+            .into_par_iter()
+            .map(|task| simd::dispatch(level, || self.select_pixels(self.task_pixels(task))))
+            .collect()
+    }
+
+    /// Task `task`'s output pixels into `rows`, chosen by `selection` (this gather's own, made
+    /// here, if `None`); `sum` adds a pixel's selected rows of a weight tile to its
+    /// accumulators.
     ///
     /// The loop runs one weight block at a time and, within it, one [`TILE`] of inputs at a
     /// time for all of the task's pixels, so that the rows the pixels select come from L1: a
@@ -597,44 +665,41 @@ impl Gather<'_> {
     #[inline(always)]
     fn rows(
         &self,
-        first: usize,
-        rows: &mut [f32],
-        sum: impl Fn(&[f32], &[usize], &mut Lanes, bool),
+        (task, selection): (usize, Option<&Selection>),
+        (rows, at): (&mut [MaybeUninit<f32>], Placement),
+        sum: impl Fn(&[f32], &[u32], &mut Lanes, bool),
     ) {
-        let (o, inputs) = (self.weights.outputs, self.weights.inputs);
-        let pixels = rows.len() / o;
-        let tiles = inputs.div_ceil(self.schedule.tile);
-        // `splits[p * (tiles + 1) + t]`: where pixel p's selected rows of tile t begin.
-        let (mut active, mut splits) = (Vec::new(), Vec::with_capacity(pixels * (tiles + 1)));
-        let mut subtract = Vec::with_capacity(pixels);
-        for p in first..first + pixels {
-            let start = active.len();
-            subtract.push(self.select(p, &mut active));
-            let selected = &active[start..];
-            splits.extend(
-                (0..tiles)
-                    .map(|t| start + selected.partition_point(|&r| r < t * self.schedule.tile)),
-            );
-            splits.push(active.len());
-        }
-        let mut accs = vec![[0f32; BLOCK]; pixels];
+        let own;
+        let sel = match selection {
+            Some(sel) => sel,
+            None => {
+                own = self.select_pixels(self.task_pixels(task));
+                &own
+            }
+        };
+        let o = self.weights.outputs;
+        let tiles = self.weights.inputs.div_ceil(self.schedule.tile);
+        let mut accs = vec![[0f32; BLOCK]; sel.subtract.len()];
         for b in 0..o.div_ceil(BLOCK) {
             let block = self.weights.block(b);
-            for (acc, &sub) in accs.iter_mut().zip(&subtract) {
+            for (acc, &sub) in accs.iter_mut().zip(&sel.subtract) {
                 *acc = self.weights.start(b, sub);
             }
             for t in 0..tiles {
                 for ((acc, split), &sub) in accs
                     .iter_mut()
-                    .zip(splits.chunks_exact(tiles + 1))
-                    .zip(&subtract)
+                    .zip(sel.splits.chunks_exact(tiles + 1))
+                    .zip(&sel.subtract)
                 {
-                    sum(block, &active[split[t]..split[t + 1]], acc, sub);
+                    sum(block, &sel.active[split[t]..split[t + 1]], acc, sub);
                 }
             }
             let lanes = b * BLOCK..((b + 1) * BLOCK).min(o);
-            for (out, acc) in rows.chunks_exact_mut(o).zip(&accs) {
-                out[lanes.clone()].copy_from_slice(&acc[..lanes.len()]);
+            let cols = at.offset + lanes.start..at.offset + lanes.end;
+            for (out, acc) in rows.chunks_exact_mut(at.stride).zip(&accs) {
+                for (to, &v) in out[cols.clone()].iter_mut().zip(acc) {
+                    to.write(v);
+                }
             }
         }
     }
@@ -646,27 +711,55 @@ impl Gather<'_> {
 
     /// [`Self::run`] on the instruction set `level` (the portable one where the CPU lacks it).
     pub(crate) fn run_at(&self, level: Level) -> Vec<f32> {
-        let o = self.weights.outputs;
-        let mut out = vec![0f32; self.windows.pixels() * o];
-        if o == 0 {
-            return out;
-        }
-        let per_task = self.schedule.rows_per_task.max(1);
-        out.par_chunks_mut(o * per_task)
-            .enumerate()
-            .for_each(|(task, rows)| self.task(level, task * per_task, rows));
+        let len = self.windows.pixels() * self.weights.outputs;
+        let mut out = Vec::with_capacity(len);
+        let at = Placement {
+            stride: self.weights.outputs,
+            offset: 0,
+        };
+        self.run_into(level, &mut out.spare_capacity_mut()[..len], at, None);
+        // SAFETY: `run_into` wrote all `len` values.
+        unsafe { out.set_len(len) };
         out
     }
 
-    /// Output pixels `first..` into `rows`, with the accumulators in registers of `level`.
-    fn task(&self, level: Level, first: usize, rows: &mut [f32]) {
+    /// Writes the outputs into `out`, rows of `at.stride` values from column `at.offset` on,
+    /// every value of those columns. Not zeroed first: zeroing an output of up to 200 MB (the
+    /// tokenizer's second conv) would run on one thread.
+    fn run_into(
+        &self,
+        level: Level,
+        out: &mut [MaybeUninit<f32>],
+        at: Placement,
+        selections: Option<&[Selection]>,
+    ) {
+        if self.weights.outputs == 0 {
+            out.fill(MaybeUninit::new(0.0));
+            return;
+        }
+        let per_task = self.schedule.rows_per_task.max(1);
+        out.par_chunks_mut(at.stride * per_task)
+            .enumerate()
+            .for_each(|(task, rows)| {
+                let selection = selections.map(|s| &s[task]);
+                self.task(level, (task, selection), (rows, at))
+            });
+    }
+
+    /// Task `task`'s output pixels, with the accumulators in registers of `level`.
+    fn task(
+        &self,
+        level: Level,
+        which: (usize, Option<&Selection>),
+        into: (&mut [MaybeUninit<f32>], Placement),
+    ) {
         #[cfg(target_arch = "x86_64")]
         match level {
             // SAFETY: the CPU has AVX-512 (checked), and `Gather::select` only yields rows
             // below the weight's input count, the number of rows of every block.
             Level::Avx512 if level.supported() => {
                 return simd::dispatch(level, || {
-                    self.rows(first, rows, |block, active, acc, sub| unsafe {
+                    self.rows(which, into, |block, active, acc, sub| unsafe {
                         match sub {
                             true => x86::add_rows_avx512::<true>(block, active, acc),
                             false => x86::add_rows_avx512::<false>(block, active, acc),
@@ -677,7 +770,7 @@ impl Gather<'_> {
             // SAFETY: as above, for AVX2.
             Level::Avx2 if level.supported() => {
                 return simd::dispatch(level, || {
-                    self.rows(first, rows, |block, active, acc, sub| unsafe {
+                    self.rows(which, into, |block, active, acc, sub| unsafe {
                         match sub {
                             true => x86::add_rows_avx2::<true>(block, active, acc),
                             false => x86::add_rows_avx2::<false>(block, active, acc),
@@ -687,11 +780,55 @@ impl Gather<'_> {
             }
             _ => {}
         }
-        self.rows(first, rows, |block, active, acc, sub| match sub {
+        self.rows(which, into, |block, active, acc, sub| match sub {
             true => add_rows::<true>(block, active, acc),
             false => add_rows::<false>(block, active, acc),
         })
     }
+}
+
+/// A linear layer's output `[M, O]` on spikes `[M, K]`, its weights laid out for the
+/// accumulate-only kernel a slice of `outputs` outputs at a time (`slice(range)` gives a slice's
+/// layer), the rows each output row sums chosen once for all slices: for the text encoder's
+/// first layer, chosen 32 times over, the choosing took as long as the sums. Every value is
+/// the one the whole layer would compute.
+pub(super) fn sparse_linear_sliced(
+    spikes: &SpikeBits,
+    o: usize,
+    outputs: usize,
+    mut slice: impl FnMut(Range<usize>) -> Result<SpikeLayer>,
+) -> Result<Vec<f32>> {
+    let level = simd::SPIKE_GATHER.level();
+    let len = spikes.rows() * o;
+    let mut out = Vec::with_capacity(len);
+    let mut selections = None;
+    for start in (0..o).step_by(outputs.max(1)) {
+        let layer = slice(start..(start + outputs).min(o))?;
+        layer.check_linear(spikes)?;
+        let gather = Gather {
+            windows: Windows::rows(spikes),
+            weights: &layer.weights,
+            schedule: LAYER,
+        };
+        // One slice chooses as it goes, holding a task's choice at a time.
+        let shared = match outputs < o {
+            true => Some(
+                selections
+                    .get_or_insert_with(|| gather.selections())
+                    .as_slice(),
+            ),
+            false => None,
+        };
+        let at = Placement {
+            stride: o,
+            offset: start,
+        };
+        gather.run_into(level, &mut out.spare_capacity_mut()[..len], at, shared);
+    }
+    // SAFETY: the slices cover all `o` columns, and `run_into` wrote every value of its
+    // slice's columns in every row.
+    unsafe { out.set_len(len) };
+    Ok(out)
 }
 
 /// A layer fed by spikes with its weights prepared once for the accumulate-only kernels: a
@@ -723,14 +860,8 @@ impl SpikeLayer {
 
     /// `spikes [..., K] -> [..., O]` for a linear layer.
     pub fn linear(&self, spikes: &SpikeBits, device: &Device) -> Result<Tensor> {
-        let (o, k) = (self.weights.outputs, self.weights.inputs);
-        if self.kernel != (1, 1) || spikes.cols() != k {
-            candle_core::bail!(
-                "spike_linear: spikes have {} features, weight expects {k} (kernel {:?})",
-                spikes.cols(),
-                self.kernel
-            )
-        }
+        self.check_linear(spikes)?;
+        let o = self.weights.outputs;
         let out = Gather {
             windows: Windows::rows(spikes),
             weights: &self.weights,
@@ -740,6 +871,19 @@ impl SpikeLayer {
         let mut shape = spikes.shape[..spikes.shape.len() - 1].to_vec();
         shape.push(o);
         Tensor::from_vec(out, shape, device)
+    }
+
+    /// That this is a linear layer over the spikes' features.
+    fn check_linear(&self, spikes: &SpikeBits) -> Result<()> {
+        let k = self.weights.inputs;
+        if self.kernel != (1, 1) || spikes.cols() != k {
+            candle_core::bail!(
+                "spike_linear: spikes have {} features, weight expects {k} (kernel {:?})",
+                spikes.cols(),
+                self.kernel
+            )
+        }
+        Ok(())
     }
 
     /// Convolution of channels-last spikes `[B, H, W, C]` (see
@@ -960,11 +1104,11 @@ mod x86 {
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn add_rows_avx2<const SUB: bool>(
         block: &[f32],
-        active: &[usize],
+        active: &[u32],
         acc: &mut Lanes,
     ) {
         const REGS: usize = BLOCK / 8;
-        debug_assert!(active.iter().all(|&r| r < block.len() / BLOCK));
+        debug_assert!(active.iter().all(|&r| (r as usize) < block.len() / BLOCK));
         let base = block.as_ptr();
         // SAFETY: `acc` holds REGS * 8 lanes and every row read lies inside `block` (the
         // caller's promise); unaligned loads and stores are used throughout.
@@ -974,7 +1118,7 @@ mod x86 {
                 *reg = _mm256_loadu_ps(acc.as_ptr().add(i * 8));
             }
             for &r in active {
-                let row = base.add(r * BLOCK);
+                let row = base.add(r as usize * BLOCK);
                 for (i, reg) in regs.iter_mut().enumerate() {
                     let w = _mm256_loadu_ps(row.add(i * 8));
                     *reg = if SUB {
@@ -1023,11 +1167,11 @@ mod x86 {
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn add_rows_avx512<const SUB: bool>(
         block: &[f32],
-        active: &[usize],
+        active: &[u32],
         acc: &mut Lanes,
     ) {
         const REGS: usize = BLOCK / 16;
-        debug_assert!(active.iter().all(|&r| r < block.len() / BLOCK));
+        debug_assert!(active.iter().all(|&r| (r as usize) < block.len() / BLOCK));
         let base = block.as_ptr();
         // SAFETY: as in `add_rows_avx2`, sixteen lanes to a register.
         unsafe {
@@ -1036,7 +1180,7 @@ mod x86 {
                 *reg = _mm512_loadu_ps(acc.as_ptr().add(i * 16));
             }
             for &r in active {
-                let row = base.add(r * BLOCK);
+                let row = base.add(r as usize * BLOCK);
                 for (i, reg) in regs.iter_mut().enumerate() {
                     let w = _mm512_loadu_ps(row.add(i * 16));
                     *reg = if SUB {

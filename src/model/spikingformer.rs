@@ -614,11 +614,15 @@ impl ImageEncoder {
     /// write `[T * B, H, W, C]`, so the feature maps are never transposed and the tokens come
     /// out as a reshape.
     fn sparse_tokens(&self, x: &Tensor, w: &SparseWeights) -> Result<Tensor> {
-        let first = self.convs[0].forward(x, false)?.permute((0, 2, 3, 1))?;
-        let mut y = self.over_time(&first)?; // [T, B, H, W, C]
+        let (t, b) = (self.cfg.time_steps, x.dim(0)?);
+        // The first conv's output is the input of every step: its LIF reads it held over the
+        // steps, never copied T times.
+        let first = self.convs[0]
+            .forward(x, false)?
+            .permute((0, 2, 3, 1))?
+            .contiguous()?;
+        let mut bits = self.conv_lifs[0].lif.forward_bits_held(&first, t)?; // [T, B, H, W, C]
         for (i, conv) in self.convs.iter().enumerate().skip(1) {
-            let (t, b) = (y.dim(0)?, y.dim(1)?);
-            let bits = self.conv_lifs[i - 1].lif.forward_bits(&y)?;
             let flat = [t * b].iter().chain(&bits.shape()[2..]).copied().collect();
             let z = conv.forward_spikes(&w.convs[i - 1], &bits.reshaped(flat)?)?;
             let z = if POOLED.contains(&i) {
@@ -627,10 +631,12 @@ impl ImageEncoder {
                 z
             };
             let (_, h, wd, c) = z.dims4()?;
-            y = z.reshape((t, b, h, wd, c))?;
+            match self.conv_lifs.get(i) {
+                Some(lif) => bits = lif.lif.forward_bits(&z.reshape((t, b, h, wd, c))?)?,
+                None => return z.reshape((t, b, h * wd, c)),
+            }
         }
-        let (t, b, h, wd, c) = y.dims5()?;
-        y.reshape((t, b, h * wd, c))
+        candle_core::bail!("the image encoder has no spike-fed convolution")
     }
 
     /// Image features `[B, out_dim]` of CLIP-normalised images `[B, 3, H, W]`.
