@@ -9,7 +9,7 @@
 
 use candle_core::{Result, Tensor};
 
-use super::with_backward;
+use super::{batched, layout, with_backward};
 use crate::neuron::MultiStepLif;
 
 /// How the heads are laid out and scaled, which neurons fire q, k and v, and which keys count.
@@ -30,18 +30,17 @@ impl Attention {
     pub fn split(&self, y: &Tensor) -> Result<Tensor> {
         let (t, b, n, c) = y.dims4()?;
         let h = self.heads;
-        y.reshape((t, b, n, h, c / h))?
-            .transpose(2, 3)?
-            .contiguous()?
-            .reshape((t * b * h, n, c / h))
+        layout::contiguous(&y.reshape((t, b, n, h, c / h))?.transpose(2, 3)?)?.reshape((
+            t * b * h,
+            n,
+            c / h,
+        ))
     }
 
     /// The inverse of [`Self::split`] for `[T, B, N, C]`.
     pub fn merge(&self, y: &Tensor, (t, b, n, c): (usize, usize, usize, usize)) -> Result<Tensor> {
-        y.reshape((t, b, self.heads, n, c / self.heads))?
-            .transpose(2, 3)?
-            .contiguous()?
-            .reshape((t, b, n, c))
+        let heads_last = y.reshape((t, b, self.heads, n, c / self.heads))?;
+        layout::contiguous(&heads_last.transpose(2, 3)?)?.reshape((t, b, n, c))
     }
 
     /// `(q k^T) v * scale` for `qkv [T, B, N, 3C]`, q, k and v side by side on the last axis:
@@ -58,7 +57,7 @@ impl Attention {
     pub fn value(&self, qkv: &Tensor) -> Result<Tensor> {
         let dims = self.dims(qkv)?;
         let [q, k, v] = self.spikes(qkv, &self.lifs)?;
-        let product = q.matmul(&k.t()?.contiguous()?)?.matmul(&v)?;
+        let product = batched::matmul(&batched::matmul(&q, &k.t()?)?, &v)?;
         self.merge(&(product * self.scale)?, dims)
     }
 
@@ -71,12 +70,12 @@ impl Attention {
         let silent = self.lifs.clone().map(|l| MultiStepLif::new(*l.config()));
         let [q, k, v] = self.spikes(&qkv, &silent)?;
         let g = self.split(&(grad.detach() * self.scale)?)?;
-        let scores = q.matmul(&k.t()?.contiguous()?)?;
-        let grad_v = scores.t()?.contiguous()?.matmul(&g)?;
+        let scores = batched::matmul(&q, &k.t()?)?;
+        let grad_v = batched::matmul(&scores.t()?, &g)?;
         drop(scores);
-        let grad_scores = g.matmul(&v.t()?.contiguous()?)?;
-        let grad_q = grad_scores.matmul(&k)?;
-        let grad_k = grad_scores.t()?.contiguous()?.matmul(&q)?;
+        let grad_scores = batched::matmul(&g, &v.t()?)?;
+        let grad_q = batched::matmul(&grad_scores, &k)?;
+        let grad_k = batched::matmul(&grad_scores.t()?, &q)?;
         let mut grad_k = self.merge(&grad_k, dims)?;
         if let Some(m) = self.mask(dims)? {
             grad_k = grad_k.broadcast_mul(&m)?;

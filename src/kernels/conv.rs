@@ -12,7 +12,7 @@ use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, T
 use rayon::prelude::*;
 
 use super::simd::{self, Level};
-use super::{contiguous_f32, with_f32};
+use super::{contiguous_f32, layout, with_f32};
 
 /// Geometry of a square-stride, square-padding convolution window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -207,7 +207,7 @@ impl Conv2d {
 
     /// Patches `[n*Ho*Wo, kh*kw*C]` of images `first..first + n` of `x [B, C, H, W]`.
     fn patches(&self, x: &Tensor, plan: &Plan, first: usize, n: usize) -> Result<Tensor> {
-        let nhwc = x.narrow(0, first, n)?.permute((0, 2, 3, 1))?.contiguous()?;
+        let nhwc = layout::contiguous(&x.narrow(0, first, n)?.permute((0, 2, 3, 1))?)?;
         let d = Nhwc { b: n, ..plan.d };
         let (ho, wo) = plan.out_hw;
         let rows = n * ho * wo;
@@ -297,7 +297,7 @@ impl Conv2d {
         let mut grad_x = vec![0f32; plan.d.b * image_len];
         for (first, n) in Self::chunks(&plan) {
             let g = grad.narrow(0, first, n)?.reshape((n, plan.o, ho * wo))?;
-            let g = g.transpose(1, 2)?.reshape((n * ho * wo, plan.o))?;
+            let g = layout::contiguous(&g.transpose(1, 2)?)?.reshape((n * ho * wo, plan.o))?;
             if let (Some(x), Some(sum)) = (&x, grad_wm.as_mut()) {
                 let cols = self.patches(x, &plan, first, n)?;
                 *sum = (&*sum + g.t()?.matmul(&cols)?)?;
@@ -317,9 +317,8 @@ impl Conv2d {
         }
         let grad_w = grad_wm
             .map(|gw| {
-                gw.reshape((plan.o, self.window.kh, self.window.kw, c))?
-                    .permute((0, 3, 1, 2))?
-                    .contiguous()
+                let channels_last = gw.reshape((plan.o, self.window.kh, self.window.kw, c))?;
+                layout::contiguous(&channels_last.permute((0, 3, 1, 2))?)
             })
             .transpose()?;
         let grad_x = Tensor::from_vec(grad_x, x_dims, w.device())?;

@@ -24,7 +24,7 @@ use super::linear_blocks::{
 };
 use super::spike_grad::{spike_conv2d_weight_grad, spike_linear_weight_grad};
 use super::spikes::{SpikeBits, SpikeLayer};
-use super::{with_backward3, Grads3};
+use super::{layout, with_backward3, Grads3};
 use crate::neuron::MultiStepLif;
 
 /// Firing rate below which the accumulate-only kernels beat the dense products (they do up to
@@ -160,7 +160,7 @@ impl Layer {
         let spikes = bits.unpack(&Device::Cpu)?;
         match self {
             Layer::Linear { .. } => Ok(spikes),
-            Layer::Conv2d { .. } => spikes.permute((0, 3, 1, 2))?.contiguous(),
+            Layer::Conv2d { .. } => layout::contiguous(&spikes.permute((0, 3, 1, 2))?),
         }
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod attention;
 pub mod batch_norm;
+pub mod batched;
 mod columns;
 pub mod conv;
 pub mod embedding;

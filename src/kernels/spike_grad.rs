@@ -13,7 +13,7 @@ use rayon::prelude::*;
 
 use super::conv::Window;
 use super::spikes::{BlockedWeights, Gather, Schedule, SpikeBits, Windows, WORD_BITS};
-use super::with_f32;
+use super::{layout, with_f32};
 
 /// Gradient rows per tile: 64 KB, in L2. The forward's L1-sized tiles are for windows of a few
 /// thousand inputs; here a window spans every pixel, and larger tiles cut the per-tile
@@ -92,9 +92,7 @@ pub fn spike_linear_weight_grad(spikes: &SpikeBits, grad: &Tensor) -> Result<Ten
     let rows = with_f32(grad, "spike_linear_weight_grad", |g| {
         weight_grad_rows(&windows, g, o)
     })?;
-    Tensor::from_vec(rows, (k, o), &Device::Cpu)?
-        .t()?
-        .contiguous()
+    layout::contiguous(&Tensor::from_vec(rows, (k, o), &Device::Cpu)?.t()?)
 }
 
 /// Weight gradient `[O, C, kh, kw]` of the convolution `conv2d(spikes, weight, padding,
@@ -132,9 +130,9 @@ pub fn spike_conv2d_weight_grad(
     let rows = with_f32(&grad_rows, "spike_conv2d_weight_grad", |g| {
         weight_grad_rows(&windows, g, o)
     })?;
-    Tensor::from_vec(rows, (kh, kw, c, o), &Device::Cpu)?
-        .permute((3, 2, 0, 1))?
-        .contiguous()
+    layout::contiguous(
+        &Tensor::from_vec(rows, (kh, kw, c, o), &Device::Cpu)?.permute((3, 2, 0, 1))?,
+    )
 }
 
 #[cfg(test)]

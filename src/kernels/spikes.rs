@@ -13,7 +13,7 @@ use rayon::prelude::*;
 
 use super::conv::{weight_matrix, Window};
 use super::simd::{self, Level};
-use super::with_f32;
+use super::{layout, with_f32};
 
 /// Spikes per packed word.
 pub(crate) const WORD_BITS: usize = u64::BITS as usize;
@@ -896,9 +896,11 @@ impl SpikeLayer {
         stride: usize,
         device: &Device,
     ) -> Result<Tensor> {
-        self.conv2d_channels_last(spikes, padding, stride, device)?
-            .permute((0, 3, 1, 2))?
-            .contiguous()
+        layout::contiguous(
+            &self
+                .conv2d_channels_last(spikes, padding, stride, device)?
+                .permute((0, 3, 1, 2))?,
+        )
     }
 
     /// [`Self::conv2d`] left channels-last, `[B, Ho, Wo, O]`, as the kernel writes it: the

@@ -20,6 +20,7 @@ use super::readout::Readout;
 use super::summary::{linear_params, Layer};
 use crate::energy::{Op, OpInput};
 use crate::kernels::attention::Attention;
+use crate::kernels::layout;
 use crate::kernels::spikes::{spike_attention, SpikeBits, SpikeLayer};
 use crate::neuron::{LifConfig, MultiStepLif};
 use crate::ops::{Ops, Then};
@@ -566,7 +567,7 @@ impl ImageEncoder {
     fn over_time(&self, y: &Tensor) -> Result<Tensor> {
         let mut dims = vec![self.cfg.time_steps];
         dims.extend_from_slice(y.dims());
-        y.unsqueeze(0)?.broadcast_as(dims)?.contiguous()
+        layout::contiguous(&y.unsqueeze(0)?.broadcast_as(dims)?)
     }
 
     /// The tokenizer's LIF layers, each named, with its spikes `[T, B, C, H, W]` (eval mode).
@@ -607,7 +608,7 @@ impl ImageEncoder {
             y = pass.cut(self.tokenizer_stage(i, &y, train)?);
         }
         // [T, B, C, H, W] -> [T, B, N, C]
-        y.flatten_from(3)?.transpose(2, 3)?.contiguous()
+        layout::contiguous(&y.flatten_from(3)?.transpose(2, 3)?)
     }
 
     /// [`Self::tokens`] spike-driven, channels-last throughout: the spike-fed convs read and
@@ -617,10 +618,7 @@ impl ImageEncoder {
         let (t, b) = (self.cfg.time_steps, x.dim(0)?);
         // The first conv's output is the input of every step: its LIF reads it held over the
         // steps, never copied T times.
-        let first = self.convs[0]
-            .forward(x, false)?
-            .permute((0, 2, 3, 1))?
-            .contiguous()?;
+        let first = layout::contiguous(&self.convs[0].forward(x, false)?.permute((0, 2, 3, 1))?)?;
         let mut bits = self.conv_lifs[0].lif.forward_bits_held(&first, t)?; // [T, B, H, W, C]
         for (i, conv) in self.convs.iter().enumerate().skip(1) {
             let flat = [t * b].iter().chain(&bits.shape()[2..]).copied().collect();
