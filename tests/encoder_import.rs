@@ -9,11 +9,11 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
+use spikeclip::model::block::NamedLif;
 use spikeclip::model::config::{
     ImageEncoderConfig, ReadoutKind, SpikeClipConfig, TextEncoderConfig, TextEncoderKind,
 };
 use spikeclip::model::import::load_pth;
-use spikeclip::model::spikingformer::NamedLif;
 use spikeclip::model::SpikeClip;
 use spikeclip::recipe::Student;
 

@@ -3,6 +3,7 @@
 //! Each student owns one [`VarMap`]: image weights under `image.`, text weights under `text.`,
 //! with the authors' parameter names below those prefixes.
 
+pub mod block;
 pub mod checkpoint;
 pub mod config;
 pub mod import;
@@ -22,10 +23,11 @@ use crate::kernels::grad_slot::GradSlot;
 use crate::ops::Ops;
 use crate::recipe::Student;
 use crate::train::init::seeded_var_builder;
+use block::NamedLif;
 use config::SpikeClipConfig;
 use readout::{tdw_init, TDW_NAME};
 use scratch::{ScratchImageEncoder, ScratchTextEncoder};
-use spikingformer::{ImageEncoder, NamedLif, SparseWeights};
+use spikingformer::{ImageEncoder, SparseWeights};
 use text::TextTower;
 
 /// Side of the square images the students read.

@@ -8,9 +8,9 @@ use anyhow::{bail, Context};
 use candle_core::{Result, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 
+use super::block::NamedLif;
 use super::config::{SpikeClipConfig, TextEncoderKind};
 use super::readout::Readout;
-use super::spikingformer::NamedLif;
 use super::summary::Layer;
 use super::text_transformer::TextTransformer;
 use crate::energy::{Op, OpInput};

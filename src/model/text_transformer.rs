@@ -15,9 +15,9 @@
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
+use super::block::{Block, NamedLif};
 use super::config::SpikeClipConfig;
 use super::readout::Readout;
-use super::spikingformer::{Block, NamedLif};
 use super::summary::{linear_params, Layer};
 use super::text::TokenEmbedding;
 use crate::energy::{Op, OpInput};
