@@ -194,6 +194,10 @@ pub fn matmul_level() -> Level {
 /// are inlined into a function with that level's target features. Call it inside a parallel
 /// loop's work item, not around the loop: rayon's workers run their closures elsewhere.
 /// A level the CPU lacks runs the portable copy.
+///
+/// `f` must be an `#[inline(always)]` closure: `f` is called from three arms, and LLVM does not
+/// inline a large closure called more than once, so a plain one is compiled once, for the
+/// baseline CPU (SSE2), and every level runs that copy.
 #[inline(always)]
 pub fn dispatch<R>(level: Level, f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
@@ -262,7 +266,15 @@ mod tests {
     #[test]
     fn dispatch_runs_the_closure_on_every_level() {
         for level in Level::ALL {
-            assert_eq!(dispatch(level, || 6 * 7), 42, "{level}");
+            assert_eq!(
+                dispatch(
+                    level,
+                    #[inline(always)]
+                    || 6 * 7
+                ),
+                42,
+                "{level}"
+            );
         }
     }
 }

@@ -14,6 +14,7 @@ use rayon::prelude::*;
 use super::conv::{weight_matrix, Window};
 use super::simd::{self, Level};
 use super::{layout, with_f32};
+use crate::neuron::MultiStepLif;
 
 /// Spikes per packed word.
 pub(crate) const WORD_BITS: usize = u64::BITS as usize;
@@ -609,7 +610,7 @@ impl Gather<'_> {
 
     /// The selection of the output pixels `pixels`.
     #[inline(always)]
-    fn select_pixels(&self, pixels: Range<usize>) -> Selection {
+    fn select_pixels(&self, pixels: impl ExactSizeIterator<Item = usize>) -> Selection {
         let tiles = self.weights.inputs.div_ceil(self.schedule.tile);
         let mut sel = Selection {
             active: Vec::new(),
@@ -653,9 +654,9 @@ impl Gather<'_> {
             .collect()
     }
 
-    /// Task `task`'s output pixels into `rows`, chosen by `selection` (this gather's own, made
-    /// here, if `None`); `sum` adds a pixel's selected rows of a weight tile to its
-    /// accumulators.
+    /// The sums of the pixels `sel` chose, handed to `emit(block, accumulators)` one weight
+    /// block (`BLOCK` outputs) at a time, the accumulators in the selection's pixel order;
+    /// `sum` adds a pixel's selected rows of a weight tile to its accumulators.
     ///
     /// The loop runs one weight block at a time and, within it, one [`TILE`] of inputs at a
     /// time for all of the task's pixels, so that the rows the pixels select come from L1: a
@@ -663,24 +664,15 @@ impl Gather<'_> {
     /// every pixel. A pixel's accumulators carry from tile to tile, so each lane still sums its
     /// rows in increasing order.
     #[inline(always)]
-    fn rows(
+    fn accumulate(
         &self,
-        (task, selection): (usize, Option<&Selection>),
-        (rows, at): (&mut [MaybeUninit<f32>], Placement),
+        sel: &Selection,
         sum: impl Fn(&[f32], &[u32], &mut Lanes, bool),
+        emit: &mut dyn FnMut(usize, &[Lanes]),
     ) {
-        let own;
-        let sel = match selection {
-            Some(sel) => sel,
-            None => {
-                own = self.select_pixels(self.task_pixels(task));
-                &own
-            }
-        };
-        let o = self.weights.outputs;
         let tiles = self.weights.inputs.div_ceil(self.schedule.tile);
         let mut accs = vec![[0f32; BLOCK]; sel.subtract.len()];
-        for b in 0..o.div_ceil(BLOCK) {
+        for b in 0..self.weights.outputs.div_ceil(BLOCK) {
             let block = self.weights.block(b);
             for (acc, &sub) in accs.iter_mut().zip(&sel.subtract) {
                 *acc = self.weights.start(b, sub);
@@ -694,13 +686,7 @@ impl Gather<'_> {
                     sum(block, &sel.active[split[t]..split[t + 1]], acc, sub);
                 }
             }
-            let lanes = b * BLOCK..((b + 1) * BLOCK).min(o);
-            let cols = at.offset + lanes.start..at.offset + lanes.end;
-            for (out, acc) in rows.chunks_exact_mut(at.stride).zip(&accs) {
-                for (to, &v) in out[cols.clone()].iter_mut().zip(acc) {
-                    to.write(v);
-                }
-            }
+            emit(b, &accs);
         }
     }
 
@@ -738,52 +724,125 @@ impl Gather<'_> {
             return;
         }
         let per_task = self.schedule.rows_per_task.max(1);
+        let o = self.weights.outputs;
         out.par_chunks_mut(at.stride * per_task)
             .enumerate()
             .for_each(|(task, rows)| {
-                let selection = selections.map(|s| &s[task]);
-                self.task(level, (task, selection), (rows, at))
+                let own;
+                let sel = match selections {
+                    Some(shared) => &shared[task],
+                    None => {
+                        let pixels = self.task_pixels(task);
+                        own = simd::dispatch(level, || self.select_pixels(pixels));
+                        &own
+                    }
+                };
+                self.task(level, sel, &mut |b, accs| {
+                    let lanes = b * BLOCK..((b + 1) * BLOCK).min(o);
+                    let cols = at.offset + lanes.start..at.offset + lanes.end;
+                    for (out, acc) in rows.chunks_exact_mut(at.stride).zip(accs) {
+                        for (to, &v) in out[cols.clone()].iter_mut().zip(acc) {
+                            to.write(v);
+                        }
+                    }
+                })
             });
     }
 
-    /// Task `task`'s output pixels, with the accumulators in registers of `level`.
-    fn task(
-        &self,
-        level: Level,
-        which: (usize, Option<&Selection>),
-        into: (&mut [MaybeUninit<f32>], Placement),
-    ) {
+    /// The outputs, rows `t * M + m` for `steps` steps of `M` pixels, through `lif`, never
+    /// written as f32: a task sums a few pixels at every step, one weight block at a time, and
+    /// fires them while the sums are in L1. The spikes are the bits `lif.forward_bits` gives of
+    /// the outputs shaped `[T, M, groups, O / groups]` (the heads of spiking self-attention),
+    /// `[T, M, groups, words]`, uncounted.
+    fn run_fired(&self, lif: &MultiStepLif, steps: usize, groups: usize) -> Vec<u64> {
+        let level = simd::SPIKE_GATHER.level();
+        let (o, m) = (self.weights.outputs, self.windows.pixels() / steps);
+        let cols = o / groups;
+        let words_per_row = cols.div_ceil(WORD_BITS);
+        let row_words = groups * words_per_row;
+        let per_task = (self.schedule.rows_per_task / steps).max(1);
+        let pixels_of = |task: usize| task * per_task..((task + 1) * per_task).min(m);
+        let tasks: Vec<Vec<u64>> = (0..m.div_ceil(per_task))
+            .into_par_iter()
+            .map(|task| {
+                let mine = pixels_of(task);
+                let pixels: Vec<usize> = (0..steps)
+                    .flat_map(|t| mine.clone().map(move |p| t * m + p))
+                    .collect();
+                let sel = simd::dispatch(level, || self.select_pixels(pixels.iter().copied()));
+                let mut words = vec![0u64; pixels.len() * row_words];
+                self.task(level, &sel, &mut |b, accs| {
+                    // [T, pixels, BLOCK] in, a word per pixel and step out.
+                    let fired = lif.fire_rows(accs.as_flattened(), steps, BLOCK);
+                    for (row, word) in words.chunks_exact_mut(row_words).zip(fired) {
+                        for_each_active(&[word], |lane| {
+                            let out = b * BLOCK + lane;
+                            if out < o {
+                                let (g, c) = (out / cols, out % cols);
+                                row[g * words_per_row + c / WORD_BITS] |= 1 << (c % WORD_BITS);
+                            }
+                        });
+                    }
+                });
+                words
+            })
+            .collect();
+        // Tasks hold [T, their pixels, words]; the result is [T, M, words].
+        let mut all = Vec::with_capacity(steps * m * row_words);
+        for t in 0..steps {
+            for (task, words) in tasks.iter().enumerate() {
+                let per_step = pixels_of(task).len() * row_words;
+                all.extend_from_slice(&words[t * per_step..(t + 1) * per_step]);
+            }
+        }
+        all
+    }
+
+    /// [`Self::accumulate`] with the accumulators in registers of `level`.
+    fn task(&self, level: Level, sel: &Selection, emit: &mut dyn FnMut(usize, &[Lanes])) {
         #[cfg(target_arch = "x86_64")]
         match level {
             // SAFETY: the CPU has AVX-512 (checked), and `Gather::select` only yields rows
             // below the weight's input count, the number of rows of every block.
             Level::Avx512 if level.supported() => {
                 return simd::dispatch(level, || {
-                    self.rows(which, into, |block, active, acc, sub| unsafe {
-                        match sub {
-                            true => x86::add_rows_avx512::<true>(block, active, acc),
-                            false => x86::add_rows_avx512::<false>(block, active, acc),
-                        }
-                    })
+                    self.accumulate(
+                        sel,
+                        |block, active, acc, sub| unsafe {
+                            match sub {
+                                true => x86::add_rows_avx512::<true>(block, active, acc),
+                                false => x86::add_rows_avx512::<false>(block, active, acc),
+                            }
+                        },
+                        emit,
+                    )
                 })
             }
             // SAFETY: as above, for AVX2.
             Level::Avx2 if level.supported() => {
                 return simd::dispatch(level, || {
-                    self.rows(which, into, |block, active, acc, sub| unsafe {
-                        match sub {
-                            true => x86::add_rows_avx2::<true>(block, active, acc),
-                            false => x86::add_rows_avx2::<false>(block, active, acc),
-                        }
-                    })
+                    self.accumulate(
+                        sel,
+                        |block, active, acc, sub| unsafe {
+                            match sub {
+                                true => x86::add_rows_avx2::<true>(block, active, acc),
+                                false => x86::add_rows_avx2::<false>(block, active, acc),
+                            }
+                        },
+                        emit,
+                    )
                 })
             }
             _ => {}
         }
-        self.rows(which, into, |block, active, acc, sub| match sub {
-            true => add_rows::<true>(block, active, acc),
-            false => add_rows::<false>(block, active, acc),
-        })
+        self.accumulate(
+            sel,
+            |block, active, acc, sub| match sub {
+                true => add_rows::<true>(block, active, acc),
+                false => add_rows::<false>(block, active, acc),
+            },
+            emit,
+        )
     }
 }
 
@@ -873,6 +932,52 @@ impl SpikeLayer {
         Tensor::from_vec(out, shape, device)
     }
 
+    /// [`Self::linear`] then `lif` over the spikes' leading axis of steps: `[T, ..., K]` to the
+    /// bits `lif.forward_bits` gives of the output shaped `[T, ..., groups, O / groups]`
+    /// (`[T, ..., O]` for one group), the f32 output never written whole (see
+    /// [`Gather::run_fired`]). Counted by the LIF's monitor.
+    pub fn linear_fired(
+        &self,
+        spikes: &SpikeBits,
+        lif: &MultiStepLif,
+        groups: usize,
+    ) -> Result<SpikeBits> {
+        self.check_linear(spikes)?;
+        let gather = Gather {
+            windows: Windows::rows(spikes),
+            weights: &self.weights,
+            schedule: LAYER,
+        };
+        let rows = spikes.shape[..spikes.shape.len() - 1].to_vec();
+        self.fired(&gather, lif, (spikes.shape[0], groups), rows)
+    }
+
+    /// `gather` through `lif` over `steps` steps, its outputs in `groups`, as bits of shape
+    /// `rows` then the groups' columns.
+    fn fired(
+        &self,
+        gather: &Gather,
+        lif: &MultiStepLif,
+        (steps, groups): (usize, usize),
+        mut shape: Vec<usize>,
+    ) -> Result<SpikeBits> {
+        lif.check_config()?;
+        let (o, pixels) = (self.weights.outputs, gather.windows.pixels());
+        if steps == 0 || !pixels.is_multiple_of(steps) || groups == 0 || !o.is_multiple_of(groups) {
+            candle_core::bail!(
+                "spike layer into a LIF: {pixels} output rows over {steps} steps, {o} outputs \
+                 in {groups} groups"
+            )
+        }
+        if groups > 1 {
+            shape.push(groups);
+        }
+        shape.push(o / groups);
+        let bits = SpikeBits::from_words(gather.run_fired(lif, steps, groups), shape)?;
+        lif.observe(&bits)?;
+        Ok(bits)
+    }
+
     /// That this is a linear layer over the spikes' features.
     fn check_linear(&self, spikes: &SpikeBits) -> Result<()> {
         let k = self.weights.inputs;
@@ -912,8 +1017,44 @@ impl SpikeLayer {
         stride: usize,
         device: &Device,
     ) -> Result<Tensor> {
+        let gather = self.conv_gather(spikes, padding, stride)?;
+        let (b, _, _, _) = gather.windows.dims;
+        let (ho, wo) = gather.windows.out_hw;
+        let out = gather.run();
+        Tensor::from_vec(out, (b, ho, wo, self.weights.outputs), device)
+    }
+
+    /// [`Self::conv2d_channels_last`] of spikes `[T * B, H, W, C]`, `steps` = T, then `lif`:
+    /// the bits `lif.forward_bits` gives of the output shaped `[T, B, Ho, Wo, O]`, the f32
+    /// output never written whole (see [`Gather::run_fired`]). Counted by the LIF's monitor.
+    pub fn conv2d_channels_last_fired(
+        &self,
+        spikes: &SpikeBits,
+        (padding, stride): (usize, usize),
+        steps: usize,
+        lif: &MultiStepLif,
+    ) -> Result<SpikeBits> {
+        let gather = self.conv_gather(spikes, padding, stride)?;
+        let (tb, _, _, _) = gather.windows.dims;
+        if steps == 0 || !tb.is_multiple_of(steps) {
+            candle_core::bail!(
+                "spike conv into a LIF: {tb} images are not {steps} steps of a batch"
+            )
+        }
+        let (ho, wo) = gather.windows.out_hw;
+        let rows = vec![steps, tb / steps, ho, wo];
+        self.fired(&gather, lif, (steps, 1), rows)
+    }
+
+    /// The gather of the convolution of channels-last spikes `[B, H, W, C]`.
+    fn conv_gather<'a>(
+        &'a self,
+        spikes: &'a SpikeBits,
+        padding: usize,
+        stride: usize,
+    ) -> Result<Gather<'a>> {
         let (b, h, w, c) = spikes.dims4("spike_conv2d")?;
-        let ((kh, kw), o) = (self.kernel, self.weights.outputs);
+        let (kh, kw) = self.kernel;
         if kh * kw * c != self.weights.inputs {
             candle_core::bail!(
                 "spike_conv2d: spikes have {c} channels, weight expects {}",
@@ -926,19 +1067,16 @@ impl SpikeLayer {
             padding,
             stride,
         };
-        let (ho, wo) = win.out_size(h, w)?;
-        let out = Gather {
+        Ok(Gather {
             windows: Windows {
                 spikes,
                 dims: (b, h, w, c),
                 win,
-                out_hw: (ho, wo),
+                out_hw: win.out_size(h, w)?,
             },
             weights: &self.weights,
             schedule: LAYER,
-        }
-        .run();
-        Tensor::from_vec(out, (b, ho, wo, o), device)
+        })
     }
 }
 
@@ -1285,6 +1423,47 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("bias"), "{err}");
+    }
+
+    /// A layer into a LIF fires what the LIF fires on the layer's output, in groups of columns
+    /// that cut across the 64-output blocks and words, with output counts that leave a block
+    /// partly padded and pixel counts that leave the last task short.
+    #[test]
+    fn layers_into_a_lif_fire_the_spikes_of_their_outputs() {
+        use crate::neuron::{LifConfig, MultiStepLif};
+        let lif = MultiStepLif::new(LifConfig::default());
+        let dev = &Device::Cpu;
+        for (o, groups) in [(96, 1), (96, 3), (96, 2), (70, 2)] {
+            let w = Tensor::randn(0f32, 1.0, (o, 70), dev).unwrap();
+            let b = Tensor::randn(0f32, 1.0, o, dev).unwrap();
+            let layer = SpikeLayer::new(&w, Some(&b)).unwrap();
+            let bits = SpikeBits::pack(&spikes(&[4, 37, 70], 0.2)).unwrap();
+            let out = layer.linear(&bits, dev).unwrap();
+            let grouped = match groups {
+                1 => out,
+                _ => out.reshape((4, 37, groups, o / groups)).unwrap(),
+            };
+            let want = lif.forward_bits(&grouped).unwrap();
+            assert!(want.count() > 0, "nothing fired");
+            let ours = layer.linear_fired(&bits, &lif, groups).unwrap();
+            assert_eq!(ours, want, "{o} outputs in {groups} groups");
+        }
+        let conv = Tensor::randn(0f32, 1.0, (9, 7, 3, 3), dev).unwrap();
+        let layer = SpikeLayer::new(&conv, None).unwrap();
+        let bits = SpikeBits::pack_channels_last(&spikes(&[4 * 2, 7, 6, 5], 0.3)).unwrap();
+        let out = layer.conv2d_channels_last(&bits, 1, 1, dev).unwrap();
+        let want = lif
+            .forward_bits(&out.reshape((4, 2, 6, 5, 9)).unwrap())
+            .unwrap();
+        let ours = layer
+            .conv2d_channels_last_fired(&bits, (1, 1), 4, &lif)
+            .unwrap();
+        assert_eq!(ours, want);
+        let err = layer
+            .conv2d_channels_last_fired(&bits, (1, 1), 3, &lif)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not 3 steps"), "{err}");
     }
 
     fn check_conv(

@@ -111,6 +111,32 @@ impl<'a, W> Fed<'a, W> {
         })
     }
 
+    /// `layer` applied to the spikes, then the spikes of `next` on its output; the sparse pass
+    /// never writes that output whole (see [`SpikeLayer::linear_fired`]).
+    fn then(
+        &self,
+        layer: &LinearBn,
+        twin: impl FnOnce(&W) -> &SpikeLayer,
+        next: &'a NamedLif,
+    ) -> Result<Self> {
+        Ok(match self {
+            Fed::Dense { train, .. } => Fed::Dense {
+                lif: next,
+                x: self.linear(layer, twin)?,
+                train: *train,
+            },
+            Fed::Sparse {
+                bits,
+                folded,
+                device,
+            } => Fed::Sparse {
+                bits: twin(folded).linear_fired(bits, &next.lif, 1)?,
+                folded,
+                device: device.clone(),
+            },
+        })
+    }
+
     /// `layer` applied to the spikes: itself when dense, its folded twin `twin(folded)` when
     /// sparse.
     fn linear(&self, layer: &LinearBn, twin: impl FnOnce(&W) -> &SpikeLayer) -> Result<Tensor> {
@@ -219,24 +245,22 @@ impl SpikingSelfAttention {
                 let qkv = LinearBn::forward_lif(&layers, &self.input.lif, x, false)?;
                 self.ops.attention(&core, &qkv)?
             }
-            Pass::Sparse(_) => {
+            Pass::Sparse(w) => {
                 if key_mask.is_some() {
                     candle_core::bail!("spike-driven attention takes no key mask")
                 }
                 let (t, b, n, c) = x.dims4()?;
-                let s = Fed::new(&self.input, x, pass)?;
-                // Spikes straight to bits, heads split on the bits, `[T, B, H, N, d]`.
-                let heads = |lif: &NamedLif, y: Tensor| {
-                    let d = c / self.heads;
-                    lif.lif
-                        .forward_bits(&y.reshape((t, b, n, self.heads, d))?)?
-                        .heads_first()
+                let s = self.input.lif.forward_bits(x)?;
+                // q, k, v straight to the spikes of their LIFs, `[T, B, N, H, d]`, then heads
+                // first on the bits, `[T, B, H, N, d]`.
+                let heads = |layer: &SpikeLayer, lif: &NamedLif| {
+                    layer.linear_fired(&s, &lif.lif, self.heads)?.heads_first()
                 };
                 // Integer counts, exactly the dense product.
                 let product = spike_attention(
-                    &heads(&self.q_lif, s.linear(&self.q, |w| &w.q)?)?,
-                    &heads(&self.k_lif, s.linear(&self.k, |w| &w.k)?)?,
-                    &heads(&self.v_lif, s.linear(&self.v, |w| &w.v)?)?,
+                    &heads(&w.q, &self.q_lif)?,
+                    &heads(&w.k, &self.k_lif)?,
+                    &heads(&w.v, &self.v_lif)?,
                 )?
                 .to_dtype(candle_core::DType::F32)?
                 .to_device(x.device())?;
@@ -314,8 +338,8 @@ impl SpikingMlp {
             let y = LinearBn::forward_lif_then(&[&self.fc1], &self.lif1.lif, x, then)?;
             return self.fc2.add_to(x, &y);
         }
-        let h = Fed::new(&self.lif1, x, pass)?.linear(&self.fc1, |w| &w.fc1)?;
-        x + Fed::new(&self.lif2, &h, pass)?.linear(&self.fc2, |w| &w.fc2)?
+        let hidden = Fed::new(&self.lif1, x, pass)?.then(&self.fc1, |w| &w.fc1, &self.lif2)?;
+        x + hidden.linear(&self.fc2, |w| &w.fc2)?
     }
 }
 

@@ -162,6 +162,18 @@ impl ConvBn {
     pub fn forward_spikes(&self, folded: &SpikeLayer, spikes: &SpikeBits) -> Result<Tensor> {
         folded.conv2d_channels_last(spikes, self.padding, 1, self.weight.device())
     }
+
+    /// [`Self::forward_spikes`] of spikes `[T * N, H, W, C]` over `steps` = T, then `lif`: its
+    /// spikes `[T, N, H, W, C_out]` as bits, the conv's output never written whole.
+    pub fn forward_spikes_fired(
+        &self,
+        folded: &SpikeLayer,
+        spikes: &SpikeBits,
+        steps: usize,
+        lif: &MultiStepLif,
+    ) -> Result<SpikeBits> {
+        folded.conv2d_channels_last_fired(spikes, (self.padding, 1), steps, lif)
+    }
 }
 
 /// A 1x1 convolution over tokens, written as a linear layer on `[M, C]` rows, followed by

@@ -187,15 +187,22 @@ impl ImageEncoder {
         let mut bits = self.conv_lifs[0].lif.forward_bits_held(&first, t)?; // [T, B, H, W, C]
         for (i, conv) in self.convs.iter().enumerate().skip(1) {
             let flat = [t * b].iter().chain(&bits.shape()[2..]).copied().collect();
-            let z = conv.forward_spikes(&w.convs[i - 1], &bits.reshaped(flat)?)?;
+            let (folded, spikes) = (&w.convs[i - 1], bits.reshaped(flat)?);
+            let lif = self.conv_lifs.get(i).map(|l| &l.lif);
+            // Unpooled into a LIF, the conv's output goes straight to spikes.
+            if let (Some(lif), false) = (lif, POOLED.contains(&i)) {
+                bits = conv.forward_spikes_fired(folded, &spikes, t, lif)?;
+                continue;
+            }
+            let z = conv.forward_spikes(folded, &spikes)?;
             let z = if POOLED.contains(&i) {
                 max_pool_3x3_s2_channels_last(&z)?
             } else {
                 z
             };
             let (_, h, wd, c) = z.dims4()?;
-            match self.conv_lifs.get(i) {
-                Some(lif) => bits = lif.lif.forward_bits(&z.reshape((t, b, h, wd, c))?)?,
+            match lif {
+                Some(lif) => bits = lif.forward_bits(&z.reshape((t, b, h, wd, c))?)?,
                 None => return z.reshape((t, b, h * wd, c)),
             }
         }

@@ -183,11 +183,38 @@ impl MultiStepLif {
                 &self.cfg,
                 x,
                 (n, cols),
-                steps,
+                (steps, false),
             ))
         })?;
         let bits = SpikeBits::from_words(words, spikes_shape(x.shape(), steps).dims().to_vec())?;
+        self.observe(&bits)?;
+        Ok(bits)
+    }
+
+    /// That the settings are valid, before [`Self::fire_rows`].
+    pub(crate) fn check_config(&self) -> Result<()> {
+        self.cfg.validate()
+    }
+
+    /// Spikes `[T, rows, cols.div_ceil(64)]` words of the input `x [T, rows * cols]` over
+    /// `steps` steps, as [`Self::forward_bits`] packs them, computed on the calling thread and
+    /// not counted: for kernels that make a LIF's input a piece at a time in their own parallel
+    /// tasks, never writing it whole. Their result goes to [`Self::observe`].
+    pub(crate) fn fire_rows(&self, x: &[f32], steps: usize, cols: usize) -> Vec<u64> {
+        let n = x.len().checked_div(steps).unwrap_or(0);
+        lif_kernel::forward_bits(
+            simd::LIF.level(),
+            &self.cfg,
+            x,
+            (n, cols),
+            (Steps::PerStep, true),
+        )
+    }
+
+    /// The monitor's record of spikes `[T, ...]` this LIF fired.
+    pub(crate) fn observe(&self, bits: &SpikeBits) -> Result<()> {
         if self.monitor.is_enabled() {
+            let n: usize = bits.shape()[1..].iter().product();
             self.monitor.record(&bits.counts_per_leading(), n as u64);
             if self.monitor.is_tapped() {
                 let spikes = bits.unpack(&candle_core::Device::Cpu)?.flatten_all()?;
@@ -195,7 +222,7 @@ impl MultiStepLif {
                     .record_samples(&spikes.to_vec1::<f32>()?, bits.shape()[0]);
             }
         }
-        Ok(bits)
+        Ok(())
     }
 
     /// Gradient of the input `x [T, ...]` given the gradient of the spikes it produces, without

@@ -418,6 +418,8 @@ struct ForwardBits<'a> {
     input: Input<'a>,
     cols: usize,
     level: Level,
+    /// All rows in one work item on the calling thread.
+    serial: bool,
 }
 
 impl WithCharge for ForwardBits<'_> {
@@ -426,6 +428,9 @@ impl WithCharge for ForwardBits<'_> {
         let (k, input, level) = (Common::new(self.cfg), self.input, self.level);
         let row_shape = (self.cols, self.cols.div_ceil(u64::BITS as usize));
         let rows = input.n / self.cols;
+        if self.serial {
+            return simd::dispatch(level, || bits_chunk(c, k, input, row_shape, 0..rows));
+        }
         // Whole rows per work item, about CHUNK neurons.
         let per_item = (CHUNK / self.cols).max(1);
         let items: Vec<Vec<u64>> = (0..rows.div_ceil(per_item))
@@ -497,13 +502,14 @@ pub(super) fn forward(
 
 /// Spikes of input `x` of `n` neurons read as `steps` says, the neurons forming rows of `cols`,
 /// packed 64 to a word per row: `[T, n / cols, cols.div_ceil(64)]` words, bit `j % 64` of word
-/// `j / 64` for column `j`.
+/// `j / 64` for column `j`; on the calling thread alone if `serial` (for kernels that make the
+/// input a piece at a time inside their own parallel tasks).
 pub(super) fn forward_bits(
     level: Level,
     cfg: &LifConfig,
     x: &[f32],
     (n, cols): (usize, usize),
-    steps: Steps,
+    (steps, serial): (Steps, bool),
 ) -> Vec<u64> {
     if n == 0 || cols == 0 {
         return Vec::new();
@@ -516,6 +522,7 @@ pub(super) fn forward_bits(
             input,
             cols,
             level,
+            serial,
         },
     )
 }
@@ -572,8 +579,19 @@ mod tests {
                 cfg,
                 &x[..cols * 20],
                 (cols * 20, cols),
-                Steps::Held(3),
+                (Steps::Held(3), false),
             );
+            // Many work items, or one on this thread: the same words.
+            let per_step = |serial| {
+                forward_bits(
+                    level,
+                    cfg,
+                    &x,
+                    (n / cols * cols, cols),
+                    (Steps::PerStep, serial),
+                )
+            };
+            assert_eq!(per_step(true), per_step(false));
             let gx = backward(level, cfg, &x, &g, n, Steps::PerStep);
             let gx_held = backward(level, cfg, &x[..n], &g, n, Steps::Held(steps));
             (spikes, counts, held, bits, gx, gx_held)
