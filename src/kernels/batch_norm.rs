@@ -68,7 +68,7 @@ fn channel_sums(
     let partials: Vec<(Vec<f64>, Vec<f64>)> = a
         .par_chunks(rows)
         .zip(b.par_chunks(rows))
-        .map(|(a, b)| simd::dispatch(level, || task_sums(a, b, d, (&ca, &cb))))
+        .map(|(a, b)| simd::on_level!(level, task_sums(a, b, d, (&ca, &cb))))
         .collect();
     let (mut sa, mut sab) = (vec![0f64; d.c], vec![0f64; d.c]);
     for (pa, pab) in partials {
@@ -143,7 +143,7 @@ fn per_channel_affine(level: Level, x: &[f32], g: &[f32], d: Dims, c: &Affine) -
     out.par_chunks_mut(task)
         .zip(x.par_chunks(task))
         .zip(g.par_chunks(task))
-        .for_each(|((out, x), g)| simd::dispatch(level, || task_affine(out, x, g, d, c)));
+        .for_each(|((out, x), g)| simd::on_level!(level, task_affine(out, x, g, d, c)));
     out
 }
 

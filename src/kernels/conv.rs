@@ -113,7 +113,7 @@ fn col2im(level: Level, cols: &[f32], d: Nhwc, win: Window, (ho, wo): (usize, us
         .enumerate()
         .for_each(|(bi, image)| {
             let image_cols = &cols[bi * ho * wo * row..(bi + 1) * ho * wo * row];
-            simd::dispatch(level, || {
+            simd::on_level!(level, {
                 for (p, patch) in image_cols.chunks_exact(row).enumerate() {
                     win.for_each_tap((p / wo, p % wo), d, |src, dst| {
                         for (o, g) in image[dst..dst + d.c].iter_mut().zip(&patch[src..src + d.c]) {

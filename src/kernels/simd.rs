@@ -191,16 +191,14 @@ pub fn matmul_level() -> Level {
 }
 
 /// Runs `f` compiled for `level`: its body, and every `#[inline(always)]` function it calls,
-/// are inlined into a function with that level's target features. Call it inside a parallel
-/// loop's work item, not around the loop: rayon's workers run their closures elsewhere.
-/// A level the CPU lacks runs the portable copy.
+/// are inlined into a function with that level's target features. Call it through
+/// [`on_level!`], inside a parallel loop's work item, not around the loop: rayon's workers run
+/// their closures elsewhere. A level the CPU lacks runs the portable copy.
 ///
-/// LLVM inlines `f` into those functions only when it judges it cheap: `f` is called from
-/// three arms, so a large kernel loop is compiled once, for the baseline CPU (SSE2), and runs
-/// that copy at every level (the LIF, BatchNorm, col2im and Adam loops today; intrinsics called
-/// inside `f`, as the spike gather's, keep their own level). `#[inline(always)]` on the closure
-/// forces the wide copies; on an AMD Zen 4 that made spike-driven inference slower (README,
-/// "SIMD levels of the auto-vectorised kernels"), so which kernels take it is still to measure.
+/// `f` is called from three arms, so LLVM inlines it into them only when it judges it cheap; a
+/// kernel loop left to that judgement is compiled once, for the baseline CPU (SSE2), and runs
+/// that copy at every level. [`on_level!`] marks the closure `#[inline(always)]`, which makes
+/// every level's copy real.
 #[inline(always)]
 pub fn dispatch<R>(level: Level, f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
@@ -214,6 +212,19 @@ pub fn dispatch<R>(level: Level, f: impl FnOnce() -> R) -> R {
     let _ = level;
     f()
 }
+
+/// `simd::on_level!(level, body)`: `body` run by [`dispatch`] compiled for `level`, as an
+/// `#[inline(always)]` closure (the form every kernel uses; see [`dispatch`] for why).
+macro_rules! on_level {
+    ($level:expr, $body:expr) => {
+        $crate::kernels::simd::dispatch(
+            $level,
+            #[inline(always)]
+            || $body,
+        )
+    };
+}
+pub(crate) use on_level;
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
@@ -269,7 +280,7 @@ mod tests {
     #[test]
     fn dispatch_runs_the_closure_on_every_level() {
         for level in Level::ALL {
-            assert_eq!(dispatch(level, || 6 * 7), 42, "{level}");
+            assert_eq!(on_level!(level, 6 * 7), 42, "{level}");
         }
     }
 }

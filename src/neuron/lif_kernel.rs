@@ -222,15 +222,7 @@ impl<'a> Pass<'a> {
     }
 }
 
-/// Vector width the loops are blocked by: sixteen f32 lanes fill an AVX-512 register (two AVX2
-/// ones, four SSE ones).
-const LANES: usize = 16;
-
 /// Applies `f` elementwise over two mutable and one shared slice (the shortest length wins).
-///
-/// The work is blocked into fixed-size arrays copied to locals: with no possible aliasing and a
-/// known trip count the compiler turns each block into vector instructions, which it does not
-/// reliably do for the plain zipped loop.
 #[inline(always)]
 fn for_each_lane(
     a: &mut [f32],
@@ -240,23 +232,8 @@ fn for_each_lane(
 ) {
     let len = a.len().min(b.len()).min(c.len());
     let (a, b, c) = (&mut a[..len], &mut b[..len], &c[..len]);
-    let mut a_blocks = a.chunks_exact_mut(LANES);
-    let mut b_blocks = b.chunks_exact_mut(LANES);
-    let mut c_blocks = c.chunks_exact(LANES);
-    for ((a8, b8), c8) in (&mut a_blocks).zip(&mut b_blocks).zip(&mut c_blocks) {
-        let mut la: [f32; LANES] = a8.try_into().expect("exact chunk");
-        let mut lb: [f32; LANES] = b8.try_into().expect("exact chunk");
-        let lc: [f32; LANES] = c8.try_into().expect("exact chunk");
-        for j in 0..LANES {
-            f(&mut la[j], &mut lb[j], lc[j]);
-        }
-        a8.copy_from_slice(&la);
-        b8.copy_from_slice(&lb);
-    }
-    let tail_a = a_blocks.into_remainder();
-    let tail_b = b_blocks.into_remainder();
-    for ((a, b), &c) in tail_a.iter_mut().zip(tail_b).zip(c_blocks.remainder()) {
-        f(a, b, c);
+    for i in 0..len {
+        f(&mut a[i], &mut b[i], c[i]);
     }
 }
 
@@ -408,7 +385,7 @@ impl WithCharge for Forward<'_> {
     fn run<C: Charge>(self, c: C) -> Vec<u64> {
         let (k, pass, level) = (Common::new(self.cfg), self.pass, self.level);
         par_forward(pass.input.n, |lo, hi| {
-            simd::dispatch(level, || forward_chunk(c, k, pass, lo, hi))
+            simd::on_level!(level, forward_chunk(c, k, pass, lo, hi))
         })
     }
 }
@@ -429,7 +406,7 @@ impl WithCharge for ForwardBits<'_> {
         let row_shape = (self.cols, self.cols.div_ceil(u64::BITS as usize));
         let rows = input.n / self.cols;
         if self.serial {
-            return simd::dispatch(level, || bits_chunk(c, k, input, row_shape, 0..rows));
+            return simd::on_level!(level, bits_chunk(c, k, input, row_shape, 0..rows));
         }
         // Whole rows per work item, about CHUNK neurons.
         let per_item = (CHUNK / self.cols).max(1);
@@ -437,7 +414,7 @@ impl WithCharge for ForwardBits<'_> {
             .into_par_iter()
             .map(|i| {
                 let rows = i * per_item..((i + 1) * per_item).min(rows);
-                simd::dispatch(level, || bits_chunk(c, k, input, row_shape, rows))
+                simd::on_level!(level, bits_chunk(c, k, input, row_shape, rows))
             })
             .collect();
         // Items hold [T, their rows, words]; the result is [T, all rows, words].
@@ -463,7 +440,7 @@ impl Backward<'_> {
     fn run_with<C: Charge, S: Slope>(self, c: C, sl: S) {
         let (k, pass, level) = (Common::new(self.cfg), self.pass, self.level);
         chunks(pass.input.n)
-            .for_each(|(lo, hi)| simd::dispatch(level, || backward_chunk(c, sl, k, pass, lo, hi)));
+            .for_each(|(lo, hi)| simd::on_level!(level, backward_chunk(c, sl, k, pass, lo, hi)));
     }
 }
 

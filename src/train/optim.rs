@@ -234,7 +234,7 @@ impl<'a> Update<'a> {
         (m, v): (&mut [f32], &mut [f32]),
         vmax: Option<&mut [f32]>,
     ) {
-        simd::dispatch(self.level, || self.run_elements(p, g, (m, v), vmax))
+        simd::on_level!(self.level, self.run_elements(p, g, (m, v), vmax))
     }
 
     /// [`Self::run`]'s loop. The AMSGrad branch is taken once per run of elements, not per

@@ -3,12 +3,13 @@
 //! machine is shared, so absolute times drift between runs but ratios hold.
 
 use anyhow::Context;
-use candle_core::{Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{BatchNormConfig, VarBuilder, VarMap};
 
 use super::{Case, Run};
 use crate::bench::{measure, BenchResult, Budget};
 use crate::kernels::spikes::{self, SpikeBits};
-use crate::kernels::{conv, lif_linear, spike_grad};
+use crate::kernels::{batch_norm, conv, lif_linear, spike_grad};
 use crate::neuron::{LifConfig, MultiStepLif};
 
 pub const CASES: &[Case] = &[
@@ -42,6 +43,7 @@ pub const CASES: &[Case] = &[
     ("spike_attention_r20", Run::Cpu(spike_attention_r20)),
     ("spike_attention_r40", Run::Cpu(spike_attention_r40)),
     ("spike_pack", Run::Cpu(spike_pack)),
+    ("batch_norm", Run::Cpu(batch_norm)),
     ("lif_linear_fwd_bwd", Run::Cpu(lif_linear_fwd_bwd)),
     (
         "lif_linear_fwd_bwd_composed",
@@ -128,6 +130,25 @@ fn conv_pointwise(budget: Budget) -> anyhow::Result<BenchResult> {
 
 fn conv_pointwise_candle(budget: Budget) -> anyhow::Result<BenchResult> {
     conv_fwd_bwd(budget, POINTWISE, candles)
+}
+
+/// BatchNorm in training mode, forward and backward, on the tokenizer's second layer's output
+/// (T = 4 steps of the 32-image training batch, 96 channels at 32x32): the batch statistics, the
+/// normalisation and the input and affine gradients.
+fn batch_norm(budget: Budget) -> anyhow::Result<BenchResult> {
+    let dev = Device::Cpu;
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+    let bn = candle_nn::batch_norm(96, BatchNormConfig::default(), vb)?;
+    let x =
+        Var::from_tensor(&(Tensor::randn(0f32, 1.0, (CONV_BATCH * 4, 96, 32, 32), &dev)? + 0.5)?)?;
+    let g = Tensor::randn(0f32, 1.0, x.shape(), &dev)?;
+    measure(budget, || {
+        let y = batch_norm::batch_norm_train(x.as_tensor(), &[&bn])?;
+        let grads = (y * &g)?.sum_all()?.backward()?;
+        grads.get(x.as_tensor()).context("no gradient")?;
+        Ok(())
+    })
 }
 
 /// The paper's inference shapes: T = 4 time steps of B = 64 images, 384 channels on 8x8 tokens,
