@@ -12,7 +12,7 @@ use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, T
 use rayon::prelude::*;
 
 use super::simd::{self, Level};
-use super::{contiguous_f32, layout, with_f32};
+use super::{buffer, contiguous_f32, layout, with_f32};
 
 /// Geometry of a square-stride, square-padding convolution window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,43 +87,36 @@ struct Nhwc {
 fn im2col(x: &[f32], d: Nhwc, win: Window, (ho, wo): (usize, usize)) -> Vec<f32> {
     let row = win.kh * win.kw * d.c;
     let image_len = d.h * d.w * d.c;
-    let mut cols = vec![0f32; d.b * ho * wo * row];
     // One task per (image, output row): disjoint output, each patch row a few memcpys.
-    cols.par_chunks_mut(wo * row)
-        .enumerate()
-        .for_each(|(task, out)| {
-            let (bi, oy) = (task / ho, task % ho);
-            let image = &x[bi * image_len..(bi + 1) * image_len];
-            for (ox, patch) in out.chunks_exact_mut(row).enumerate() {
-                win.for_each_tap((oy, ox), d, |dst, src| {
-                    patch[dst..dst + d.c].copy_from_slice(&image[src..src + d.c]);
-                });
-            }
-        });
-    cols
+    buffer::zeroed_by_chunks(d.b * ho * wo * row, wo * row, |task, out| {
+        let (bi, oy) = (task / ho, task % ho);
+        let image = &x[bi * image_len..(bi + 1) * image_len];
+        for (ox, patch) in out.chunks_exact_mut(row).enumerate() {
+            win.for_each_tap((oy, ox), d, |dst, src| {
+                patch[dst..dst + d.c].copy_from_slice(&image[src..src + d.c]);
+            });
+        }
+    })
 }
 
 /// The adjoint of [`im2col`]: scatters-and-adds patch rows back into `[B, H, W, C]`, the adds
 /// on the instruction set `level`.
 fn col2im(level: Level, cols: &[f32], d: Nhwc, win: Window, (ho, wo): (usize, usize)) -> Vec<f32> {
     let row = win.kh * win.kw * d.c;
-    let mut x = vec![0f32; d.b * d.h * d.w * d.c];
+    let image_len = d.h * d.w * d.c;
     // One task per image: overlapping windows only ever add within their own image.
-    x.par_chunks_mut(d.h * d.w * d.c)
-        .enumerate()
-        .for_each(|(bi, image)| {
-            let image_cols = &cols[bi * ho * wo * row..(bi + 1) * ho * wo * row];
-            simd::on_level!(level, {
-                for (p, patch) in image_cols.chunks_exact(row).enumerate() {
-                    win.for_each_tap((p / wo, p % wo), d, |src, dst| {
-                        for (o, g) in image[dst..dst + d.c].iter_mut().zip(&patch[src..src + d.c]) {
-                            *o += g;
-                        }
-                    });
-                }
-            })
-        });
-    x
+    buffer::zeroed_by_chunks(d.b * image_len, image_len, |bi, image| {
+        let image_cols = &cols[bi * ho * wo * row..(bi + 1) * ho * wo * row];
+        simd::on_level!(level, {
+            for (p, patch) in image_cols.chunks_exact(row).enumerate() {
+                win.for_each_tap((p / wo, p % wo), d, |src, dst| {
+                    for (o, g) in image[dst..dst + d.c].iter_mut().zip(&patch[src..src + d.c]) {
+                        *o += g;
+                    }
+                });
+            }
+        })
+    })
 }
 
 /// Pixels per tile of [`nhwc_into_nchw`]: one 64-byte line of each channel plane written per
@@ -294,7 +287,7 @@ impl Conv2d {
         };
         let Nhwc { h, w: width, c, .. } = plan.d;
         let image_len = h * width * c;
-        let mut grad_x = vec![0f32; plan.d.b * image_len];
+        let mut grad_x = buffer::zeroed(plan.d.b * image_len);
         for (first, n) in Self::chunks(&plan) {
             let g = grad.narrow(0, first, n)?.reshape((n, plan.o, ho * wo))?;
             let g = layout::contiguous(&g.transpose(1, 2)?)?.reshape((n * ho * wo, plan.o))?;

@@ -223,7 +223,7 @@ pub(crate) fn linear_param_grads(
     (weight, bias): (&SlotParam, &SlotParam),
     grad: &Tensor,
 ) -> Result<()> {
-    let grad = grad.contiguous()?;
+    let grad = layout::contiguous(grad)?;
     weight.grad().add_product(&grad, bits.clone())?;
     bias.grad().add_tensor(&bias_gradient(&grad)?)
 }
@@ -240,7 +240,7 @@ pub(crate) fn linear_backward(
     linear_param_grads(bits, (weight, bias), grad)?;
     let w = weight.value();
     let width = block_width(w.dim(0)?, BLOCK_FLOATS);
-    input_gradient(lif, (x, drive), w, &grad.contiguous()?, width)
+    input_gradient(lif, (x, drive), w, &layout::contiguous(grad)?, width)
 }
 
 /// The layer's output on the spikes of `lif` on `x`, and the spikes as bits, without autograd.
@@ -328,7 +328,7 @@ fn backward(
     (x, w, b): (&Tensor, &Tensor, Option<&Tensor>),
     grad: &Tensor,
 ) -> Result<Grads3> {
-    let grad = grad.contiguous()?;
+    let grad = layout::contiguous(grad)?;
     // Below the forward's threshold the weight gradient sums output-gradient rows selected by
     // the saved bits (`kernels::spike_grad`), like the forward; above it, dense products. A
     // linear layer too wide for one block (the text encoder's first) keeps its blocked dense

@@ -5,6 +5,7 @@
 pub mod attention;
 pub mod batch_norm;
 pub mod batched;
+pub(crate) mod buffer;
 mod columns;
 pub mod conv;
 pub mod embedding;
@@ -120,7 +121,7 @@ impl<B> Precomputed<B> {
             .map_err(|_| candle_core::Error::Msg(format!("{}: result poisoned", self.name)))?
             .take()
             .ok_or_else(|| candle_core::Error::Msg(format!("{}: run twice", self.name)))?;
-        let data = value.flatten_all()?.to_vec1::<f32>()?;
+        let data = with_f32(&value, self.name, |v| Ok(buffer::copied(v)))?;
         Ok((CpuStorage::F32(data), value.shape().clone()))
     }
 }

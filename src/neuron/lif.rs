@@ -14,9 +14,9 @@ use serde::{Deserialize, Serialize};
 use super::lif_kernel::{self, Steps};
 use super::monitor::SpikeMonitor;
 use super::surrogate::Surrogate;
-use crate::kernels::simd;
 use crate::kernels::spikes::SpikeBits;
 use crate::kernels::with_f32;
+use crate::kernels::{layout, simd};
 
 /// Neuron parameters, with SpikingJelly's `MultiStepLIFNode` meaning and defaults.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -131,7 +131,7 @@ impl MultiStepLif {
             steps,
         };
         if x.device().is_cpu() {
-            x.contiguous()?.apply_op1(op)
+            layout::contiguous(x)?.apply_op1(op)
         } else {
             let cpu = x.to_device(&candle_core::Device::Cpu)?.contiguous()?;
             cpu.apply_op1(op)?.to_device(x.device())
@@ -240,8 +240,8 @@ impl MultiStepLif {
 
     fn gradient(&self, x: &Tensor, grad_spikes: &Tensor, steps: Steps) -> Result<Tensor> {
         let cpu = candle_core::Device::Cpu;
-        let x = x.to_device(&cpu)?.contiguous()?;
-        let grad = grad_spikes.to_device(&cpu)?.contiguous()?;
+        let x = layout::contiguous(&x.to_device(&cpu)?)?;
+        let grad = layout::contiguous(&grad_spikes.to_device(&cpu)?)?;
         let op = LifBackward {
             cfg: self.cfg,
             steps,

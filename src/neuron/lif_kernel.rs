@@ -11,6 +11,7 @@ use rayon::prelude::*;
 
 use super::lif::LifConfig;
 use super::surrogate::{atan_slope, sigmoid_slope, Surrogate};
+use crate::kernels::buffer;
 use crate::kernels::simd::{self, Level};
 use crate::kernels::spikes::pack_binary_row;
 
@@ -468,7 +469,7 @@ pub(super) fn forward(
         Steps::PerStep => x.len(),
         Steps::Held(steps) => steps * x.len(),
     };
-    let mut out = vec![0f32; len];
+    let mut out = buffer::zeroed(len);
     let pass = Pass {
         count_spikes,
         ..Pass::new(Input::new(x, n, steps), &[], &mut out)
@@ -514,7 +515,7 @@ pub(super) fn backward(
     n: usize,
     steps: Steps,
 ) -> Vec<f32> {
-    let mut gx = vec![0f32; x.len()];
+    let mut gx = buffer::zeroed(x.len());
     let pass = Pass::new(Input::new(x, n, steps), grad_out, &mut gx);
     with_charge(cfg, Backward { cfg, pass, level });
     gx

@@ -9,7 +9,7 @@ use candle_nn::{BatchNormConfig, VarBuilder, VarMap};
 use super::{Case, Run};
 use crate::bench::{measure, BenchResult, Budget};
 use crate::kernels::spikes::{self, SpikeBits};
-use crate::kernels::{batch_norm, conv, lif_linear, spike_grad};
+use crate::kernels::{batch_norm, conv, lif_linear, maxpool, spike_grad};
 use crate::neuron::{LifConfig, MultiStepLif};
 
 pub const CASES: &[Case] = &[
@@ -44,6 +44,7 @@ pub const CASES: &[Case] = &[
     ("spike_attention_r40", Run::Cpu(spike_attention_r40)),
     ("spike_pack", Run::Cpu(spike_pack)),
     ("batch_norm", Run::Cpu(batch_norm)),
+    ("max_pool", Run::Cpu(max_pool)),
     ("lif_linear_fwd_bwd", Run::Cpu(lif_linear_fwd_bwd)),
     (
         "lif_linear_fwd_bwd_composed",
@@ -145,6 +146,25 @@ fn batch_norm(budget: Budget) -> anyhow::Result<BenchResult> {
     let g = Tensor::randn(0f32, 1.0, x.shape(), &dev)?;
     measure(budget, || {
         let y = batch_norm::batch_norm_train(x.as_tensor(), &[&bn])?;
+        let grads = (y * &g)?.sum_all()?.backward()?;
+        grads.get(x.as_tensor()).context("no gradient")?;
+        Ok(())
+    })
+}
+
+/// The tokenizer's first training-mode max-pooling, 3x3 with stride 2 and padding 1, forward
+/// and backward (T = 4 steps of the 32-image training batch, 192 channels at 32x32).
+fn max_pool(budget: Budget) -> anyhow::Result<BenchResult> {
+    let dev = Device::Cpu;
+    let x = Var::from_tensor(&Tensor::randn(
+        0f32,
+        1.0,
+        (CONV_BATCH * 4, 192, 32, 32),
+        &dev,
+    )?)?;
+    let g = Tensor::randn(0f32, 1.0, (CONV_BATCH * 4, 192, 16, 16), &dev)?;
+    measure(budget, || {
+        let y = maxpool::max_pool2d(x.as_tensor(), 3, 2, 1)?;
         let grads = (y * &g)?.sum_all()?.backward()?;
         grads.get(x.as_tensor()).context("no gradient")?;
         Ok(())

@@ -11,6 +11,7 @@ use rayon::prelude::*;
 use super::bits::{for_each_active, for_each_silent, SpikeBits, WORD_BITS};
 #[cfg(target_arch = "x86_64")]
 use super::x86;
+use crate::kernels::buffer;
 use crate::kernels::conv::{weight_matrix, Window};
 use crate::kernels::simd::{self, Level};
 use crate::kernels::with_f32;
@@ -89,20 +90,16 @@ impl BlockedWeights {
     /// firing over half of their inputs start from.
     pub fn from_rows(rows: &[f32], outputs: usize, bias: Option<Vec<f32>>, all_on: bool) -> Self {
         let inputs = rows.len().checked_div(outputs).unwrap_or(0);
-        let mut data = vec![0f32; outputs.div_ceil(BLOCK) * inputs * BLOCK];
-        if inputs > 0 {
-            data.par_chunks_mut(inputs * BLOCK)
-                .enumerate()
-                .for_each(|(b, block)| {
-                    let lanes = b * BLOCK..((b + 1) * BLOCK).min(outputs);
-                    for (to, row) in block
-                        .chunks_exact_mut(BLOCK)
-                        .zip(rows.chunks_exact(outputs))
-                    {
-                        to[..lanes.len()].copy_from_slice(&row[lanes.clone()]);
-                    }
-                });
-        }
+        let len = outputs.div_ceil(BLOCK) * inputs * BLOCK;
+        let data = buffer::zeroed_by_chunks(len, inputs * BLOCK, |b, block| {
+            let lanes = b * BLOCK..((b + 1) * BLOCK).min(outputs);
+            for (to, row) in block
+                .chunks_exact_mut(BLOCK)
+                .zip(rows.chunks_exact(outputs))
+            {
+                to[..lanes.len()].copy_from_slice(&row[lanes.clone()]);
+            }
+        });
         Self::from_blocks(data, (inputs, outputs), bias, all_on)
     }
 
@@ -174,22 +171,19 @@ impl BlockedWeights {
 /// the weight's storage: through candle's transposing copies the text encoder's widest weight
 /// (80 MiB) would be held twice more. Tiles of [`TILE`] inputs keep the writes within L1.
 fn block_major(m: &[f32], outputs: usize, inputs: usize) -> Vec<f32> {
-    let mut data = vec![0f32; outputs.div_ceil(BLOCK) * inputs * BLOCK];
-    data.par_chunks_mut((inputs * BLOCK).max(1))
-        .enumerate()
-        .for_each(|(b, block)| {
-            let lanes = BLOCK.min(outputs - b * BLOCK);
-            for first in (0..inputs).step_by(TILE) {
-                let tile = first..(first + TILE).min(inputs);
-                for lane in 0..lanes {
-                    let row = &m[(b * BLOCK + lane) * inputs..][tile.clone()];
-                    for (i, &w) in tile.clone().zip(row) {
-                        block[i * BLOCK + lane] = w;
-                    }
+    let len = outputs.div_ceil(BLOCK) * inputs * BLOCK;
+    buffer::zeroed_by_chunks(len, inputs * BLOCK, |b, block| {
+        let lanes = BLOCK.min(outputs - b * BLOCK);
+        for first in (0..inputs).step_by(TILE) {
+            let tile = first..(first + TILE).min(inputs);
+            for lane in 0..lanes {
+                let row = &m[(b * BLOCK + lane) * inputs..][tile.clone()];
+                for (i, &w) in tile.clone().zip(row) {
+                    block[i * BLOCK + lane] = w;
                 }
             }
-        });
-    data
+        }
+    })
 }
 
 /// The windows a convolution reads from channels-last spikes `[B, H, W, C]`; a linear layer's
