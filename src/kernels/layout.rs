@@ -119,6 +119,11 @@ fn row_copy(
             for (i, row) in rows.chunks_exact_mut(len).enumerate() {
                 let at =
                     start + offset_of(task * rows_per_task + i, &dims[..n - 1], &strides[..n - 1]);
+                if stride == 1 {
+                    // A narrowed tensor's rows: one memcpy each.
+                    row.write_copy_of_slice(&src[at..at + len]);
+                    continue;
+                }
                 for (k, v) in row.iter_mut().enumerate() {
                     v.write(src[at + k * stride]);
                 }
