@@ -68,15 +68,63 @@ fn build_towers<I, T>(
     image: Build<I>,
     text: Build<T>,
 ) -> Result<(I, T, VarMap)> {
-    let varmap = VarMap::new();
-    let vb = seeded_var_builder(&varmap, seed, DType::F32, device);
-    let i = image(vb.pp("image"), config, ops)?;
-    let t = text(vb.pp("text"), config, ops)?;
-    init_tdw(&varmap)?;
+    let ((i, t), varmap) = build_in(seed, device, |vb| {
+        Ok((
+            image(vb.pp("image"), config, ops)?,
+            text(vb.pp("text"), config, ops)?,
+        ))
+    })?;
     Ok((i, t, varmap))
 }
 
+/// What `build` makes in a fresh VarMap seeded by `seed`, TDW weights initialised.
+fn build_in<E>(
+    seed: u64,
+    device: &Device,
+    build: impl FnOnce(&VarBuilder) -> Result<E>,
+) -> Result<(E, VarMap)> {
+    let varmap = VarMap::new();
+    let vb = seeded_var_builder(&varmap, seed, DType::F32, device);
+    let built = build(&vb)?;
+    init_tdw(&varmap)?;
+    Ok((built, varmap))
+}
+
+/// One tower of [`SpikeClip::new`]'s model built alone, in a VarMap of its own (parameters
+/// under `image.` or `text.`): what timing one tower's training step needs to hold, as the
+/// reference builds one tower for it.
+pub struct Tower<E> {
+    pub encoder: E,
+    pub varmap: VarMap,
+}
+
 impl SpikeClip {
+    /// The image tower alone.
+    pub fn image_tower(
+        config: &SpikeClipConfig,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Tower<ImageEncoder>> {
+        let ops = Ops::for_device(device);
+        let (encoder, varmap) = build_in(seed, device, |vb| {
+            ImageEncoder::new(vb.pp("image"), config, ops)
+        })?;
+        Ok(Tower { encoder, varmap })
+    }
+
+    /// The text tower alone.
+    pub fn text_tower(
+        config: &SpikeClipConfig,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Tower<TextTower>> {
+        let ops = Ops::for_device(device);
+        let (encoder, varmap) = build_in(seed, device, |vb| {
+            TextTower::new(vb.pp("text"), config, ops)
+        })?;
+        Ok(Tower { encoder, varmap })
+    }
+
     /// Fresh weights drawn from `seed`, the ops run as this run chose for `device`
     /// ([`Ops::for_device`]).
     pub fn new(config: &SpikeClipConfig, seed: u64, device: &Device) -> Result<Self> {

@@ -52,7 +52,12 @@ fn is_buffer(name: &str) -> bool {
 
 /// The learnable parameters under `prefix` (`"image."` or `"text."`), by name.
 pub fn trainable(student: &dyn Student, prefix: &str) -> Vec<(String, Var)> {
-    named_vars(student.varmap())
+    trainable_in(student.varmap(), prefix)
+}
+
+/// [`trainable`] of the parameters in `varmap`.
+pub fn trainable_in(varmap: &VarMap, prefix: &str) -> Vec<(String, Var)> {
+    named_vars(varmap)
         .into_iter()
         .filter(|(name, _)| name.starts_with(prefix) && !is_buffer(name))
         .collect()

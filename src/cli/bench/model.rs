@@ -4,15 +4,18 @@
 //! (`--iters 5 --warmup 1`).
 
 use candle_core::{Device, Tensor};
+use candle_nn::VarMap;
 use serde::Serialize;
 
 use super::{Case, Run};
 use crate::bench::{measure_on, set_batch_norm_shift, BenchResult, Budget};
+use crate::kernels::grad_slot::GradSlot;
 use crate::model::config::SpikeClipConfig;
+use crate::model::spikingformer::ImageEncoder;
 use crate::model::spikingformer::SparseWeights;
-use crate::model::SpikeClip;
+use crate::model::{SpikeClip, Tower};
 use crate::ops::Ops;
-use crate::recipe::student::{trainable, Student};
+use crate::recipe::student::trainable_in;
 use crate::train::grads::Gradients;
 use crate::train::loss::cosine_distillation;
 use crate::train::optim::{Adam, AdamConfig};
@@ -34,10 +37,13 @@ pub const BUDGET: Budget = Budget {
     iters: 5,
 };
 
-/// The paper's model with fresh weights.
-fn paper_model(dev: &Device) -> anyhow::Result<SpikeClip> {
-    let cfg = SpikeClipConfig::preset("paper")?;
-    Ok(SpikeClip::new(&cfg, 0, dev)?)
+/// The paper's image tower with fresh weights, built alone (see [`crate::model::Tower`]).
+fn paper_image_tower(dev: &Device) -> anyhow::Result<Tower<ImageEncoder>> {
+    Ok(SpikeClip::image_tower(
+        &SpikeClipConfig::preset("paper")?,
+        0,
+        dev,
+    )?)
 }
 
 /// Random CLIP-normalised-like images `[b, 3, 32, 32]`.
@@ -46,8 +52,8 @@ fn images(b: usize, dev: &Device) -> anyhow::Result<Tensor> {
 }
 
 /// Random token ids `[b, L]` in the model's vocabulary.
-fn token_ids(model: &SpikeClip, b: usize, dev: &Device) -> anyhow::Result<Tensor> {
-    let c = &model.config.text;
+fn token_ids(cfg: &SpikeClipConfig, b: usize, dev: &Device) -> anyhow::Result<Tensor> {
+    let c = &cfg.text;
     let mut rng = Rng::new(0);
     let ids: Vec<u32> = (0..b * c.context_length)
         .map(|_| rng.below(c.vocab_size) as u32)
@@ -55,14 +61,14 @@ fn token_ids(model: &SpikeClip, b: usize, dev: &Device) -> anyhow::Result<Tensor
     Ok(Tensor::from_vec(ids, (b, c.context_length), dev)?)
 }
 
-/// One distillation step of the tower under `prefix`: features in training mode, `1 - cos`
-/// against random teacher features, backward, Adam over all of the tower's parameters. Under
+/// One distillation step of a tower built alone (its parameters in `varmap` under `prefix`, its
+/// gradient slots `slots`): features in training mode, `1 - cos` against random teacher
+/// features, backward, Adam over all of the tower's parameters. Under
 /// MPI, a data-parallel step: each rank takes its part of the batch and the gradients are
 /// summed over the ranks (their bytes and time printed by rank 0).
 fn train_step(
     budget: Budget,
-    model: &SpikeClip,
-    prefix: &str,
+    (varmap, prefix, slots): (&VarMap, &str, Vec<GradSlot>),
     input: &Tensor,
     features: impl Fn(&Tensor) -> candle_core::Result<Tensor>,
 ) -> anyhow::Result<BenchResult> {
@@ -72,10 +78,10 @@ fn train_step(
     let rows: Vec<usize> = (0..b).collect();
     let mine = crate::dist::shard(&rows, job);
     let input = input.narrow(0, mine.first().copied().unwrap_or(0), mine.len())?;
-    let targets = Tensor::randn(0f32, 1.0, (mine.len(), model.config.out_dim), dev)?;
-    let params = trainable(model, prefix);
+    let out_dim = SpikeClipConfig::preset("paper")?.out_dim;
+    let targets = Tensor::randn(0f32, 1.0, (mine.len(), out_dim), dev)?;
+    let params = trainable_in(varmap, prefix);
     let mut adam = Adam::new(params.clone(), AdamConfig::default());
-    let slots = model.grad_slots();
     let (mut steps, mut bytes, mut reduce_s) = (0usize, 0usize, 0f64);
     let bn_before = crate::dist::BATCH_NORM_TRAFFIC.read();
     let result = measure_on(dev, budget, || {
@@ -109,9 +115,10 @@ fn train_step(
 }
 
 fn img_train(budget: Budget, b: usize, dev: &Device) -> anyhow::Result<BenchResult> {
-    let model = paper_model(dev)?;
-    train_step(budget, &model, "image.", &images(b, dev)?, |x| {
-        model.image_features(x, true)
+    let tower = paper_image_tower(dev)?;
+    let params = (&tower.varmap, "image.", Vec::new());
+    train_step(budget, params, &images(b, dev)?, |x| {
+        tower.encoder.forward(x, true)
     })
 }
 
@@ -136,24 +143,24 @@ enum ImagePath {
 
 /// Eval-mode image features of `x` on one path.
 struct ImageInference<'a> {
-    model: &'a SpikeClip,
+    encoder: &'a ImageEncoder,
     /// Folded weights for the sparse path, prepared once outside the timing.
     sparse: Option<SparseWeights>,
 }
 
 impl<'a> ImageInference<'a> {
-    fn new(model: &'a SpikeClip, path: ImagePath) -> anyhow::Result<Self> {
+    fn new(encoder: &'a ImageEncoder, path: ImagePath) -> anyhow::Result<Self> {
         let sparse = match path {
             ImagePath::Dense => None,
-            ImagePath::Sparse => Some(model.image.sparse_weights()?),
+            ImagePath::Sparse => Some(encoder.sparse_weights()?),
         };
-        Ok(Self { model, sparse })
+        Ok(Self { encoder, sparse })
     }
 
     fn features(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match &self.sparse {
-            None => self.model.image_features(x, false),
-            Some(w) => self.model.image.forward_sparse(x, w),
+            None => self.encoder.forward(x, false),
+            Some(w) => self.encoder.forward_sparse(x, w),
         }
     }
 
@@ -167,7 +174,7 @@ impl<'a> ImageInference<'a> {
 
     /// Spikes per neuron-step over all of the encoder's LIF layers in one pass on `x`.
     fn firing_rate(&self, x: &Tensor) -> anyhow::Result<f64> {
-        let lifs = self.model.image.lif_layers();
+        let lifs = self.encoder.lif_layers();
         for l in &lifs {
             l.lif.monitor().reset();
             l.lif.monitor().enable();
@@ -186,10 +193,10 @@ impl<'a> ImageInference<'a> {
 /// Eval-mode features of 64 images on `path`, the paper's model shifted to fire at inference
 /// rates (printed).
 fn img_infer_b64_on(budget: Budget, path: ImagePath, dev: &Device) -> anyhow::Result<BenchResult> {
-    let model = paper_model(dev)?;
-    set_batch_norm_shift(model.varmap(), INFER_SHIFT)?;
+    let tower = paper_image_tower(dev)?;
+    set_batch_norm_shift(&tower.varmap, INFER_SHIFT)?;
     let x = images(64, dev)?;
-    let infer = ImageInference::new(&model, path)?;
+    let infer = ImageInference::new(&tower.encoder, path)?;
     println!("  firing rate {:.3}", infer.firing_rate(&x)?);
     infer.time(budget, &x)
 }
@@ -231,7 +238,7 @@ const SWEEP_BATCH: usize = 16;
 /// BatchNorm), with the rate where the sparse path stops paying off. The case's own timing is
 /// the dense one at the middle shift; the table is in `details`.
 fn sparse_sweep(budget: Budget) -> anyhow::Result<BenchResult> {
-    let model = paper_model(&Device::Cpu)?;
+    let tower = paper_image_tower(&Device::Cpu)?;
     let x = images(SWEEP_BATCH, &Device::Cpu)?;
     let mut points = Vec::new();
     let mut middle = None;
@@ -240,11 +247,11 @@ fn sparse_sweep(budget: Budget) -> anyhow::Result<BenchResult> {
         "shift", "firing", "dense_s", "sparse_s", "speedup"
     );
     for (i, &shift) in SWEEP_SHIFTS.iter().enumerate() {
-        set_batch_norm_shift(model.varmap(), shift)?;
-        let dense_path = ImageInference::new(&model, ImagePath::Dense)?;
+        set_batch_norm_shift(&tower.varmap, shift)?;
+        let dense_path = ImageInference::new(&tower.encoder, ImagePath::Dense)?;
         let rate = dense_path.firing_rate(&x)?;
         let dense = dense_path.time(budget, &x)?;
-        let sparse = ImageInference::new(&model, ImagePath::Sparse)?.time(budget, &x)?;
+        let sparse = ImageInference::new(&tower.encoder, ImagePath::Sparse)?.time(budget, &x)?;
         let point = SweepPoint {
             batch_norm_shift: shift,
             firing_rate: rate,
@@ -299,18 +306,19 @@ fn crossover(points: &[SweepPoint]) -> Option<f64> {
 
 /// A text training step on 256 random sentences; the embeddings are trained too.
 fn txt_train_b256(budget: Budget, dev: &Device) -> anyhow::Result<BenchResult> {
-    let model = paper_model(dev)?;
-    let ids = token_ids(&model, 256, dev)?;
-    train_step(budget, &model, "text.", &ids, |ids| {
-        model.text_features(ids, true)
-    })
+    let cfg = SpikeClipConfig::preset("paper")?;
+    let tower = SpikeClip::text_tower(&cfg, 0, dev)?;
+    let ids = token_ids(&cfg, 256, dev)?;
+    let params = (&tower.varmap, "text.", tower.encoder.grad_slots());
+    train_step(budget, params, &ids, |ids| tower.encoder.forward(ids, true))
 }
 
 fn txt_infer_b1024(budget: Budget, dev: &Device) -> anyhow::Result<BenchResult> {
-    let model = paper_model(dev)?;
-    let ids = token_ids(&model, 1024, dev)?;
+    let cfg = SpikeClipConfig::preset("paper")?;
+    let tower = SpikeClip::text_tower(&cfg, 0, dev)?;
+    let ids = token_ids(&cfg, 1024, dev)?;
     let result = measure_on(dev, budget, || {
-        model.text_features(&ids, false)?;
+        tower.encoder.forward(&ids, false)?;
         Ok(())
     })?;
     Ok(result.per_step(1024))
