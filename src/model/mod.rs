@@ -98,6 +98,20 @@ pub struct Tower<E> {
     pub varmap: VarMap,
 }
 
+impl<E> Tower<E> {
+    /// `build` under `prefix` in a VarMap of its own, the ops run as chosen for `device`.
+    fn build(
+        config: &SpikeClipConfig,
+        (seed, device): (u64, &Device),
+        prefix: &str,
+        build: Build<E>,
+    ) -> Result<Self> {
+        let ops = Ops::for_device(device);
+        let (encoder, varmap) = build_in(seed, device, |vb| build(vb.pp(prefix), config, ops))?;
+        Ok(Self { encoder, varmap })
+    }
+}
+
 impl SpikeClip {
     /// The image tower alone.
     pub fn image_tower(
@@ -105,11 +119,7 @@ impl SpikeClip {
         seed: u64,
         device: &Device,
     ) -> Result<Tower<ImageEncoder>> {
-        let ops = Ops::for_device(device);
-        let (encoder, varmap) = build_in(seed, device, |vb| {
-            ImageEncoder::new(vb.pp("image"), config, ops)
-        })?;
-        Ok(Tower { encoder, varmap })
+        Tower::build(config, (seed, device), "image", ImageEncoder::new)
     }
 
     /// The text tower alone.
@@ -118,11 +128,7 @@ impl SpikeClip {
         seed: u64,
         device: &Device,
     ) -> Result<Tower<TextTower>> {
-        let ops = Ops::for_device(device);
-        let (encoder, varmap) = build_in(seed, device, |vb| {
-            TextTower::new(vb.pp("text"), config, ops)
-        })?;
-        Ok(Tower { encoder, varmap })
+        Tower::build(config, (seed, device), "text", TextTower::new)
     }
 
     /// Fresh weights drawn from `seed`, the ops run as this run chose for `device`

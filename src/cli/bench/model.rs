@@ -38,12 +38,8 @@ pub const BUDGET: Budget = Budget {
 };
 
 /// The paper's image tower with fresh weights, built alone (see [`crate::model::Tower`]).
-fn paper_image_tower(dev: &Device) -> anyhow::Result<Tower<ImageEncoder>> {
-    Ok(SpikeClip::image_tower(
-        &SpikeClipConfig::preset("paper")?,
-        0,
-        dev,
-    )?)
+fn paper_image_tower(cfg: &SpikeClipConfig, dev: &Device) -> anyhow::Result<Tower<ImageEncoder>> {
+    Ok(SpikeClip::image_tower(cfg, 0, dev)?)
 }
 
 /// Random CLIP-normalised-like images `[b, 3, 32, 32]`.
@@ -61,13 +57,13 @@ fn token_ids(cfg: &SpikeClipConfig, b: usize, dev: &Device) -> anyhow::Result<Te
     Ok(Tensor::from_vec(ids, (b, c.context_length), dev)?)
 }
 
-/// One distillation step of a tower built alone (its parameters in `varmap` under `prefix`, its
-/// gradient slots `slots`): features in training mode, `1 - cos` against random teacher
-/// features, backward, Adam over all of the tower's parameters. Under
+/// One distillation step of a tower of the model `cfg` built alone (its parameters in `varmap`
+/// under `prefix`, its gradient slots `slots`): features in training mode, `1 - cos` against
+/// random teacher features, backward, Adam over all of the tower's parameters. Under
 /// MPI, a data-parallel step: each rank takes its part of the batch and the gradients are
 /// summed over the ranks (their bytes and time printed by rank 0).
 fn train_step(
-    budget: Budget,
+    (budget, cfg): (Budget, &SpikeClipConfig),
     (varmap, prefix, slots): (&VarMap, &str, Vec<GradSlot>),
     input: &Tensor,
     features: impl Fn(&Tensor) -> candle_core::Result<Tensor>,
@@ -78,8 +74,7 @@ fn train_step(
     let rows: Vec<usize> = (0..b).collect();
     let mine = crate::dist::shard(&rows, job);
     let input = input.narrow(0, mine.first().copied().unwrap_or(0), mine.len())?;
-    let out_dim = SpikeClipConfig::preset("paper")?.out_dim;
-    let targets = Tensor::randn(0f32, 1.0, (mine.len(), out_dim), dev)?;
+    let targets = Tensor::randn(0f32, 1.0, (mine.len(), cfg.out_dim), dev)?;
     let params = trainable_in(varmap, prefix);
     let mut adam = Adam::new(params.clone(), AdamConfig::default());
     let (mut steps, mut bytes, mut reduce_s) = (0usize, 0usize, 0f64);
@@ -115,9 +110,10 @@ fn train_step(
 }
 
 fn img_train(budget: Budget, b: usize, dev: &Device) -> anyhow::Result<BenchResult> {
-    let tower = paper_image_tower(dev)?;
+    let cfg = SpikeClipConfig::preset("paper")?;
+    let tower = paper_image_tower(&cfg, dev)?;
     let params = (&tower.varmap, "image.", Vec::new());
-    train_step(budget, params, &images(b, dev)?, |x| {
+    train_step((budget, &cfg), params, &images(b, dev)?, |x| {
         tower.encoder.forward(x, true)
     })
 }
@@ -193,7 +189,7 @@ impl<'a> ImageInference<'a> {
 /// Eval-mode features of 64 images on `path`, the paper's model shifted to fire at inference
 /// rates (printed).
 fn img_infer_b64_on(budget: Budget, path: ImagePath, dev: &Device) -> anyhow::Result<BenchResult> {
-    let tower = paper_image_tower(dev)?;
+    let tower = paper_image_tower(&SpikeClipConfig::preset("paper")?, dev)?;
     set_batch_norm_shift(&tower.varmap, INFER_SHIFT)?;
     let x = images(64, dev)?;
     let infer = ImageInference::new(&tower.encoder, path)?;
@@ -238,7 +234,7 @@ const SWEEP_BATCH: usize = 16;
 /// BatchNorm), with the rate where the sparse path stops paying off. The case's own timing is
 /// the dense one at the middle shift; the table is in `details`.
 fn sparse_sweep(budget: Budget) -> anyhow::Result<BenchResult> {
-    let tower = paper_image_tower(&Device::Cpu)?;
+    let tower = paper_image_tower(&SpikeClipConfig::preset("paper")?, &Device::Cpu)?;
     let x = images(SWEEP_BATCH, &Device::Cpu)?;
     let mut points = Vec::new();
     let mut middle = None;
@@ -310,7 +306,9 @@ fn txt_train_b256(budget: Budget, dev: &Device) -> anyhow::Result<BenchResult> {
     let tower = SpikeClip::text_tower(&cfg, 0, dev)?;
     let ids = token_ids(&cfg, 256, dev)?;
     let params = (&tower.varmap, "text.", tower.encoder.grad_slots());
-    train_step(budget, params, &ids, |ids| tower.encoder.forward(ids, true))
+    train_step((budget, &cfg), params, &ids, |ids| {
+        tower.encoder.forward(ids, true)
+    })
 }
 
 fn txt_infer_b1024(budget: Budget, dev: &Device) -> anyhow::Result<BenchResult> {
